@@ -1,0 +1,47 @@
+"""Loads the compiled extensions once, quietly, and remembers why one is missing.
+
+Importing llmkern never prints a traceback: a missing or broken extension is recorded here and
+reported by `llmkern info` and by the backend that needs it.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+_status: dict[str, tuple[object | None, str]] = {}
+
+EXTENSIONS = {
+    "_C": "CPU C++ kernels (OpenMP)",
+    "_C_cuda": "CUDA kernels + NCCL ring (nvcc build)",
+    "_C_emu": "CUDA sources compiled for the CPU under csrc/emu",
+}
+
+
+def load(name: str):
+    """Import llmkern.<name>; return the module or None. The reason for a failure is kept."""
+    if name not in _status:
+        if name == "_C_cuda" and not torch.cuda.is_available():
+            # Loading the CUDA extension needs no GPU, but its ops can only run with one; import
+            # it anyway so that `llmkern info` can say it was built.
+            pass
+        try:
+            mod = importlib.import_module(f"llmkern.{name}")
+            _status[name] = (mod, "built and imported")
+        except ImportError as e:
+            msg = str(e)
+            if "No module named" in msg:
+                msg = "not built (see setup.py: _C always; _C_cuda needs nvcc; _C_emu needs CUDA headers)"
+            _status[name] = (None, msg)
+        except Exception as e:  # a broken build must not break `import llmkern`
+            _status[name] = (None, f"import failed: {type(e).__name__}: {e}")
+    return _status[name][0]
+
+
+def status(name: str) -> str:
+    load(name)
+    return _status[name][1]
+
+
+def available(name: str) -> bool:
+    return load(name) is not None

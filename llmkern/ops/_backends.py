@@ -1,0 +1,122 @@
+"""Backends as data, and the one function that picks among them.
+
+Each backend says why it refuses an input (xformers' not_supported_reasons); nothing falls back
+silently. The choice is, in order: the `backend=` argument, the LLMKERN_BACKEND environment
+variable, then the first backend in PREFERENCE that accepts every input.
+
+  cpu     C++ kernels in llmkern._C (OpenMP), CPU tensors
+  cuda    our CUDA kernels in llmkern._C_cuda, CUDA tensors
+  triton  Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+  emu     the CUDA kernels compiled for the CPU (llmkern._C_emu), CPU tensors; for tests
+  ref     pure PyTorch, any device; the oracle
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Literal, Sequence
+
+import torch
+
+from llmkern import _ext
+
+Backend = Literal["cpu", "cuda", "triton", "emu", "ref"]
+BACKENDS: tuple[Backend, ...] = ("cpu", "cuda", "triton", "emu", "ref")
+# Automatic choice never picks "emu" (it is a test vehicle, ~1000x slower than "cpu").
+PREFERENCE: dict[str, tuple[Backend, ...]] = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
+
+
+class BackendRefused(RuntimeError):
+    """A backend that was asked for by name cannot run these inputs; the message says why."""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - triton ships with torch's CUDA build
+        return f"triton is not importable ({e})"
+    return None
+
+
+def not_supported_reasons(backend: Backend, tensors: Sequence[torch.Tensor],
+                          dtypes: Sequence[torch.dtype]) -> list[str]:
+    """Why `backend` cannot run an op on these tensors; empty when it can."""
+    reasons: list[str] = []
+    devices = {t.device.type for t in tensors}
+    if len(devices) > 1:
+        reasons.append(f"tensors are on different device types {sorted(devices)}")
+    dev = next(iter(devices)) if devices else "cpu"
+    for t in tensors:
+        if t.dtype not in dtypes:
+            reasons.append(f"dtype {t.dtype} is not one of {[str(d) for d in dtypes]}")
+            break
+    if backend == "ref":
+        return reasons
+    if backend in ("cpu", "emu"):
+        if dev != "cpu":
+            reasons.append(f"needs CPU tensors, got {dev}")
+        ext = "_C" if backend == "cpu" else "_C_emu"
+        if not _ext.available(ext):
+            reasons.append(f"llmkern.{ext}: {_ext.status(ext)}")
+    elif backend == "cuda":
+        if dev != "cuda":
+            reasons.append(f"needs CUDA tensors, got {dev}")
+        if not _ext.available("_C_cuda"):
+            reasons.append(f"llmkern._C_cuda: {_ext.status('_C_cuda')}")
+    elif backend == "triton":
+        r = _triton_reason()
+        if r:
+            reasons.append(r)
+        if dev == "cpu" and not triton_interpreting():
+            reasons.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+        elif dev not in ("cpu", "cuda"):
+            reasons.append(f"needs CUDA tensors, got {dev}")
+    else:
+        reasons.append(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return reasons
+
+
+def choose(op: str, tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype],
+           backend: Backend | None = None, supported: Sequence[Backend] = BACKENDS) -> Backend:
+    """Pick the backend for one call of `op`. A named backend that refuses raises BackendRefused;
+    an automatic choice that skips a preferred backend warns once with the reason."""
+    requested = backend or os.environ.get("LLMKERN_BACKEND") or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"{op}: unknown backend {requested!r}; expected one of {BACKENDS}")
+        if requested not in supported:
+            raise BackendRefused(f"{op}: backend {requested!r} is not implemented for this op "
+                                 f"(implemented: {list(supported)})")
+        reasons = not_supported_reasons(requested, tensors, dtypes)
+        if reasons:
+            raise BackendRefused(f"{op}: backend {requested!r} refused: " + "; ".join(reasons))
+        return requested
+    dev = tensors[0].device.type if tensors else "cpu"
+    skipped = []
+    for b in PREFERENCE.get(dev, ("ref",)):
+        if b not in supported:
+            continue
+        reasons = not_supported_reasons(b, tensors, dtypes)
+        if not reasons:
+            if skipped:
+                _warn_once(op, b, skipped)
+            return b
+        skipped.append((b, reasons))
+    raise BackendRefused(f"{op}: no backend accepts these inputs: " +
+                         "; ".join(f"{b}: {', '.join(r)}" for b, r in skipped))
+
+
+_warned: set[tuple[str, str, str]] = set()
+
+
+def _warn_once(op: str, chosen: str, skipped) -> None:
+    text = "; ".join(f"{b} refused ({', '.join(r)})" for b, r in skipped)
+    key = (op, chosen, text)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"llmkern.{op}: using the {chosen!r} backend because {text}", RuntimeWarning,
+                      stacklevel=3)

@@ -1,0 +1,118 @@
+"""Builds llmkern's three extensions.
+
+- llmkern._C       CPU kernels (csrc/ops/*.cpp schemas + csrc/ops/cpu/*.cpp), always built.
+- llmkern._C_cuda  CUDA kernels (csrc/ops/cuda/*.cu), built when nvcc is found. LLMKERN_CUDA=auto|0|1.
+- llmkern._C_emu   the same .cu sources compiled by g++ against csrc/emu (CUDA-on-CPU emulation),
+                   registered under the op namespace `llmkern_emu` so tests can run them on CPU tensors.
+
+Switches: LLMKERN_CUDA=auto|0|1 and LLMKERN_DEBUG=1 (-O0 -g, plus ASan for the emulated build).
+"""
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+CUDA = os.environ.get("LLMKERN_CUDA", "auto")
+DEBUG = os.environ.get("LLMKERN_DEBUG", "0") == "1"
+if CUDA not in ("auto", "0", "1"):
+    sys.exit(f"LLMKERN_CUDA must be auto, 0 or 1, got {CUDA!r}")
+
+# sm_80 and sm_90 SASS plus sm_90 PTX for newer GPUs. Without this, torch compiles for every arch it
+# knows when no GPU is visible, which takes several times longer.
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
+if shutil.which("ccache"):
+    # torch's ninja build reads CXX for host sources and PYTORCH_NVCC for .cu sources.
+    os.environ.setdefault("CXX", "ccache g++")
+    os.environ.setdefault("PYTORCH_NVCC", "ccache nvcc")
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME  # noqa: E402
+
+
+def rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def nvidia_wheel_dir(name):
+    """Include/lib folders of the nvidia-* wheels that torch brings (cuBLAS headers, NCCL)."""
+    for site in sys.path:
+        d = Path(site) / "nvidia" / name
+        if d.is_dir():
+            return d
+    return None
+
+
+include = [str(ROOT / "csrc" / "include")]
+opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+# -march=native: the package is built from source on the machine that runs it (as DeepSpeed's
+# cpu_adam is), so AVX2/AVX-512 are used where present. -ffp-contract=fast lets g++ form FMAs.
+cxx = opt + ["-std=c++20", "-fopenmp", "-march=native", "-ffp-contract=fast", "-Wall", "-Wno-unused-function"]
+schemas = glob.glob(str(ROOT / "csrc/ops/*.cpp"))
+
+ext_modules = [
+    CppExtension(
+        "llmkern._C",
+        rel(schemas + glob.glob(str(ROOT / "csrc/ops/cpu/*.cpp"))),
+        include_dirs=include,
+        extra_compile_args={"cxx": cxx + ["-DLLMKERN_NS=llmkern"]},
+        extra_link_args=["-fopenmp"],
+    )
+]
+
+# The emulated build: each .cu is compiled as C++ through a one-line wrapper, because a .cu source
+# would be handed to nvcc. The emulation headers come first on the include path.
+cu_sources = sorted(glob.glob(str(ROOT / "csrc/ops/cuda/*.cu")) + glob.glob(str(ROOT / "csrc/comm/*.cu")))
+emu_dir = ROOT / "build" / "emu_wrappers"
+emu_dir.mkdir(parents=True, exist_ok=True)
+emu_wrappers = []
+for cu in cu_sources:
+    w = emu_dir / (Path(cu).stem + "_emu.cpp")
+    text = f'#include "{cu}"\n'
+    if not w.exists() or w.read_text() != text:
+        w.write_text(text)
+    emu_wrappers.append(str(w))
+cuda_inc = [str(Path(CUDA_HOME) / "include")] if CUDA_HOME else []
+nccl = nvidia_wheel_dir("nccl")
+emu_inc = [str(ROOT / "csrc/emu")] + include + cuda_inc + ([str(nccl / "include")] if nccl else [])
+emu_flags = ["-DLLMKERN_NS=llmkern_emu", "-DLLMKERN_EMU=1", "-DLLMKERN_DEVICE_KEY=CPU"]
+emu_link = ["-fopenmp"]
+if DEBUG:
+    emu_flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-DCUEMU_SHARED_STATIC"]
+    emu_link += ["-fsanitize=address,undefined"]
+if emu_wrappers and cuda_inc:
+    ext_modules.append(
+        CppExtension(
+            "llmkern._C_emu",
+            rel(schemas + emu_wrappers + glob.glob(str(ROOT / "csrc/emu/*.cpp"))),
+            include_dirs=emu_inc,
+            extra_compile_args={"cxx": cxx + emu_flags},
+            extra_link_args=emu_link,
+        )
+    )
+
+nvcc_found = CUDA_HOME is not None and shutil.which(str(Path(CUDA_HOME) / "bin" / "nvcc")) is not None
+if CUDA == "1" and not nvcc_found:
+    sys.exit("LLMKERN_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+if CUDA != "0" and nvcc_found and cu_sources:
+    cu13 = nvidia_wheel_dir("cu13")
+    ext_modules.append(
+        CUDAExtension(
+            "llmkern._C_cuda",
+            rel(cu_sources),
+            include_dirs=include + ([str(cu13 / "include")] if cu13 else []) + ([str(nccl / "include")] if nccl else []),
+            library_dirs=[str(nccl / "lib")] if nccl else [],
+            # Only libnccl.so.2 ships in the wheel (no unversioned symlink), hence -l:.
+            extra_link_args=(["-l:libnccl.so.2", f"-Wl,-rpath,{nccl / 'lib'}"] if nccl else []),
+            extra_compile_args={
+                "cxx": opt + ["-std=c++20", "-DLLMKERN_NS=llmkern", "-DLLMKERN_DEVICE_KEY=CUDA"],
+                "nvcc": opt + ["-std=c++20", "-DLLMKERN_NS=llmkern", "-DLLMKERN_DEVICE_KEY=CUDA",
+                               "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+        )
+    )
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension})
