@@ -30,6 +30,14 @@ if shutil.which("ccache"):
     os.environ.setdefault("CXX", "ccache g++")
     os.environ.setdefault("PYTORCH_NVCC", "ccache nvcc")
 
+if "CUDA_HOME" not in os.environ and not shutil.which("nvcc") is None:
+    # /usr/local/bin/nvcc is a wrapper script here; torch would guess CUDA_HOME=/usr/local, which has
+    # no CUDA headers. Prefer the toolkit folder /usr/local/cuda when it exists.
+    for guess in (Path(os.path.realpath(shutil.which("nvcc"))).parent.parent, Path("/usr/local/cuda")):
+        if (guess / "include" / "cuda_runtime.h").exists():
+            os.environ["CUDA_HOME"] = str(guess)
+            break
+
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME  # noqa: E402
 
 
@@ -52,11 +60,12 @@ opt = ["-O0", "-g"] if DEBUG else ["-O3"]
 # cpu_adam is), so AVX2/AVX-512 are used where present. -ffp-contract=fast lets g++ form FMAs.
 cxx = opt + ["-std=c++20", "-fopenmp", "-march=native", "-ffp-contract=fast", "-Wall", "-Wno-unused-function"]
 schemas = glob.glob(str(ROOT / "csrc/ops/*.cpp"))
+module = [str(ROOT / "csrc/module.cpp")]  # PyInit_<name>, compiled into each extension
 
 ext_modules = [
     CppExtension(
         "llmkern._C",
-        rel(schemas + glob.glob(str(ROOT / "csrc/ops/cpu/*.cpp"))),
+        rel(module + schemas + glob.glob(str(ROOT / "csrc/ops/cpu/*.cpp"))),
         include_dirs=include,
         extra_compile_args={"cxx": cxx + ["-DLLMKERN_NS=llmkern"]},
         extra_link_args=["-fopenmp"],
@@ -87,7 +96,7 @@ if emu_wrappers and cuda_inc:
     ext_modules.append(
         CppExtension(
             "llmkern._C_emu",
-            rel(schemas + emu_wrappers + glob.glob(str(ROOT / "csrc/emu/*.cpp"))),
+            rel(module + schemas + emu_wrappers + glob.glob(str(ROOT / "csrc/emu/*.cpp"))),
             include_dirs=emu_inc,
             extra_compile_args={"cxx": cxx + emu_flags},
             extra_link_args=emu_link,
@@ -102,13 +111,13 @@ if CUDA != "0" and nvcc_found and cu_sources:
     ext_modules.append(
         CUDAExtension(
             "llmkern._C_cuda",
-            rel(cu_sources),
+            rel(module + cu_sources),
             include_dirs=include + ([str(cu13 / "include")] if cu13 else []) + ([str(nccl / "include")] if nccl else []),
             library_dirs=[str(nccl / "lib")] if nccl else [],
             # Only libnccl.so.2 ships in the wheel (no unversioned symlink), hence -l:.
             extra_link_args=(["-l:libnccl.so.2", f"-Wl,-rpath,{nccl / 'lib'}"] if nccl else []),
             extra_compile_args={
-                "cxx": opt + ["-std=c++20", "-DLLMKERN_NS=llmkern", "-DLLMKERN_DEVICE_KEY=CUDA"],
+                "cxx": opt + ["-std=c++20", "-DLLMKERN_NS=llmkern", "-DLLMKERN_DEVICE_KEY=CUDA", "-DLLMKERN_CUDA_BUILD"],
                 "nvcc": opt + ["-std=c++20", "-DLLMKERN_NS=llmkern", "-DLLMKERN_DEVICE_KEY=CUDA",
                                "--expt-relaxed-constexpr", "-lineinfo"],
             },

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence, Union
 
 import torch
 
@@ -42,10 +42,19 @@ def _triton_reason() -> str | None:
     return None
 
 
-def not_supported_reasons(backend: Backend, tensors: Sequence[torch.Tensor],
-                          dtypes: Sequence[torch.dtype]) -> list[str]:
-    """Why `backend` cannot run an op on these tensors; empty when it can."""
+DTypes = Union[Sequence[torch.dtype], Mapping[str, Sequence[torch.dtype]]]
+
+
+def not_supported_reasons(backend: Backend, tensors: Sequence[torch.Tensor], dtypes: DTypes,
+                          unavailable: Mapping[str, str] | None = None) -> list[str]:
+    """Why `backend` cannot run an op on these tensors; empty when it can. `dtypes` is one list for
+    every backend or a per-backend mapping; `unavailable` maps a backend to why the op's kernels
+    for it could not be loaded."""
     reasons: list[str] = []
+    if unavailable and backend in unavailable:
+        reasons.append(f"its kernels are unavailable: {unavailable[backend]}")
+    if isinstance(dtypes, Mapping):
+        dtypes = dtypes.get(backend, ())
     devices = {t.device.type for t in tensors}
     if len(devices) > 1:
         reasons.append(f"tensors are on different device types {sorted(devices)}")
@@ -80,8 +89,8 @@ def not_supported_reasons(backend: Backend, tensors: Sequence[torch.Tensor],
     return reasons
 
 
-def choose(op: str, tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype],
-           backend: Backend | None = None, supported: Sequence[Backend] = BACKENDS) -> Backend:
+def choose(op: str, tensors: Sequence[torch.Tensor], dtypes: DTypes, backend: Backend | None = None,
+           supported: Sequence[Backend] = BACKENDS, unavailable: Mapping[str, str] | None = None) -> Backend:
     """Pick the backend for one call of `op`. A named backend that refuses raises BackendRefused;
     an automatic choice that skips a preferred backend warns once with the reason."""
     requested = backend or os.environ.get("LLMKERN_BACKEND") or None
@@ -91,7 +100,7 @@ def choose(op: str, tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtyp
         if requested not in supported:
             raise BackendRefused(f"{op}: backend {requested!r} is not implemented for this op "
                                  f"(implemented: {list(supported)})")
-        reasons = not_supported_reasons(requested, tensors, dtypes)
+        reasons = not_supported_reasons(requested, tensors, dtypes, unavailable)
         if reasons:
             raise BackendRefused(f"{op}: backend {requested!r} refused: " + "; ".join(reasons))
         return requested
@@ -100,7 +109,7 @@ def choose(op: str, tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtyp
     for b in PREFERENCE.get(dev, ("ref",)):
         if b not in supported:
             continue
-        reasons = not_supported_reasons(b, tensors, dtypes)
+        reasons = not_supported_reasons(b, tensors, dtypes, unavailable)
         if not reasons:
             if skipped:
                 _warn_once(op, b, skipped)
