@@ -87,12 +87,12 @@ for cu in cu_sources:
 cuda_inc = [str(Path(CUDA_HOME) / "include")] if CUDA_HOME else []
 nccl = nvidia_wheel_dir("nccl")
 emu_inc = [str(ROOT / "csrc/emu")] + include + cuda_inc + ([str(nccl / "include")] if nccl else [])
-emu_flags = ["-DLLMKERN_NS=llmkern_emu", "-DLLMKERN_EMU=1", "-DLLMKERN_DEVICE_KEY=CPU"]
+emu_flags = ["-DLLMKERN_NS=llmkern_emu", "-DLLMKERN_EMU=1", "-DLLMKERN_DEVICE_KEY=CPU", "-Wno-unknown-pragmas"]
 emu_link = ["-fopenmp"]
 if DEBUG:
     emu_flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-DCUEMU_SHARED_STATIC"]
     emu_link += ["-fsanitize=address,undefined"]
-if emu_wrappers and cuda_inc:
+if emu_wrappers and cuda_inc and (ROOT / "csrc/emu/cuemu.h").exists():
     ext_modules.append(
         CppExtension(
             "llmkern._C_emu",

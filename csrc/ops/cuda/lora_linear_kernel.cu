@@ -1,0 +1,241 @@
+// CUDA implementation of the fused LoRA linear (schema: csrc/ops/lora_linear.cpp). The base GEMMs
+// (x·Wᵀ + b, gy·W) go to cuBLAS through ATen; the LoRA path is three kernels of ours, all
+// accumulating in fp32 (fp64 for fp64) with the dropout mask regenerated from (seed, offset):
+//   rows_dot      out[n, r] = α·Σ_k mult(n,k)·src[n, k]·M[r, k]       one warp per row
+//   add_lowrank   dst[n, c] += α·mult(n,c)·Σ_r U[n, r]·Mt[r, c]       U rows staged in shared memory
+//   wgrad         G[r, k] += α·Σ_n U[n, r]·mult(n,k)·src[n, k]         N split over blocks, atomics in A
+// Forward:  xa = rows_dot(x, A, dropout); y += s·add_lowrank(xa, Bᵀ)
+// Backward: gu = rows_dot(gy, Bᵀ, α=s); Gᵦ = wgrad(xa, gy, α=s); G_A = wgrad(gu, x, dropout);
+//           gx = gy·W (cuBLAS) then gx += add_lowrank(gu, A, dropout)
+// Every kernel uses int64 element offsets: x may exceed 2^31 elements (T=1M tokens × C=4096).
+// The same file is compiled by g++ against csrc/emu and tested on CPU tensors (llmkern_emu::).
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "../lora_linear.h"
+#include "llmkern/element.cuh"
+#include "llmkern/launch.cuh"
+#include "llmkern/registration.h"
+
+namespace llmkern::ops {
+namespace detail {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kRowsDotWarps = 8;  // 256 threads: one row per warp
+constexpr int kRC = 8;            // ranks per register chunk in rows_dot and wgrad
+constexpr int kUpRows = 4;        // rows per block iteration in add_lowrank
+constexpr int kUpThreads = 256;
+constexpr int kWgradLanes = 8;    // wgrad block: 32 columns × 8 row lanes (= kRC)
+
+template <typename T, typename A>
+__global__ void lora_rows_dot_kernel(const T* __restrict__ src, int64_t N, int64_t K, const A* __restrict__ M,
+                                     int64_t R, A alpha, DropoutParams d, A* __restrict__ out) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kRowsDotWarps + threadIdx.x / kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowsDotWarps;
+  for (int64_t n = warp; n < N; n += warps) {  // uniform per warp: full-mask shuffles are valid
+    const T* row = src + n * K;
+    for (int64_t r0 = 0; r0 < R; r0 += kRC) {
+      A acc[kRC];
+#pragma unroll
+      for (int j = 0; j < kRC; ++j) acc[j] = A(0);
+      for (int64_t k = lane; k < K; k += kWarp) {
+        const A v = Elem<T>::load(row[k]) * dropout_mult<A>(d, static_cast<uint64_t>(n * K + k));
+#pragma unroll
+        for (int j = 0; j < kRC; ++j)
+          if (r0 + j < R) acc[j] += v * M[(r0 + j) * K + k];
+      }
+#pragma unroll
+      for (int j = 0; j < kRC; ++j) {
+        A s = acc[j];
+        for (int off = kWarp / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane == 0 && r0 + j < R) out[n * R + r0 + j] = alpha * s;
+      }
+    }
+  }
+}
+
+template <typename T, typename A>
+__global__ void lora_add_lowrank_kernel(T* __restrict__ dst, int64_t N, int64_t C, const A* __restrict__ U,
+                                        const A* __restrict__ Mt, int64_t R, A alpha, DropoutParams d) {
+  A* us = dyn_smem<A>();  // [kUpRows][R]
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t groups = (N + kUpRows - 1) / kUpRows;
+  for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
+    const int64_t n0 = g * kUpRows;
+    __syncthreads();  // the previous iteration's readers are done with us
+    for (int64_t i = threadIdx.x; i < kUpRows * R; i += blockDim.x) {
+      const int64_t n = n0 + i / R;
+      us[i] = n < N ? alpha * U[n * R + i % R] : A(0);
+    }
+    __syncthreads();
+    if (c < C) {
+      A acc[kUpRows];
+#pragma unroll
+      for (int j = 0; j < kUpRows; ++j) acc[j] = A(0);
+      for (int64_t r = 0; r < R; ++r) {
+        const A m = Mt[r * C + c];
+#pragma unroll
+        for (int j = 0; j < kUpRows; ++j) acc[j] += us[j * R + r] * m;
+      }
+#pragma unroll
+      for (int j = 0; j < kUpRows; ++j) {
+        const int64_t n = n0 + j;
+        if (n < N) {
+          T* p = dst + n * C + c;
+          *p = Elem<T>::store(Elem<T>::load(*p) + dropout_mult<A>(d, static_cast<uint64_t>(n * C + c)) * acc[j]);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename A>
+__global__ void lora_wgrad_kernel(const A* __restrict__ U, const T* __restrict__ src, int64_t N, int64_t K,
+                                  int64_t R, A alpha, DropoutParams d, int64_t rows_per_block, A* __restrict__ G) {
+  __shared__ A red[kWgradLanes][kRC][kWarp];
+  const int tx = threadIdx.x % kWarp, ty = threadIdx.x / kWarp;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kWarp + tx;
+  const int64_t n_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t n_end = n_begin + rows_per_block < N ? n_begin + rows_per_block : N;
+  for (int64_t r0 = 0; r0 < R; r0 += kRC) {
+    A acc[kRC];
+#pragma unroll
+    for (int j = 0; j < kRC; ++j) acc[j] = A(0);
+    if (k < K) {
+      for (int64_t n = n_begin + ty; n < n_end; n += kWgradLanes) {
+        const A v = Elem<T>::load(src[n * K + k]) * dropout_mult<A>(d, static_cast<uint64_t>(n * K + k));
+#pragma unroll
+        for (int j = 0; j < kRC; ++j)
+          if (r0 + j < R) acc[j] += U[n * R + r0 + j] * v;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kRC; ++j) red[ty][j][tx] = acc[j];
+    __syncthreads();
+    // Thread (ty, tx) sums rank r0+ty of column k over the 8 row lanes.
+    if (k < K && r0 + ty < R) {
+      A s = A(0);
+#pragma unroll
+      for (int l = 0; l < kWgradLanes; ++l) s += red[l][ty][tx];
+      atomicAdd(G + (r0 + ty) * K + k, alpha * s);
+    }
+    __syncthreads();  // red is rewritten by the next chunk
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T, typename A>
+void rows_dot(const at::Tensor& src, const at::Tensor& M, double alpha, const DropoutParams& d, at::Tensor& out) {
+  const int64_t N = src.size(0), K = src.size(1), R = M.size(0);
+  if (N == 0) return;
+  const int64_t blocks = std::min<int64_t>(ceil_div(N, kRowsDotWarps), 65535);
+  LAUNCH((lora_rows_dot_kernel<T, A>), dim3(static_cast<unsigned>(blocks)), dim3(kRowsDotWarps * kWarp), 0,
+         current_stream())(reinterpret_cast<const T*>(src.data_ptr()), N, K, M.data_ptr<A>(), R,
+                           static_cast<A>(alpha), d, out.data_ptr<A>());
+  LLMKERN_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T, typename A>
+void add_lowrank(at::Tensor& dst, const at::Tensor& U, const at::Tensor& Mt, double alpha, const DropoutParams& d) {
+  const int64_t N = dst.size(0), C = dst.size(1), R = U.size(1);
+  if (N == 0 || C == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(C, kUpThreads)),
+                  static_cast<unsigned>(std::min<int64_t>(ceil_div(N, kUpRows), 65535)));
+  const size_t smem = sizeof(A) * kUpRows * R;
+  LAUNCH((lora_add_lowrank_kernel<T, A>), grid, dim3(kUpThreads), smem, current_stream())(
+      reinterpret_cast<T*>(dst.data_ptr()), N, C, U.data_ptr<A>(), Mt.data_ptr<A>(), R, static_cast<A>(alpha), d);
+  LLMKERN_CUDA_CHECK(cudaGetLastError());
+}
+
+// G (R, K) in the accumulation dtype, zero-initialised by the caller.
+template <typename T, typename A>
+void wgrad(const at::Tensor& U, const at::Tensor& src, double alpha, const DropoutParams& d, at::Tensor& G) {
+  const int64_t N = src.size(0), K = src.size(1), R = U.size(1);
+  if (N == 0 || K == 0) return;
+  // About 4 blocks per SM on a 132-SM H100 in total; each block reduces >= 64 rows before its atomics.
+  const int64_t col_blocks = ceil_div(K, kWarp);
+  const int64_t row_blocks = std::clamp<int64_t>(512 / std::max<int64_t>(col_blocks, 1), 1, ceil_div(N, 64));
+  const int64_t rows_per_block = ceil_div(N, row_blocks);
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(ceil_div(N, rows_per_block)));
+  LAUNCH((lora_wgrad_kernel<T, A>), grid, dim3(kWgradLanes * kWarp), 0, current_stream())(
+      U.data_ptr<A>(), reinterpret_cast<const T*>(src.data_ptr()), N, K, R, static_cast<A>(alpha), d, rows_per_block,
+      G.data_ptr<A>());
+  LLMKERN_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+}  // namespace detail
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_device(const at::Tensor& x, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                      double scale, double dropout_p, int64_t seed, int64_t offset) {
+  using namespace detail;
+  const auto sh = check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p);
+  LLMKERN_DEVICE_GUARD(x);
+  const auto acc_t = lora_acc_dtype(x);
+  at::Tensor x2 = x.reshape({sh.n, sh.c_in}).contiguous();
+  at::Tensor y2 = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  TORCH_INTERNAL_ASSERT(y2.is_contiguous());
+  at::Tensor xa = at::zeros({sh.n, sh.r}, x.options().dtype(acc_t));
+  at::Tensor a = lora_a.to(acc_t).contiguous();
+  at::Tensor bt = lora_b.t().to(acc_t).contiguous();
+  const DropoutParams d = make_dropout_params(dropout_p, seed, offset);
+  const DropoutParams none = make_dropout_params(0.0, 0, 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_device", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    using A = typename Elem<T>::acc;
+    rows_dot<T, A>(x2, a, 1.0, d, xa);
+    add_lowrank<T, A>(y2, xa, bt, scale, none);
+  });
+  return {y2.view(with_last(x.sizes(), sh.c_out)), xa.view(with_last(x.sizes(), sh.r))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_device(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& xa, double scale, double dropout_p, int64_t seed, int64_t offset) {
+  using namespace detail;
+  const auto sh = check_lora_inputs(x, weight, std::nullopt, lora_a, lora_b, dropout_p);
+  LLMKERN_DEVICE_GUARD(x);
+  const auto acc_t = lora_acc_dtype(x);
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(with_last(x.sizes(), sh.c_out)), "_lora_linear_backward: grad_y has shape ",
+              grad_y.sizes(), "; expected ", with_last(x.sizes(), sh.c_out));
+  TORCH_CHECK(xa.sizes() == at::IntArrayRef(with_last(x.sizes(), sh.r)) && xa.scalar_type() == acc_t,
+              "_lora_linear_backward: xa has shape ", xa.sizes(), " and dtype ", xa.scalar_type(), "; expected ",
+              with_last(x.sizes(), sh.r), " and ", acc_t);
+  llmkern::detail::check_same_dtype(x, "x", grad_y, "grad_y");
+  llmkern::detail::check_same_device(x, "x", grad_y, "grad_y");
+  at::Tensor gy2 = grad_y.reshape({sh.n, sh.c_out}).contiguous();
+  at::Tensor x2 = x.reshape({sh.n, sh.c_in}).contiguous();
+  at::Tensor xa2 = xa.reshape({sh.n, sh.r}).contiguous();
+  at::Tensor gx2 = at::mm(gy2, weight);
+  TORCH_INTERNAL_ASSERT(gx2.is_contiguous());
+  at::Tensor a = lora_a.to(acc_t).contiguous();
+  at::Tensor bt = lora_b.t().to(acc_t).contiguous();
+  at::Tensor gu = at::zeros({sh.n, sh.r}, x.options().dtype(acc_t));
+  // wgrad accumulates with atomics in the accumulation dtype (fp64 atomicAdd needs sm_60+).
+  at::Tensor gbt = at::zeros({sh.r, sh.c_out}, x.options().dtype(acc_t));
+  at::Tensor ga = at::zeros({sh.r, sh.c_in}, x.options().dtype(acc_t));
+  const DropoutParams d = make_dropout_params(dropout_p, seed, offset);
+  const DropoutParams none = make_dropout_params(0.0, 0, 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_backward_device", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    using A = typename Elem<T>::acc;
+    rows_dot<T, A>(gy2, bt, scale, none, gu);
+    wgrad<T, A>(xa2, gy2, scale, none, gbt);
+    wgrad<T, A>(gu, x2, 1.0, d, ga);
+    add_lowrank<T, A>(gx2, gu, a, 1.0, d);
+  });
+  return {gx2.view(x.sizes()), ga.to(x.scalar_type()), gbt.t().to(x.scalar_type()).contiguous()};
+}
+
+LLMKERN_DEVICE_IMPL(m) {
+  m.impl("lora_linear", &lora_linear_device);
+  m.impl("_lora_linear_backward", &lora_linear_backward_device);
+}
+
+}  // namespace llmkern::ops

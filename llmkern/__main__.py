@@ -1,0 +1,5 @@
+import sys
+
+from llmkern.cli import main
+
+sys.exit(main())
