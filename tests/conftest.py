@@ -46,7 +46,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_generate_tests(metafunc):
-    if "device" in metafunc.fixturenames:
+    explicit = any("device" in (m.args[0] if isinstance(m.args[0], (list, tuple)) else m.args[0].split(","))
+                   for m in metafunc.definition.iter_markers("parametrize"))
+    if "device" in metafunc.fixturenames and not explicit:  # a test may still list its own devices
         cuda = metafunc.definition.get_closest_marker("cuda") is not None
         metafunc.parametrize("device", ["cpu", "cuda"] if cuda else ["cpu"])
 

@@ -167,7 +167,8 @@ def _collect(procs, conns, world_size, timeout, startup_timeout) -> list:
             if phase == "start":
                 missing = sorted(set(range(world_size)) - started)
                 raise TimeoutError(f"ranks {missing} of {world_size} did not join the process group within "
-                                   f"startup_timeout={startup_timeout:g} s; ranks {running} still running (killed)")
+                                   f"startup_timeout={startup_timeout:g} s; ranks {running} still running "
+                                   f"(killed)")
             raise TimeoutError(f"ranks {running} of {world_size} still running after timeout={timeout:g} s "
                                f"(killed); finished: {sorted(results)}")
         ready = mpc.wait(list(pending.values()), timeout=remaining)

@@ -84,18 +84,19 @@ def _check_tensor(actual: torch.Tensor, ref: torch.Tensor, baseline: torch.Tenso
         raise AssertionError(f"shape mismatch{where}: actual {tuple(actual.shape)}, ref {tuple(ref.shape)}, "
                              f"baseline {tuple(baseline.shape)}")
     if baseline.dtype != actual.dtype:
-        raise TypeError(f"baseline{where} is {baseline.dtype} but actual is {actual.dtype}: the baseline must be "
-                        f"plain PyTorch in the same dtype as the result it judges")
+        raise TypeError(f"baseline{where} is {baseline.dtype} but actual is {actual.dtype}: the baseline "
+                        f"must be plain PyTorch in the same dtype as the result it judges")
 
     if not actual.dtype.is_floating_point:
         # Integer and bool results (indices, masks, counts) have no rounding: they must be equal.
         if not torch.equal(actual.cpu(), ref.cpu().to(actual.dtype)):
             bad = (actual.cpu() != ref.cpu().to(actual.dtype)).nonzero()
-            raise AssertionError(f"{actual.dtype} result differs from ref at {bad.shape[0]} positions{where}, "
-                                 f"first at {tuple(bad[0].tolist())}")
+            raise AssertionError(f"{actual.dtype} result differs from ref at {bad.shape[0]} positions"
+                                 f"{where}, first at {tuple(bad[0].tolist())}")
         return
     if ref.dtype != torch.float64:
-        raise TypeError(f"ref{where} is {ref.dtype}: the oracle must be computed in float64 from the same inputs")
+        raise TypeError(f"ref{where} is {ref.dtype}: the oracle must be computed in float64 "
+                        f"from the same inputs")
     if actual.dtype not in TOLERANCES:
         raise KeyError(f"no tolerance for {actual.dtype}{where}; add a row to llmkern.testing.TOLERANCES")
     if actual.numel() == 0:
@@ -113,8 +114,8 @@ def _check_tensor(actual: torch.Tensor, ref: torch.Tensor, baseline: torch.Tenso
     bad = (ref_nan != a_nan) | (ref_inf != a_inf) | (ref_inf & a_inf & (r64.sign() != a64.sign()))
     if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0])
-        raise AssertionError(f"non-finite mismatch{where} ({actual.dtype}) at {int(bad.sum())} positions, first "
-                             f"at {first}: actual {a64[first].item()}, ref {r64[first].item()}")
+        raise AssertionError(f"non-finite mismatch{where} ({actual.dtype}) at {int(bad.sum())} positions, "
+                             f"first at {first}: actual {a64[first].item()}, ref {r64[first].item()}")
     finite = r64.isfinite()
     if not bool(finite.any()):
         return
@@ -153,9 +154,10 @@ def assert_close_to_ref(actual, ref, baseline, *, grad: bool = False, name: str 
     if isinstance(actual, (tuple, list)):
         if not isinstance(ref, Sequence) or not isinstance(baseline, Sequence) \
                 or not len(actual) == len(ref) == len(baseline):
-            raise AssertionError(f"length mismatch{_where(name)}: actual {len(actual)}, "
-                                 f"ref {len(ref) if isinstance(ref, Sequence) else type(ref).__name__}, "
-                                 f"baseline {len(baseline) if isinstance(baseline, Sequence) else type(baseline).__name__}")
+            def size(x):
+                return len(x) if isinstance(x, Sequence) else type(x).__name__
+            raise AssertionError(f"length mismatch{_where(name)}: actual {len(actual)}, ref {size(ref)}, "
+                                 f"baseline {size(baseline)}")
         for i, (a, r, b) in enumerate(zip(actual, ref, baseline)):
             assert_close_to_ref(a, r, b, grad=grad, name=f"{name}[{i}]")
         return
@@ -165,5 +167,6 @@ def assert_close_to_ref(actual, ref, baseline, *, grad: bool = False, name: str 
         raise AssertionError(f"one of actual/ref is None{_where(name)}: actual {type(actual).__name__}, "
                              f"ref {type(ref).__name__}")
     if not isinstance(actual, torch.Tensor):
-        raise TypeError(f"actual{_where(name)} is {type(actual).__name__}, expected a tensor or a tuple of them")
+        raise TypeError(f"actual{_where(name)} is {type(actual).__name__}, "
+                        f"expected a tensor or a tuple of them")
     _check_tensor(actual, ref, baseline, grad, name)

@@ -178,6 +178,19 @@ def test_run_distributed_reports_rank_traceback():
     assert time.monotonic() - t0 < 60  # reported at once, not at the timeout
 
 
+def _exit_on_rank1(rank, world_size):
+    if rank == 1:
+        os._exit(3)  # what a segfaulting C++ kernel looks like from outside: no traceback, no result
+    dist.barrier()
+
+
+@pytest.mark.distributed
+def test_run_distributed_reports_dead_rank():
+    with pytest.raises(RankFailedError, match="rank 1 of 2 died without reporting") as info:
+        run_distributed(_exit_on_rank1, 2, timeout=60)
+    assert info.value.rank == 1
+
+
 def _hang_on_rank1(rank, world_size, folder):
     with open(os.path.join(folder, f"rank{rank}"), "w") as f:
         f.write(f"{os.getpid()} {time.time()}")
