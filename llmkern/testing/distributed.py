@@ -1,0 +1,195 @@
+"""Run a function on N real torch.distributed ranks (gloo on localhost) from one test.
+
+Each rank is a fresh process that joins a process group, calls `fn(rank, world_size, *args)` and
+sends its return value back through a pipe. The parent watches all ranks at once, so a rank that
+raises is reported with its own traceback as soon as it fails, and a rank that hangs is killed at
+the timeout instead of hanging the test run.
+
+Start method: forkserver with torch preloaded, not spawn. Both give ranks that share no threads or
+CUDA state with the pytest process (the server is a fresh single-threaded interpreter; a forked
+rank has 1 OS thread, checked). But spawn imports torch once per rank: measured here at 3 s idle
+and 5 s at load 5, so 4 ranks on the 2 shared cores took 13-20 s per call, against 0.2 s for 4
+ranks forked from the server after its one-time 4 s start. With dozens of distributed tests that
+is minutes against seconds. Spawn semantics are kept where they matter: each rank gets the
+parent's os.environ as it is at the call (the server's own environment is the one it started
+with), and sys.path and the main module are prepared as for spawn. Environment variables read
+only when torch is imported (MKL_*, OMP_* tuning) come from the first call.
+
+Ports: the parent hosts the rendezvous TCPStore itself on port 0, so the kernel picks a port that
+is already bound and held for the whole run. Picking a "free" port, closing it and letting rank 0
+bind it later races with other test runs (five agents share these machines); this cannot.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import pickle
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+_HOST = "127.0.0.1"
+
+# A rank that has sent its result still has to exit; gloo teardown takes well under a second
+# here, so 10 s only matters for a rank wedged in an atexit hook, which is then killed.
+_EXIT_GRACE_S = 10.0
+
+
+class RankFailedError(RuntimeError):
+    """A rank raised (or died). `rank` is the first rank that failed, `remote_traceback` its text."""
+
+    def __init__(self, rank: int, remote_traceback: str, message: str):
+        super().__init__(message)
+        self.rank = rank
+        self.remote_traceback = remote_traceback
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Job:
+    fn: object
+    args: tuple
+    rank: int
+    world_size: int
+    port: int
+    backend: str
+    timeout_s: float
+    environ: dict
+
+
+def _worker(job: _Job, conn) -> None:
+    """Body of one rank (runs in the child)."""
+    os.environ.clear()
+    os.environ.update(job.environ)
+    # One intra-op thread per rank: N ranks share 2 cores here, and oversubscribed OpenMP pools
+    # turn a 1 s test into a 30 s one. Inter-op threads are not used by these tests.
+    torch.set_num_threads(1)
+    try:
+        store = dist.TCPStore(_HOST, job.port, world_size=None, is_master=False,
+                              timeout=datetime.timedelta(seconds=job.timeout_s))
+        dist.init_process_group(job.backend, store=store, rank=job.rank, world_size=job.world_size,
+                                timeout=datetime.timedelta(seconds=job.timeout_s))
+        conn.send_bytes(pickle.dumps(("started", None)))
+        result = job.fn(job.rank, job.world_size, *job.args)
+        dist.destroy_process_group()
+        # Plain pickle, not the Connection's ForkingPickler: torch registers reductions there that
+        # move tensors to shared memory served by this process, which is about to exit.
+        payload = pickle.dumps(result)
+        conn.send_bytes(pickle.dumps(("ok", payload)))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
+    finally:
+        conn.close()
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(timeout=_EXIT_GRACE_S)
+
+
+def run_distributed(fn, world_size: int, args: tuple = (), *, timeout: float = 120.0,
+                    backend: str = "gloo", startup_timeout: float = 120.0) -> list:
+    """Run `fn(rank, world_size, *args)` on `world_size` ranks; return the results ordered by rank.
+
+    fn must be picklable: a function defined at module level (not a lambda, closure or nested
+    function), because the ranks import it by name. Its arguments and return value
+    must be picklable too (return CPU tensors, numbers, dicts of them).
+
+    Each rank runs in its own process (forked from a torch-preloaded forkserver, see the module
+    docstring) with the parent's current environment plus RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT set as torchrun sets them, GLOO_SOCKET_IFNAME=lo and one torch thread. The default
+    process group is initialized before fn and destroyed after it.
+
+    timeout:         seconds fn may run, counted from the moment every rank has joined the
+                     group. The clock excludes startup (the forkserver's first start imports
+                     torch: 3-5 s on these machines, more under load), which would otherwise
+                     make hang tests flaky.
+    startup_timeout: seconds allowed for all ranks to start and join the group.
+
+    Raises RankFailedError (a RuntimeError) carrying the first failing rank's traceback when any
+    rank raises or dies, and TimeoutError naming the ranks still running when time runs out. In
+    both cases every rank is killed before the call returns.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    try:
+        pickle.dumps((fn, tuple(args)))
+    except Exception as e:
+        raise TypeError(f"run_distributed needs a picklable fn and args (fn must be defined at module level, "
+                        f"not a lambda or nested function): {type(e).__name__}: {e}") from e
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed"])  # used when the server first starts
+    # wait_for_workers=False: the store only serves; the ranks rendezvous through it themselves.
+    store = dist.TCPStore(_HOST, 0, world_size=None, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=startup_timeout + timeout))
+    port = store.port
+    procs, conns = [], {}
+    try:
+        environ = dict(os.environ, WORLD_SIZE=str(world_size), MASTER_ADDR=_HOST, MASTER_PORT=str(port),
+                       GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+        for rank in range(world_size):
+            recv, send = ctx.Pipe(duplex=False)
+            job = _Job(fn, tuple(args), rank, world_size, port, backend, startup_timeout + timeout,
+                       dict(environ, RANK=str(rank), LOCAL_RANK=str(rank)))
+            p = ctx.Process(target=_worker, args=(job, send), name=f"llmkern-rank{rank}", daemon=True)
+            p.start()
+            send.close()  # the child holds the only write end now: EOF on recv means it died
+            procs.append(p)
+            conns[rank] = recv
+        return _collect(procs, conns, world_size, timeout, startup_timeout)
+    finally:
+        _stop(procs)
+        for c in conns.values():
+            c.close()
+        del store
+
+
+def _collect(procs, conns, world_size, timeout, startup_timeout) -> list:
+    results: dict[int, object] = {}
+    started: set[int] = set()
+    pending = dict(conns)  # rank -> connection still expected to speak
+    deadline = time.monotonic() + startup_timeout
+    phase = "start"
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            running = sorted(pending)
+            if phase == "start":
+                missing = sorted(set(range(world_size)) - started)
+                raise TimeoutError(f"ranks {missing} of {world_size} did not join the process group within "
+                                   f"startup_timeout={startup_timeout:g} s; ranks {running} still running "
+                                   f"(killed)")
+            raise TimeoutError(f"ranks {running} of {world_size} still running after timeout={timeout:g} s "
+                               f"(killed); finished: {sorted(results)}")
+        ready = mpc.wait(list(pending.values()), timeout=remaining)
+        for conn in ready:
+            rank = next(r for r, c in pending.items() if c is conn)
+            try:
+                kind, payload = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                p = procs[rank]
+                p.join(timeout=1.0)
+                raise RankFailedError(rank, "", f"rank {rank} of {world_size} died without reporting "
+                                                f"(exit code {p.exitcode})") from None
+            if kind == "started":
+                started.add(rank)
+                if phase == "start" and len(started) == world_size:
+                    phase, deadline = "run", time.monotonic() + timeout
+            elif kind == "ok":
+                results[rank] = pickle.loads(payload)
+                del pending[rank]
+            else:
+                raise RankFailedError(rank, payload, f"rank {rank} of {world_size} raised:\n{payload}")
+    for p in procs:
+        p.join(timeout=_EXIT_GRACE_S)
+    return [results[r] for r in range(world_size)]
