@@ -124,4 +124,13 @@ if CUDA != "0" and nvcc_found and cu_sources:
         )
     )
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension})
+class Build(BuildExtension):
+    """Objects always go to build/temp, also for `pip install -e .` (which would otherwise use a fresh
+    temporary folder), so ninja recompiles only the sources that changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = str(ROOT / "build" / "temp")
+
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": Build})

@@ -81,7 +81,8 @@ def info(kernels: bool = False) -> str:
               "", "extensions"]
     for name, what in _ext.EXTENSIONS.items():
         mod = _ext.load(name)
-        extra = f"; compiled for {mod.simd}" if mod is not None and hasattr(mod, "simd") else ""
+        # The SIMD level matters for the host-compiled kernels only (_C, _C_emu).
+        extra = f"; compiled for {mod.simd}" if mod is not None and name != "_C_cuda" else ""
         lines.append(f"  llmkern.{name:8s} {what}: {_ext.status(name)}{extra}")
     lines += ["", "backends (for a float32 op on this machine's tensors)"]
     from llmkern.ops.lora_linear import UNAVAILABLE

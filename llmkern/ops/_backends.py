@@ -69,7 +69,7 @@ def not_supported_reasons(backend: Backend, tensors: Sequence[torch.Tensor], dty
         if dev != "cpu":
             reasons.append(f"needs CPU tensors, got {dev}")
         ext = "_C" if backend == "cpu" else "_C_emu"
-        if not _ext.available(ext):
+        if not _ext.available(ext) and not (unavailable and backend in unavailable):
             reasons.append(f"llmkern.{ext}: {_ext.status(ext)}")
     elif backend == "cuda":
         if dev != "cuda":

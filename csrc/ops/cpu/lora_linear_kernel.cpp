@@ -274,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
                ga.data_ptr<A>(), gx2.data_ptr<scalar_t>());
   });
   gbt.mul_(scale);
-  return {gx2.view(x.sizes()), ga.to(x.scalar_type()), gbt.t().to(x.scalar_type())};
+  return {gx2.view(x.sizes()), ga.to(x.scalar_type()), gbt.t().to(x.scalar_type()).contiguous()};
 }
 
 LLMKERN_CPU_IMPL(m) {
