@@ -100,7 +100,8 @@ def test_logits_match_peft_with_same_weights():
     peft = pytest.importorskip("peft")
     torch.manual_seed(3)
     lin = nn.Linear(24, 16)
-    theirs = peft.tuners.lora.Linear(nn.Linear(24, 16), "default", r=4, lora_alpha=8)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8)
+    theirs = peft.tuners.lora.Linear(nn.Linear(24, 16), "default", cfg, r=4, lora_alpha=8)
     theirs.base_layer.load_state_dict(lin.state_dict())
     ours = LoRALinear.from_linear(lin, r=4, alpha=8)
     with torch.no_grad():
