@@ -222,7 +222,9 @@ inline void init_fiber(Fiber& f) {
   f.uc.uc_link = nullptr;
   makecontext(&f.uc, uc_entry, 0);
 #else
-  auto* top = reinterpret_cast<uint64_t*>(f.stack + kStackBytes);
+  // 64 zeroed bytes above the first frame end the frame-pointer chain for unwinders (ASan's reports).
+  auto* top = reinterpret_cast<uint64_t*>(f.stack + kStackBytes) - 8;
+  std::memset(top, 0, 64);
   uint64_t* sp = top - 8;
   uint32_t mxcsr;
   uint16_t fpucw;
