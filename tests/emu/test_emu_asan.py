@@ -1,7 +1,7 @@
 """AddressSanitizer on emulated kernels (-fsanitize=address -DCUEMU_SHARED_STATIC)."""
 import pytest
 
-ASAN = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-DCUEMU_SHARED_STATIC"]
+from emu_build import ASAN
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 emulator must expose, under the forward, reverse and random thread schedules."""
 import pytest
 
-SCHEDULES = ["forward", "reverse", "random:12345"]
+from emu_build import SCHEDULES
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Warp collectives, atomics and wmma under the emulator, and the warp-level misuse it must report."""
 import pytest
 
-SCHEDULES = ["forward", "reverse", "random:12345"]
+from emu_build import SCHEDULES
 
 
 @pytest.fixture(scope="module")
