@@ -276,6 +276,7 @@ inline std::string where(const Block& b, const Fiber& f) {
 // Records an error for the current fiber and abandons it. Objects on the stacks of abandoned fibers
 // are not destroyed; kernels hold none that own memory.
 [[noreturn]] inline void fail(const std::string& msg) {
+  if (!tl_block) throw KernelError("cuemu: " + msg + " (outside a kernel)");
   Block& b = *tl_block;
   if (!b.failed) {
     b.failed = true;
@@ -570,16 +571,18 @@ inline void launch(const void* fn, LaunchSpec s) {
   // Save the caller's built-ins: a host thread may itself be a rank thread of the fake NCCL.
   uint3 saved_t = threadIdx, saved_b = blockIdx;
   dim3 saved_bd = blockDim, saved_gd = gridDim;
+  auto work = [&] {
+    try {
+      worker(s, nblocks, next, stop, mu, error);
+    } catch (const std::exception& e) {  // e.g. no memory for fiber stacks
+      std::lock_guard<std::mutex> lock(mu);
+      if (error.empty()) error = e.what();
+      stop = true;
+    }
+  };
   std::vector<std::thread> extra;
-  for (size_t w = 1; w < workers; w++)
-    extra.emplace_back([&] { worker(s, nblocks, next, stop, mu, error); });
-  try {
-    worker(s, nblocks, next, stop, mu, error);
-  } catch (const std::exception& e) {
-    std::lock_guard<std::mutex> lock(mu);
-    if (error.empty()) error = e.what();
-    stop = true;
-  }
+  for (size_t w = 1; w < workers; w++) extra.emplace_back(work);
+  work();
   for (auto& t : extra) t.join();
   threadIdx = saved_t, blockIdx = saved_b, blockDim = saved_bd, gridDim = saved_gd;
   if (!error.empty()) throw err(error);

@@ -2,7 +2,7 @@
 emulator must expose, under the forward, reverse and random thread schedules."""
 import pytest
 
-from emu_build import SCHEDULES
+from emu_build import RELEASE, SCHEDULES, syntax_check
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +90,16 @@ def test_workers(matmul):
 
 def test_bad_schedule_is_rejected(matmul):
     assert "LLMKERN_EMU_SCHEDULE=sideways" in matmul.kernel_error("matmul", "sideways")
+
+
+def test_ucontext_fallback(program):
+    # The portable context switch (used off x86-64) runs the same kernels and reports the same errors.
+    p = program("matmul", RELEASE + ["-DCUEMU_UCONTEXT"])
+    assert float(p.results("matmul", "reverse")[0]["err"]) < 1e-4
+    assert float(p.results("matmul_no_sync_after_load", "forward")[0]["err"]) > 0.1
+    assert "divergent barrier" in p.kernel_error("divergent")
+    assert p.results("recover")[0]["bad"] == "0"
+
+
+def test_headers_coexist_with_torch_and_libstdcxx(program):
+    syntax_check("include_order")
