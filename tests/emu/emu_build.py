@@ -92,18 +92,3 @@ class Program:
         assert m, f"{case} under {schedule}: expected a kernel error, got:\n{out}"
         return m.group(1)
 
-
-def syntax_check(name: str, opt=("-O0",)):
-    """g++ -fsyntax-only on tests/emu/kernels/<name>.cu; a stamp file caches success."""
-    source = KERNELS / f"{name}.cu"
-    flags = BASE_FLAGS + list(opt) + ["-DLLMKERN_EMU=1"]
-    stamp = CACHE / f"{name}-{_digest(source, flags)}.ok"
-    if stamp.exists():
-        return
-    includes = INCLUDES + [TORCH_DIR / "include/torch/csrc/api/include"]
-    cmd = ["g++", *flags, "-fsyntax-only", "-x", "c++", str(source), *[f"-I{i}" for i in includes]]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"{source.name} does not compile:\n{' '.join(cmd)}\n{r.stderr[-6000:]}")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(" ".join(cmd))

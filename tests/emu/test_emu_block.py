@@ -2,7 +2,7 @@
 emulator must expose, under the forward, reverse and random thread schedules."""
 import pytest
 
-from emu_build import RELEASE, SCHEDULES, syntax_check
+from emu_build import RELEASE, SCHEDULES
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,3 @@ def test_ucontext_fallback(program):
     assert "divergent barrier" in p.kernel_error("divergent")
     assert p.results("recover")[0]["bad"] == "0"
 
-
-def test_headers_coexist_with_torch_and_libstdcxx(program):
-    syntax_check("include_order")
