@@ -124,7 +124,6 @@ const char* const kBarName[] = {"__syncthreads", "__syncthreads_count", "__synct
                                 "__syncthreads_or"};
 
 struct Block {
-  const char* kernel = "";
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
   std::vector<Fiber>* fibers = nullptr;
@@ -471,7 +470,7 @@ inline void worker(const LaunchSpec& s, size_t nblocks, std::atomic<size_t>& nex
   Block b;
   std::vector<Fiber> fibers;
   unsigned n = s.block.x * s.block.y * s.block.z;
-  b.kernel = s.kernel, b.body = s.body, b.ctx = s.ctx, b.n = n, b.strict = s.strict, b.fibers = &fibers;
+  b.body = s.body, b.ctx = s.ctx, b.n = n, b.strict = s.strict, b.fibers = &fibers;
   b.warps.resize((n + 31) / 32);
   for (unsigned w = 0; w < b.warps.size(); w++)
     b.warps[w].exists = n - w * 32 >= 32 ? ~0u : (1u << (n - w * 32)) - 1;

@@ -86,6 +86,9 @@ def test_workers(matmul):
     # Blocks on 2 OS threads; static __shared__ is per OS thread.
     (r,) = matmul.results("matmul", LLMKERN_EMU_WORKERS=2)
     assert float(r["err"]) < 1e-4
+    # An error on a worker thread is thrown on the launching thread.
+    assert "divergent barrier" in matmul.kernel_error("divergent", LLMKERN_EMU_WORKERS=2)
+    assert float(matmul.results("matmul_no_sync_after_load", LLMKERN_EMU_WORKERS=2)[0]["err"]) > 0.1
 
 
 def test_bad_schedule_is_rejected(matmul):
