@@ -1,0 +1,21 @@
+"""Fixtures for the emulator tests; the build and run helpers are in emu_build.py."""
+import shutil
+
+import pytest
+
+from emu_build import CUDA_HOME, RELEASE, Program, build
+
+
+@pytest.fixture(scope="session")
+def program():
+    if shutil.which("g++") is None or not (CUDA_HOME / "include/cuda_fp16.h").exists():
+        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h) for the emulated build")
+    cache = {}
+
+    def get(name, opt=RELEASE):
+        key = (name, tuple(opt))
+        if key not in cache:
+            cache[key] = Program(build(name, opt))
+        return cache[key]
+
+    return get
