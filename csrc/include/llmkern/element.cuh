@@ -3,6 +3,9 @@
 // under nvcc and under the CPU emulation (csrc/emu), where cuda_fp16.h/cuda_bf16.h give host
 // versions of the conversions.
 #pragma once
+// <cuda_runtime.h> first: under emulation it is the stand-in, which must come before the real
+// cuda_fp16.h/cuda_bf16.h pull in the real runtime API declarations.
+#include <cuda_runtime.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_bf16.h>
