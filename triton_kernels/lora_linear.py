@@ -1,0 +1,440 @@
+"""Triton kernels and launchers of the fused LoRA linear op.
+
+    y = x·Wᵀ + b + s·(dropout_p(x)·Aᵀ)·Bᵀ        x (N, C_in), W (C_out, C_in), A (R, C_in), B (C_out, R)
+
+The base GEMM x·Wᵀ stays in torch (cuBLAS); the three LoRA kernels here do the rest:
+
+    lora_down     u = scale·drop(x)·mᵀ                (N, K) × (R, K) → (N, R) fp32
+    lora_up_add_  out += alpha·drop'(u·mᵀ)            (N, R) × (C, R) → (N, C), in place
+    lora_wgrad    G = alpha·uᵀ·drop(x)                (N, R) × (N, K) → (R, K) fp32
+
+Backward saves x and u = drop(x)·Aᵀ (fp32) only; the dropout mask is regenerated from (seed, offset)
+by the counter-based hash of csrc/include/llmkern/rng.h, re-implemented here in uint32 arithmetic
+and tested bit for bit against llmkern/ops/_rng.py. Element (n, k) of an (N, K) row-major view
+uses counter offset + n·K + k (64-bit, split into lo/hi 32-bit words).
+
+Numerics (decided on paper, not measured: there is no GPU on the build machines):
+- Every dot accumulates in fp32. Its operands are in the input dtype: fp16/bf16 operands run on
+  tensor cores (H100 SXM: ~990 dense TFLOP/s bf16 vs ~67 TFLOP/s fp32 FMA). lora_down's
+  arithmetic intensity is R flop/byte for bf16 x, so at R ≥ 32 an fp32-FMA dot would be
+  compute-bound (ridge ≈ 67e12 / 3.35e12 = 20 flop/byte).
+- The fp32 operand u is rounded to the weight dtype (lora_up_add_) or x's dtype (lora_wgrad) before
+  the dot: a relative 2^-9 (bf16) / 2^-12 (fp16) error, the same rounding PyTorch's own bf16/fp16
+  path applies when it stores x·Aᵀ in bf16. Products of two bf16/fp16 values are exact in fp32.
+- fp32 inputs use an IEEE fp32 dot (input_precision="ieee"), as torch does with allow_tf32=False.
+- Dropout zeroes elements in the input dtype (exact) and folds 1/(1-p) into the fp32 epilogue
+  scale, so a kept element is never rounded twice.
+- Element-wise math is done in fp32 (.to(tl.float32) first): bf16 arithmetic is wrong in
+  TRITON_INTERPRET=1 mode. The interpreter's bf16 tl.dot is wrong too (triton#11584); the tests
+  patch InterpreterBuilder.create_dot, so the interpreter runs the very code the GPU runs.
+- lora_wgrad reduces over N. It splits N across programs and writes fp32 partials that torch sums
+  (deterministic, unlike fp32 atomics); partials cost SPLIT·R·K·4 bytes (≤ 16 MiB at R=128,
+  K=4096, SPLIT=8).
+
+Offsets that can pass 2^31 elements (row · row_stride) are formed in int64.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from llmkern.ops._rng import dropout_key, dropout_threshold
+
+__all__ = ["lora_down", "lora_up_add_", "lora_wgrad", "lora_linear_fwd", "lora_linear_bwd", "AOT_CONFIGS"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _lora_linear_fmix32(h):
+    # MurmurHash3's finalizer on uint32 (the constants are uint32 literals; products wrap mod 2^32).
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _lora_linear_keep(counter, key, threshold):
+    """Keep-mask for int64 counters: rng.h's dropout_keep. key: int32 holding the uint32 key bits."""
+    lo = counter.to(tl.uint32)
+    hi = (counter >> 32).to(tl.uint32)
+    h = _lora_linear_fmix32(_lora_linear_fmix32(lo ^ tl.cast(key, tl.uint32, bitcast=True)) ^ hi ^ 0x85EBCA6B)
+    return (h >> 8).to(tl.int32) >= threshold
+
+
+# The RNG scalars change every step: no value specialization (it would compile up to 3 variants).
+@triton.jit(do_not_specialize=["key", "threshold", "offset"])
+def _lora_linear_down_kernel(
+    x_ptr, m_ptr, u_ptr,
+    N, K, R,
+    stride_mr, stride_mk,
+    scale, key, threshold, offset,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """u[n, r] = scale · Σ_k drop(x)[n, k] · m[r, k]. One program per BLOCK_N rows, loop over K.
+
+    x (N, K) contiguous, m (R, K) any strides, u (N, R) fp32 contiguous. `scale` already holds
+    1/(1-p) when HAS_DROPOUT.
+    """
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k0 = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    row = offs_n.to(tl.int64) * K  # int64: N·K may pass 2^31
+    x_rows = x_ptr + row[:, None]
+    m_cols = m_ptr + offs_r[None, :].to(tl.int64) * stride_mr
+    if HAS_DROPOUT:
+        counter_rows = tl.cast(offset, tl.int64) + row
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_k0
+        mask_k = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = _lora_linear_keep(counter_rows[:, None] + offs_k[None, :], key, threshold)
+            x = tl.where(keep, x, tl.zeros_like(x))
+        # mᵀ tile (BLOCK_K, BLOCK_R), in x's dtype so fp16/bf16 run on tensor cores.
+        mt = tl.load(m_cols + offs_k[:, None].to(tl.int64) * stride_mk,
+                     mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(x.dtype)
+        acc = tl.dot(x, mt, acc, input_precision="ieee")
+    acc = acc * scale
+    u_ptrs = u_ptr + offs_n[:, None].to(tl.int64) * R + offs_r[None, :]
+    tl.store(u_ptrs, acc, mask=mask_n[:, None] & mask_r[None, :])
+
+
+@triton.jit(do_not_specialize=["key", "threshold", "offset"])
+def _lora_linear_up_add_kernel(
+    out_ptr, u_ptr, m_ptr,
+    N, C, R,
+    stride_mc, stride_mr,
+    alpha, key, threshold, offset,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[n, c] += alpha · keep(n, c) · Σ_r u[n, r] · m[c, r]; one (BLOCK_N, BLOCK_C) tile per program.
+
+    out (N, C) contiguous, u (N, R) fp32 contiguous, m (C, R) any strides (called with A.t()).
+    R ≤ BLOCK_R ≤ 128, so the whole reduction is one dot. `alpha` holds 1/(1-p) when HAS_DROPOUT.
+    """
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
+    mask_c = offs_c < C
+    mask_r = offs_r < R
+    u = tl.load(u_ptr + offs_n[:, None].to(tl.int64) * R + offs_r[None, :],
+                mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+    mt = tl.load(m_ptr + offs_r[:, None].to(tl.int64) * stride_mr + offs_c[None, :].to(tl.int64) * stride_mc,
+                 mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+    acc = tl.dot(u.to(mt.dtype), mt, input_precision="ieee") * alpha
+    row = offs_n.to(tl.int64) * C
+    if HAS_DROPOUT:
+        keep = _lora_linear_keep(tl.cast(offset, tl.int64) + row[:, None] + offs_c[None, :], key, threshold)
+        acc = tl.where(keep, acc, 0.0)
+    mask = mask_n[:, None] & mask_c[None, :]
+    out_ptrs = out_ptr + row[:, None] + offs_c[None, :]
+    out = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, (out + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["key", "threshold", "offset"])
+def _lora_linear_wgrad_kernel(
+    u_ptr, x_ptr, g_ptr,
+    N, K, R, rows_per_split,
+    alpha, key, threshold, offset,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """g[s, r, k] = alpha · Σ_{n in split s} u[n, r] · drop(x)[n, k]; program (k tile, split s).
+
+    u (N, R) fp32 contiguous, x (N, K) contiguous, g (SPLIT, R, K) fp32 contiguous.
+    rows_per_split is a multiple of BLOCK_N, so splits never share a tile.
+    """
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    n_start = pid_s * rows_per_split
+    n_end = tl.minimum(n_start + rows_per_split, N)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + offs_n0
+        mask_n = offs_n < n_end
+        row = offs_n.to(tl.int64) * K
+        x = tl.load(x_ptr + row[:, None] + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = _lora_linear_keep(tl.cast(offset, tl.int64) + row[:, None] + offs_k[None, :], key, threshold)
+            x = tl.where(keep, x, tl.zeros_like(x))
+        # uᵀ tile (BLOCK_R, BLOCK_N), rounded to x's dtype for the tensor-core dot.
+        ut = tl.load(u_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None],
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(ut.to(x.dtype), x, acc, input_precision="ieee")
+    acc = acc * alpha
+    g_ptrs = g_ptr + (pid_s * R + offs_r[:, None]).to(tl.int64) * K + offs_k[None, :]
+    tl.store(g_ptrs, acc, mask=mask_r[:, None] & mask_k[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs: one table read by the launchers and by the static check (AOT_CONFIGS), so they agree.
+# --------------------------------------------------------------------------------------------------
+_BLOCK_RS = (16, 32, 64, 128)  # tl.dot needs every dim ≥ 16; R ≤ 128 is padded to a power of two.
+_MAX_R = 128
+# Programs wanted for lora_wgrad before it splits N: two waves of an H100's 132 SMs.
+_WGRAD_TARGET_PROGRAMS = 264
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _config(kernel: str, dtype: torch.dtype, block_r: int) -> dict:
+    """Tile sizes, warps and stages of `kernel` for input `dtype` and padded rank `block_r`.
+
+    64×64 tiles everywhere: a (64, BLOCK_R) fp32 accumulator is 64·128/128 = 64 registers per thread
+    at 4 warps for BLOCK_R=128, so BLOCK_R=128 gets 8 warps (32 registers of accumulator).
+    Stages: 3 for 2-byte inputs (lora_down, BLOCK_R=128: 3 × (8 + 16) KiB = 72 KiB of shared memory,
+    under sm_80's 163 KiB), 2 for fp32 (2 × 48 KiB = 96 KiB).
+    """
+    warps = 8 if block_r >= 128 else 4
+    stages = 2 if dtype == torch.float32 else 3
+    if kernel == "down":
+        return dict(BLOCK_N=64, BLOCK_K=64, num_warps=warps, num_stages=stages)
+    if kernel == "up_add":
+        # No loop: stages only matter for software pipelining of loops, keep 1 to save shared memory.
+        return dict(BLOCK_N=64, BLOCK_C=64, num_warps=warps, num_stages=1)
+    if kernel == "wgrad":
+        return dict(BLOCK_N=64, BLOCK_K=64, num_warps=warps, num_stages=stages)
+    raise KeyError(kernel)
+
+
+_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AotConfig:
+    """One shipped kernel specialization, as the static check compiles it."""
+
+    kernel: object
+    """The @triton.jit function."""
+    signature: dict
+    """Argument name → Triton type ("*bf16", "i32", "fp32", "constexpr")."""
+    constexprs: dict
+    """Values of the constexpr arguments."""
+    num_warps: int
+    """Warps per program."""
+    num_stages: int
+    """Software-pipelining stages."""
+    dtype: str
+    """Input dtype it serves ("fp32", "fp16", "bf16"), for the report."""
+
+    @property
+    def name(self) -> str:
+        c = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
+        return f"{self.dtype},{c},w{self.num_warps},s{self.num_stages}"
+
+
+def _aot_configs() -> list[AotConfig]:
+    out = []
+    scalars = {"key": "i32", "threshold": "i32", "offset": "i64"}
+    for dtype, t in _TL_DTYPE.items():
+        for block_r in _BLOCK_RS:
+            for dropout in (False, True):
+                specs = [
+                    ("down", _lora_linear_down_kernel,
+                     {"x_ptr": f"*{t}", "m_ptr": f"*{t}", "u_ptr": "*fp32", "N": "i32", "K": "i32", "R": "i32",
+                      "stride_mr": "i32", "stride_mk": "i32", "scale": "fp32"}, "BLOCK_K"),
+                    ("up_add", _lora_linear_up_add_kernel,
+                     {"out_ptr": f"*{t}", "u_ptr": "*fp32", "m_ptr": f"*{t}", "N": "i32", "C": "i32", "R": "i32",
+                      "stride_mc": "i32", "stride_mr": "i32", "alpha": "fp32"}, "BLOCK_C"),
+                    ("wgrad", _lora_linear_wgrad_kernel,
+                     {"u_ptr": "*fp32", "x_ptr": f"*{t}", "g_ptr": "*fp32", "N": "i32", "K": "i32", "R": "i32",
+                      "rows_per_split": "i32", "alpha": "fp32"}, "BLOCK_K"),
+                ]
+                for name, fn, sig, block_other in specs:
+                    cfg = _config(name, dtype, block_r)
+                    constexprs = {"HAS_DROPOUT": dropout, "BLOCK_N": cfg["BLOCK_N"],
+                                  block_other: cfg[block_other], "BLOCK_R": block_r}
+                    signature = {**sig, **scalars, **{k: "constexpr" for k in constexprs}}
+                    out.append(AotConfig(kernel=fn, signature=signature, constexprs=constexprs,
+                                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=t))
+    return out
+
+
+AOT_CONFIGS: list[AotConfig] = _aot_configs()
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+def _check_contiguous(**tensors):
+    for name, t in tensors.items():
+        if not t.is_contiguous():
+            raise ValueError(f"lora_linear (Triton): {name} must be contiguous, got strides {tuple(t.stride())} "
+                             f"for shape {tuple(t.shape)}; call .contiguous() first")
+
+
+def _check_2d(**tensors):
+    for name, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"lora_linear (Triton): {name} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def _check_dtype(**tensors):
+    for name, t in tensors.items():
+        if t.dtype not in _TL_DTYPE:
+            raise ValueError(f"lora_linear (Triton): {name} has dtype {t.dtype}; supported: fp32, fp16, bf16")
+
+
+def _check_rank(r: int):
+    if not 1 <= r <= _MAX_R:
+        raise ValueError(f"lora_linear (Triton): rank R={r} is outside [1, {_MAX_R}]")
+
+
+def _dropout_args(p: float, seed: int, scale: float) -> tuple[bool, float, int, int]:
+    """(HAS_DROPOUT, scale with 1/(1-p) folded in, key as int32 bits, threshold)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"lora_linear (Triton): dropout_p must be in [0, 1], got {p}")
+    if p == 0.0:
+        return False, float(scale), 0, 0
+    key = dropout_key(seed)
+    key_i32 = key - (1 << 32) if key >= (1 << 31) else key  # passed as i32, bitcast to uint32 inside
+    inv_keep = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)  # p = 1 drops everything (threshold 2^24)
+    return True, float(scale) * inv_keep, key_i32, dropout_threshold(p)
+
+
+def lora_down(x: torch.Tensor, m: torch.Tensor, *, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
+              offset: int = 0) -> torch.Tensor:
+    """u = scale · drop(x) · mᵀ in fp32.
+
+    x (N, K) contiguous; m (R, K), any strides (the backward passes B.t()). Mask counter of x[n, k]:
+    offset + n·K + k. Returns u (N, R) fp32.
+    """
+    _check_2d(x=x, m=m)
+    _check_dtype(x=x, m=m)
+    _check_contiguous(x=x)
+    n, k = x.shape
+    r = m.shape[0]
+    if m.shape[1] != k:
+        raise ValueError(f"lora_down: m must be (R, {k}), got {tuple(m.shape)}")
+    _check_rank(r)
+    has_dropout, scale_eff, key, threshold = _dropout_args(dropout_p, seed, scale)
+    if n == 0 or k == 0:
+        return torch.zeros((n, r), dtype=torch.float32, device=x.device)
+    u = torch.empty((n, r), dtype=torch.float32, device=x.device)
+    block_r = _block_r(r)
+    cfg = _config("down", x.dtype, block_r)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    _lora_linear_down_kernel[grid](
+        x, m, u, n, k, r, m.stride(0), m.stride(1), scale_eff, key, threshold, offset,
+        HAS_DROPOUT=has_dropout, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return u
+
+
+def lora_up_add_(out: torch.Tensor, u: torch.Tensor, m: torch.Tensor, *, alpha: float, dropout_p: float = 0.0,
+                 seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """out += alpha · drop'(u · mᵀ) in place, accumulated in fp32 and rounded once to out's dtype.
+
+    out (N, C) contiguous; u (N, R) fp32 contiguous; m (C, R), any strides (called with A.t()).
+    With dropout_p > 0, element (n, c) is multiplied by keep(offset + n·C + c) / (1 - p): the
+    backward of dropout on the input. Returns out.
+    """
+    _check_2d(out=out, u=u, m=m)
+    _check_dtype(out=out, m=m)
+    if u.dtype != torch.float32:
+        raise ValueError(f"lora_up_add_: u must be fp32, got {u.dtype}")
+    _check_contiguous(out=out, u=u)
+    n, c = out.shape
+    r = u.shape[1]
+    if u.shape[0] != n or tuple(m.shape) != (c, r):
+        raise ValueError(f"lora_up_add_: shapes out {tuple(out.shape)}, u {tuple(u.shape)}, m {tuple(m.shape)} "
+                         f"do not match (N, C), (N, R), (C, R)")
+    _check_rank(r)
+    has_dropout, alpha_eff, key, threshold = _dropout_args(dropout_p, seed, alpha)
+    if n == 0 or c == 0:
+        return out
+    block_r = _block_r(r)
+    cfg = _config("up_add", out.dtype, block_r)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_C"]))
+    _lora_linear_up_add_kernel[grid](
+        out, u, m, n, c, r, m.stride(0), m.stride(1), alpha_eff, key, threshold, offset,
+        HAS_DROPOUT=has_dropout, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_R=block_r,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def lora_wgrad(u: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
+               offset: int = 0) -> torch.Tensor:
+    """G = alpha · uᵀ · drop(x) in fp32.
+
+    u (N, R) fp32 contiguous; x (N, K) contiguous. Mask counter of x[n, k]: offset + n·K + k.
+    Returns G (R, K) fp32. Deterministic: N is split across programs into fp32 partials summed by torch.
+    """
+    _check_2d(u=u, x=x)
+    _check_dtype(x=x)
+    if u.dtype != torch.float32:
+        raise ValueError(f"lora_wgrad: u must be fp32, got {u.dtype}")
+    _check_contiguous(u=u, x=x)
+    n, k = x.shape
+    r = u.shape[1]
+    if u.shape[0] != n:
+        raise ValueError(f"lora_wgrad: u {tuple(u.shape)} and x {tuple(x.shape)} differ in N")
+    _check_rank(r)
+    has_dropout, alpha_eff, key, threshold = _dropout_args(dropout_p, seed, alpha)
+    if n == 0 or k == 0:
+        return torch.zeros((r, k), dtype=torch.float32, device=x.device)
+    block_r = _block_r(r)
+    cfg = _config("wgrad", x.dtype, block_r)
+    k_tiles = triton.cdiv(k, cfg["BLOCK_K"])
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    split = max(1, min(n_tiles, triton.cdiv(_WGRAD_TARGET_PROGRAMS, k_tiles)))
+    rows_per_split = triton.cdiv(n_tiles, split) * cfg["BLOCK_N"]
+    split = triton.cdiv(n, rows_per_split)
+    g = torch.empty((split, r, k), dtype=torch.float32, device=x.device)
+    _lora_linear_wgrad_kernel[(k_tiles, split)](
+        u, x, g, n, k, r, rows_per_split, alpha_eff, key, threshold, offset,
+        HAS_DROPOUT=has_dropout, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return g[0] if split == 1 else g.sum(0)
+
+
+def lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, offset):
+    """y = x·Wᵀ + b + scale·(drop(x)·Aᵀ)·Bᵀ; returns (y, u) with u = drop(x)·Aᵀ (N, R) fp32 for backward.
+
+    x (N, C_in), weight (C_out, C_in), bias (C_out) or None, lora_a (R, C_in), lora_b (C_out, R).
+    """
+    _check_contiguous(x=x)
+    y = torch.nn.functional.linear(x, weight, bias)
+    u = lora_down(x, lora_a, dropout_p=dropout_p, seed=seed, offset=offset)
+    lora_up_add_(y, u, lora_b, alpha=scale)
+    return y, u
+
+
+def lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale, dropout_p, seed, offset):
+    """Gradients of lora_linear_fwd w.r.t. x, lora_a, lora_b (grad_a/grad_b in the params' dtype).
+
+    gu = scale·grad_y·B (N, R) fp32; grad_b = scale·grad_yᵀ·u; grad_a = guᵀ·drop(x);
+    grad_x = grad_y·W + drop'(gu·A), where drop' regenerates the forward mask from (seed, offset).
+    """
+    _check_contiguous(grad_y=grad_y, x=x)
+    gu = lora_down(grad_y, lora_b.t(), scale=scale)
+    grad_b = lora_wgrad(u, grad_y, alpha=scale).t().to(lora_b.dtype, memory_format=torch.contiguous_format)
+    grad_a = lora_wgrad(gu, x, dropout_p=dropout_p, seed=seed, offset=offset).to(lora_a.dtype)
+    grad_x = grad_y @ weight
+    lora_up_add_(grad_x, gu, lora_a.t(), alpha=1.0, dropout_p=dropout_p, seed=seed, offset=offset)
+    return grad_x, grad_a, grad_b
