@@ -433,7 +433,7 @@ def lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale, dropout_p, seed
     """
     _check_contiguous(grad_y=grad_y, x=x)
     gu = lora_down(grad_y, lora_b.t(), scale=scale)
-    grad_b = lora_wgrad(u, grad_y, alpha=scale).t().to(lora_b.dtype, memory_format=torch.contiguous_format)
+    grad_b = lora_wgrad(u, grad_y, alpha=scale).t().contiguous().to(lora_b.dtype)
     grad_a = lora_wgrad(gu, x, dropout_p=dropout_p, seed=seed, offset=offset).to(lora_a.dtype)
     grad_x = grad_y @ weight
     lora_up_add_(grad_x, gu, lora_a.t(), alpha=1.0, dropout_p=dropout_p, seed=seed, offset=offset)
