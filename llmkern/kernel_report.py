@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import io
 import json
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -54,13 +55,11 @@ def _cache_dir() -> Path:
 
 
 def _cached(kind: str, key: str, compute, use_cache: bool):
-    path = _cache_dir() / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    path = _cache_path(kind, key)
     if use_cache and path.exists():
         return json.loads(path.read_text())
     rows = compute()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(rows))
-    tmp.replace(path)  # atomic: parallel test runs never read half a file
+    _write_json(path, rows)
     return rows
 
 
@@ -103,16 +102,25 @@ def _triton_modules():
 
 
 def _unpack(cfg):
-    """An AOT_CONFIGS entry: an object with fields, or a (kernel, signature, constexprs, warps, stages) tuple."""
+    """An AOT_CONFIGS entry, as (kernel, signature, constexprs, num_warps, num_stages, attrs, name).
+
+    An entry is an object with those fields (attrs and name optional) or a
+    (kernel, signature, constexprs, num_warps, num_stages) tuple.
+    """
     if isinstance(cfg, tuple):
         kernel, signature, constexprs, num_warps, num_stages = cfg
+        attrs, name = {}, None
+    else:
+        kernel, signature, constexprs = cfg.kernel, cfg.signature, cfg.constexprs
+        num_warps, num_stages = cfg.num_warps, cfg.num_stages
+        attrs, name = getattr(cfg, "attrs", {}) or {}, getattr(cfg, "name", None)
+    if name is None:
         name = ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",w{num_warps},s{num_stages}"
-        return kernel, signature, constexprs, num_warps, num_stages, name
-    return cfg.kernel, cfg.signature, cfg.constexprs, cfg.num_warps, cfg.num_stages, cfg.name
+    return kernel, signature, constexprs, num_warps, num_stages, attrs, name
 
 
-def compile_triton(kernel, signature, constexprs, num_warps, num_stages, arch: int) -> dict:
-    """AOT-compiles one specialization for sm_<arch> and returns its row (without kernel/config names)."""
+def compile_triton(kernel, signature, constexprs, num_warps, num_stages, arch: int, attrs=None) -> dict:
+    """AOT-compiles one specialization for sm_<arch>; returns {arch, registers, spill_*, shared_bytes}."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -124,47 +132,78 @@ def compile_triton(kernel, signature, constexprs, num_warps, num_stages, arch: i
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf):
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs or {}),
+                                      target=GPUTarget("cuda", arch, 32),
                                       options={"num_warps": num_warps, "num_stages": num_stages})
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
     entries = parse_ptxas_log(buf.getvalue())
     if len(entries) != 1 or entries[0]["registers"] is None:
         raise RuntimeError(f"could not parse the ptxas log of {kernel.__name__} for sm_{arch}:\n{buf.getvalue()}")
-    row = entries[0]
+    row = {k: entries[0][k] for k in ("arch", "registers", "spill_stores", "spill_loads", "shared_bytes")}
     # Triton's shared memory is dynamic, so ptxas reports 0 smem; the compiler's metadata has it.
     row["shared_bytes"] = max(row["shared_bytes"], int(compiled.metadata.shared))
     return row
 
 
-def _triton_module_rows(module, archs, use_cache: bool) -> list[dict]:
+def _compile_entry(module_name: str, index: int, arch: int) -> dict:
+    """Worker: compiles entry `index` of module_name.AOT_CONFIGS (picklable by name)."""
+    cfg = importlib.import_module(module_name).AOT_CONFIGS[index]
+    kernel, signature, constexprs, warps, stages, attrs, _ = _unpack(cfg)
+    return compile_triton(kernel, signature, constexprs, warps, stages, arch, attrs)
+
+
+def _cache_path(kind: str, key: str) -> Path:
+    return _cache_dir() / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)  # atomic: parallel runs never read half a file
+
+
+def _triton_module_rows(module, archs, use_cache: bool, jobs: int) -> list[dict]:
     import triton
 
-    source = Path(module.__file__).read_bytes()
-    rows = []
-    for cfg in getattr(module, "AOT_CONFIGS", []):
-        kernel, signature, constexprs, warps, stages, name = _unpack(cfg)
+    source = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()
+    work = []  # (row template, cache path, index, arch)
+    for index, cfg in enumerate(getattr(module, "AOT_CONFIGS", [])):
+        kernel, signature, constexprs, warps, stages, attrs, name = _unpack(cfg)
         for arch in archs:
-            key = "|".join([triton.__version__, hashlib.sha256(source).hexdigest(), kernel.__name__,
-                            json.dumps(signature, sort_keys=True), repr(sorted(constexprs.items())),
-                            str(warps), str(stages), str(arch)])
-
-            def compute(kernel=kernel, signature=signature, constexprs=constexprs, warps=warps, stages=stages,
-                        arch=arch):
-                return compile_triton(kernel, signature, constexprs, warps, stages, arch)
-
-            row = _cached("triton", key, compute, use_cache)
-            rows.append({"kernel": kernel.__name__, "config": name, "arch": row["arch"],
-                         "registers": row["registers"], "spill_stores": row["spill_stores"],
-                         "spill_loads": row["spill_loads"], "shared_bytes": row["shared_bytes"]})
+            key = "|".join([triton.__version__, source, kernel.__name__, json.dumps(signature, sort_keys=True),
+                            repr(sorted(constexprs.items())), repr(sorted(attrs.items())), str(warps),
+                            str(stages), str(arch)])
+            work.append(({"kernel": kernel.__name__, "config": name}, _cache_path("triton", key), index, arch))
+    todo = [w for w in work if not (use_cache and w[1].exists())]
+    if todo:
+        # Compiles are independent and mostly single-threaded (MLIR passes, then ptxas): one per core.
+        if jobs > 1 and len(todo) > 1:
+            ctx = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+                results = list(pool.map(_compile_entry, [module.__name__] * len(todo), [w[2] for w in todo],
+                                        [w[3] for w in todo]))
+        else:
+            results = [_compile_entry(module.__name__, w[2], w[3]) for w in todo]
+        for w, row in zip(todo, results):
+            _write_json(w[1], row)
+    rows = []
+    for template, path, _, _ in work:
+        row = json.loads(path.read_text())
+        rows.append({**template, **{k: row[k] for k in FIELDS if k in row}})
     return rows
 
 
-def triton_report(modules=None, archs=ARCHS, use_cache: bool = True) -> list[dict]:
-    """Rows for every AOT_CONFIGS entry of every llmkern.triton_kernels module (or `modules`), per arch."""
+def triton_report(modules=None, archs=ARCHS, use_cache: bool = True, jobs: int | None = None) -> list[dict]:
+    """Rows for every AOT_CONFIGS entry of every llmkern.triton_kernels module (or `modules`), per arch.
+
+    A cold run compiles each entry for each arch (0.5-5 s each, `jobs` processes at once); later runs
+    read build/kernel_report/ until the module's source, the entry or triton's version changes.
+    """
+    jobs = jobs or os.cpu_count() or 1
     rows = []
     for module in (modules if modules is not None else _triton_modules()):
-        rows += _triton_module_rows(module, archs, use_cache)
+        rows += _triton_module_rows(module, archs, use_cache, jobs)
     return rows
 
 

@@ -21,7 +21,7 @@ Numerics (decided on paper, not measured: there is no GPU on the build machines)
 - The fp32 operand u is rounded to the weight dtype (lora_up_add_) or x's dtype (lora_wgrad) before
   the dot: a relative 2^-9 (bf16) / 2^-12 (fp16) error, the same rounding PyTorch's own bf16/fp16
   path applies when it stores x·Aᵀ in bf16. Products of two bf16/fp16 values are exact in fp32.
-- fp32 inputs use an IEEE fp32 dot (input_precision="ieee"), as torch does with allow_tf32=False.
+- fp32 inputs: see _config (DOT_PRECISION).
 - Dropout zeroes elements in the input dtype (exact) and folds 1/(1-p) into the fp32 epilogue
   scale, so a kept element is never rounded twice.
 - Element-wise math is done in fp32 (.to(tl.float32) first): bf16 arithmetic is wrong in
@@ -61,22 +61,43 @@ def _lora_linear_fmix32(h):
 
 
 @triton.jit
-def _lora_linear_keep(counter, key, threshold):
-    """Keep-mask for int64 counters: rng.h's dropout_keep. key: int32 holding the uint32 key bits."""
-    lo = counter.to(tl.uint32)
-    hi = (counter >> 32).to(tl.uint32)
+def _lora_linear_row_counter(offset, row_start):
+    """(lo, hi) uint32 words of the 64-bit counters offset + row_start (row_start: int64 tensor)."""
+    c = tl.cast(offset, tl.int64) + row_start
+    return c.to(tl.uint32), (c >> 32).to(tl.uint32)
+
+
+@triton.jit
+def _lora_linear_keep(row_lo, row_hi, cols, key, threshold):
+    """Keep-mask of counters (row_lo, row_hi) + cols: rng.h's dropout_keep in 32-bit arithmetic.
+
+    row_lo/row_hi: uint32 (BLOCK_N, 1); cols: int32 (1, BLOCK) with 0 ≤ cols < 2^31; key: int32 holding
+    the uint32 key bits. The 64-bit add is done as a 32-bit add plus carry: per element that is half
+    the registers of int64 counters (the down kernel with dropout spilled with int64 counters).
+    """
+    lo = row_lo + cols.to(tl.uint32)
+    hi = row_hi + (lo < row_lo).to(tl.uint32)
     h = _lora_linear_fmix32(_lora_linear_fmix32(lo ^ tl.cast(key, tl.uint32, bitcast=True)) ^ hi ^ 0x85EBCA6B)
     return (h >> 8).to(tl.int32) >= threshold
 
 
-# The RNG scalars change every step: no value specialization (it would compile up to 3 variants).
-@triton.jit(do_not_specialize=["key", "threshold", "offset"])
+# Specialization. Triton's JIT compiles a variant per (int == 1, int % 16 == 0, pointer % 16 == 0)
+# pattern of the arguments. Only the alignment of the big (N, K) tiles changes the code that matters
+# (16-byte vector loads and the register layout that comes with them), so the launchers let Triton
+# specialize the pointers and the row length K or C, and nothing else: the RNG scalars change every
+# step, and N, R and the weight strides would only multiply variants (the weight tiles are ≤ R/64 of
+# the activation traffic and stay in L2). AOT_CONFIGS then holds every variant the JIT can build:
+# "aligned" (all pointers and K/C divisible by 16) and "any" (no alignment known).
+_NO_SPEC = ["N", "R", "stride_mr", "stride_mk", "stride_mc", "rows_per_split", "key", "threshold", "offset"]
+
+
+@triton.jit(do_not_specialize=[a for a in _NO_SPEC if a not in ("stride_mc", "rows_per_split")])
 def _lora_linear_down_kernel(
     x_ptr, m_ptr, u_ptr,
     N, K, R,
     stride_mr, stride_mk,
     scale, key, threshold, offset,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """u[n, r] = scale · Σ_k drop(x)[n, k] · m[r, k]. One program per BLOCK_N rows, loop over K.
@@ -94,54 +115,60 @@ def _lora_linear_down_kernel(
     x_rows = x_ptr + row[:, None]
     m_cols = m_ptr + offs_r[None, :].to(tl.int64) * stride_mr
     if HAS_DROPOUT:
-        counter_rows = tl.cast(offset, tl.int64) + row
+        row_lo, row_hi = _lora_linear_row_counter(offset, row)
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_k0
         mask_k = offs_k < K
         x = tl.load(x_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = _lora_linear_keep(counter_rows[:, None] + offs_k[None, :], key, threshold)
+            keep = _lora_linear_keep(row_lo[:, None], row_hi[:, None], offs_k[None, :], key, threshold)
             x = tl.where(keep, x, tl.zeros_like(x))
         # mᵀ tile (BLOCK_K, BLOCK_R), in x's dtype so fp16/bf16 run on tensor cores.
         mt = tl.load(m_cols + offs_k[:, None].to(tl.int64) * stride_mk,
                      mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(x.dtype)
-        acc = tl.dot(x, mt, acc, input_precision="ieee")
+        acc = tl.dot(x, mt, acc, input_precision=DOT_PRECISION)
     acc = acc * scale
     u_ptrs = u_ptr + offs_n[:, None].to(tl.int64) * R + offs_r[None, :]
     tl.store(u_ptrs, acc, mask=mask_n[:, None] & mask_r[None, :])
 
 
-@triton.jit(do_not_specialize=["key", "threshold", "offset"])
+@triton.jit(do_not_specialize=[a for a in _NO_SPEC if a not in ("stride_mk", "rows_per_split")])
 def _lora_linear_up_add_kernel(
     out_ptr, u_ptr, m_ptr,
     N, C, R,
     stride_mc, stride_mr,
     alpha, key, threshold, offset,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[n, c] += alpha · keep(n, c) · Σ_r u[n, r] · m[c, r]; one (BLOCK_N, BLOCK_C) tile per program.
 
     out (N, C) contiguous, u (N, R) fp32 contiguous, m (C, R) any strides (called with A.t()).
-    R ≤ BLOCK_R ≤ 128, so the whole reduction is one dot. `alpha` holds 1/(1-p) when HAS_DROPOUT.
+    The reduction over R runs in BLOCK_R chunks (a single (64, 128) u tile plus a (128, 64) m tile
+    spilled in fp32). `alpha` holds 1/(1-p) when HAS_DROPOUT.
     """
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
     mask_c = offs_c < C
-    mask_r = offs_r < R
-    u = tl.load(u_ptr + offs_n[:, None].to(tl.int64) * R + offs_r[None, :],
-                mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-    mt = tl.load(m_ptr + offs_r[:, None].to(tl.int64) * stride_mr + offs_c[None, :].to(tl.int64) * stride_mc,
-                 mask=mask_r[:, None] & mask_c[None, :], other=0.0)
-    acc = tl.dot(u.to(mt.dtype), mt, input_precision="ieee") * alpha
+    u_rows = u_ptr + offs_n[:, None].to(tl.int64) * R
+    m_cols = m_ptr + offs_c[None, :].to(tl.int64) * stride_mc
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        u = tl.load(u_rows + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        mt = tl.load(m_cols + offs_r[:, None].to(tl.int64) * stride_mr, mask=mask_r[:, None] & mask_c[None, :],
+                     other=0.0)
+        acc = tl.dot(u.to(mt.dtype), mt, acc, input_precision=DOT_PRECISION)
+    acc = acc * alpha
     row = offs_n.to(tl.int64) * C
     if HAS_DROPOUT:
-        keep = _lora_linear_keep(tl.cast(offset, tl.int64) + row[:, None] + offs_c[None, :], key, threshold)
+        row_lo, row_hi = _lora_linear_row_counter(offset, row)
+        keep = _lora_linear_keep(row_lo[:, None], row_hi[:, None], offs_c[None, :], key, threshold)
         acc = tl.where(keep, acc, 0.0)
     mask = mask_n[:, None] & mask_c[None, :]
     out_ptrs = out_ptr + row[:, None] + offs_c[None, :]
@@ -149,12 +176,12 @@ def _lora_linear_up_add_kernel(
     tl.store(out_ptrs, (out + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["key", "threshold", "offset"])
+@triton.jit(do_not_specialize=[a for a in _NO_SPEC if a not in ("stride_mr", "stride_mk", "stride_mc")])
 def _lora_linear_wgrad_kernel(
     u_ptr, x_ptr, g_ptr,
     N, K, R, rows_per_split,
     alpha, key, threshold, offset,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """g[s, r, k] = alpha · Σ_{n in split s} u[n, r] · drop(x)[n, k]; program (k tile, split s).
@@ -178,12 +205,13 @@ def _lora_linear_wgrad_kernel(
         row = offs_n.to(tl.int64) * K
         x = tl.load(x_ptr + row[:, None] + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = _lora_linear_keep(tl.cast(offset, tl.int64) + row[:, None] + offs_k[None, :], key, threshold)
+            row_lo, row_hi = _lora_linear_row_counter(offset, row)
+            keep = _lora_linear_keep(row_lo[:, None], row_hi[:, None], offs_k[None, :], key, threshold)
             x = tl.where(keep, x, tl.zeros_like(x))
         # uᵀ tile (BLOCK_R, BLOCK_N), rounded to x's dtype for the tensor-core dot.
         ut = tl.load(u_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None],
                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(ut.to(x.dtype), x, acc, input_precision="ieee")
+        acc = tl.dot(ut.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
     acc = acc * alpha
     g_ptrs = g_ptr + (pid_s * R + offs_r[:, None]).to(tl.int64) * K + offs_k[None, :]
     tl.store(g_ptrs, acc, mask=mask_r[:, None] & mask_k[None, :])
@@ -202,24 +230,40 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _config(kernel: str, dtype: torch.dtype, block_r: int) -> dict:
-    """Tile sizes, warps and stages of `kernel` for input `dtype` and padded rank `block_r`.
+def _config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, dropout: bool = True) -> dict:
+    """Constexprs plus num_warps/num_stages of `kernel` for input `dtype`, rank `r` and alignment.
 
-    64×64 tiles everywhere: a (64, BLOCK_R) fp32 accumulator is 64·128/128 = 64 registers per thread
-    at 4 warps for BLOCK_R=128, so BLOCK_R=128 gets 8 warps (32 registers of accumulator).
-    Stages: 3 for 2-byte inputs (lora_down, BLOCK_R=128: 3 × (8 + 16) KiB = 72 KiB of shared memory,
-    under sm_80's 163 KiB), 2 for fp32 (2 × 48 KiB = 96 KiB).
+    Checked with llmkern.kernel_report (ptxas -v, sm_80 and sm_90a); none is timed, as no GPU is at
+    hand. TODO(bench): sweep them on an H100.
     """
-    warps = 8 if block_r >= 128 else 4
-    stages = 2 if dtype == torch.float32 else 3
-    if kernel == "down":
-        return dict(BLOCK_N=64, BLOCK_K=64, num_warps=warps, num_stages=stages)
+    fp32 = dtype == torch.float32
+    block_r = _block_r(r)
+    # fp32 runs an IEEE FMA dot, as torch computes fp32 matmuls by default (allow_tf32=False); its
+    # operand layouts cost more registers than mma's, hence the smaller fp32 tiles below.
+    prec = "ieee"
     if kernel == "up_add":
-        # No loop: stages only matter for software pipelining of loops, keep 1 to save shared memory.
-        return dict(BLOCK_N=64, BLOCK_C=64, num_warps=warps, num_stages=1)
-    if kernel == "wgrad":
-        return dict(BLOCK_N=64, BLOCK_K=64, num_warps=warps, num_stages=stages)
-    raise KeyError(kernel)
+        # R is up_add's reduction dim, looped in chunks: one (64, 128) u tile plus a (128, 64) m tile
+        # spilled thousands of bytes in fp32; fp32 chunks of 32 still spilled 40 B on sm_80.
+        cfg = dict(BLOCK_N=64, BLOCK_C=64, BLOCK_R=16 if fp32 else min(block_r, 32), num_warps=4, num_stages=2)
+    elif kernel in ("down", "wgrad"):
+        # The accumulator holds the whole rank: (BLOCK_N, BLOCK_R) or (BLOCK_R, BLOCK_K) fp32.
+        # 64×64 activation tiles fit only when 16-byte aligned with BLOCK_R ≤ 32 (2-byte dtypes). An
+        # unaligned tile gets a (1, 32)-per-warp layout, so each thread holds 32 rows of pointers and
+        # RNG counters (255 registers and spills at 64×64); 32×32 tiles fit everywhere.
+        small = block_r >= 64 or fp32 or not aligned
+        cfg = dict(BLOCK_N=32 if small else 64, BLOCK_R=block_r,
+                   num_warps=8 if block_r >= 128 or (fp32 and block_r >= 64) else 4,
+                   num_stages=2 if fp32 else 3)
+        cfg["BLOCK_K"] = 32 if (fp32 or not aligned) else 64
+    else:
+        raise KeyError(kernel)
+    cfg.update(HAS_DROPOUT=dropout, DOT_PRECISION=prec)
+    return cfg
+
+
+def _is_aligned(row_len: int, *tensors: torch.Tensor) -> bool:
+    """The JIT's view: every pointer 16-byte aligned and the row length divisible by 16."""
+    return row_len % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 _TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -227,7 +271,7 @@ _TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class AotConfig:
-    """One shipped kernel specialization, as the static check compiles it."""
+    """One kernel variant the launchers can run, as the static check compiles it."""
 
     kernel: object
     """The @triton.jit function."""
@@ -241,37 +285,59 @@ class AotConfig:
     """Software-pipelining stages."""
     dtype: str
     """Input dtype it serves ("fp32", "fp16", "bf16"), for the report."""
+    divisible_by_16: tuple = ()
+    """Arguments the JIT marks tt.divisibility=16 in this variant (pointers, K or C when aligned)."""
+
+    @property
+    def attrs(self) -> dict:
+        """ASTSource attrs: {(argument index,): [["tt.divisibility", 16]]}."""
+        names = list(self.signature)
+        return {(names.index(a),): [["tt.divisibility", 16]] for a in self.divisible_by_16}
 
     @property
     def name(self) -> str:
         c = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
-        return f"{self.dtype},{c},w{self.num_warps},s{self.num_stages}"
+        return f"{self.dtype},{'aligned' if self.divisible_by_16 else 'any'},{c},w{self.num_warps},s{self.num_stages}"
+
+
+_SIGNATURES = {
+    "down": (_lora_linear_down_kernel, "K", lambda t: {
+        "x_ptr": f"*{t}", "m_ptr": f"*{t}", "u_ptr": "*fp32", "N": "i32", "K": "i32", "R": "i32",
+        "stride_mr": "i32", "stride_mk": "i32", "scale": "fp32"}),
+    "up_add": (_lora_linear_up_add_kernel, "C", lambda t: {
+        "out_ptr": f"*{t}", "u_ptr": "*fp32", "m_ptr": f"*{t}", "N": "i32", "C": "i32", "R": "i32",
+        "stride_mc": "i32", "stride_mr": "i32", "alpha": "fp32"}),
+    "wgrad": (_lora_linear_wgrad_kernel, "K", lambda t: {
+        "u_ptr": "*fp32", "x_ptr": f"*{t}", "g_ptr": "*fp32", "N": "i32", "K": "i32", "R": "i32",
+        "rows_per_split": "i32", "alpha": "fp32"}),
+}
+
+
+def _aot_config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, dropout: bool) -> AotConfig:
+    fn, row_len, sig = _SIGNATURES[kernel]
+    t = _TL_DTYPE[dtype]
+    sig = sig(t)
+    cfg = _config(kernel, dtype, r, aligned, dropout)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    constexprs = {k: cfg[k] for k in fn.arg_names if k in cfg}
+    signature = {**sig, "key": "i32", "threshold": "i32", "offset": "i64", **{k: "constexpr" for k in constexprs}}
+    div = tuple(a for a in sig if sig[a].startswith("*")) + (row_len,) if aligned else ()
+    return AotConfig(kernel=fn, signature=signature, constexprs=constexprs, num_warps=warps, num_stages=stages,
+                     dtype=t, divisible_by_16=div)
 
 
 def _aot_configs() -> list[AotConfig]:
-    out = []
-    scalars = {"key": "i32", "threshold": "i32", "offset": "i64"}
-    for dtype, t in _TL_DTYPE.items():
-        for block_r in _BLOCK_RS:
-            for dropout in (False, True):
-                specs = [
-                    ("down", _lora_linear_down_kernel,
-                     {"x_ptr": f"*{t}", "m_ptr": f"*{t}", "u_ptr": "*fp32", "N": "i32", "K": "i32", "R": "i32",
-                      "stride_mr": "i32", "stride_mk": "i32", "scale": "fp32"}, "BLOCK_K"),
-                    ("up_add", _lora_linear_up_add_kernel,
-                     {"out_ptr": f"*{t}", "u_ptr": "*fp32", "m_ptr": f"*{t}", "N": "i32", "C": "i32", "R": "i32",
-                      "stride_mc": "i32", "stride_mr": "i32", "alpha": "fp32"}, "BLOCK_C"),
-                    ("wgrad", _lora_linear_wgrad_kernel,
-                     {"u_ptr": "*fp32", "x_ptr": f"*{t}", "g_ptr": "*fp32", "N": "i32", "K": "i32", "R": "i32",
-                      "rows_per_split": "i32", "alpha": "fp32"}, "BLOCK_K"),
-                ]
-                for name, fn, sig, block_other in specs:
-                    cfg = _config(name, dtype, block_r)
-                    constexprs = {"HAS_DROPOUT": dropout, "BLOCK_N": cfg["BLOCK_N"],
-                                  block_other: cfg[block_other], "BLOCK_R": block_r}
-                    signature = {**sig, **scalars, **{k: "constexpr" for k in constexprs}}
-                    out.append(AotConfig(kernel=fn, signature=signature, constexprs=constexprs,
-                                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=t))
+    """Every distinct variant the launchers can compile: kernel × dtype × R class × dropout × alignment."""
+    seen, out = set(), []
+    for kernel in _SIGNATURES:
+        for dtype in _TL_DTYPE:
+            for r in _BLOCK_RS:
+                for dropout in (False, True):
+                    for aligned in (True, False):
+                        c = _aot_config(kernel, dtype, r, aligned, dropout)
+                        if (kernel, c.name) not in seen:
+                            seen.add((kernel, c.name))
+                            out.append(c)
     return out
 
 
@@ -336,13 +402,10 @@ def lora_down(x: torch.Tensor, m: torch.Tensor, *, scale: float = 1.0, dropout_p
     if n == 0 or k == 0:
         return torch.zeros((n, r), dtype=torch.float32, device=x.device)
     u = torch.empty((n, r), dtype=torch.float32, device=x.device)
-    block_r = _block_r(r)
-    cfg = _config("down", x.dtype, block_r)
+    cfg = _config("down", x.dtype, r, _is_aligned(k, x, m, u), has_dropout)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    _lora_linear_down_kernel[grid](
-        x, m, u, n, k, r, m.stride(0), m.stride(1), scale_eff, key, threshold, offset,
-        HAS_DROPOUT=has_dropout, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _lora_linear_down_kernel[grid](x, m, u, n, k, r, m.stride(0), m.stride(1), scale_eff, key, threshold, offset,
+                                   **cfg)
     return u
 
 
@@ -368,13 +431,10 @@ def lora_up_add_(out: torch.Tensor, u: torch.Tensor, m: torch.Tensor, *, alpha: 
     has_dropout, alpha_eff, key, threshold = _dropout_args(dropout_p, seed, alpha)
     if n == 0 or c == 0:
         return out
-    block_r = _block_r(r)
-    cfg = _config("up_add", out.dtype, block_r)
+    cfg = _config("up_add", out.dtype, r, _is_aligned(c, out, u, m), has_dropout)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_C"]))
-    _lora_linear_up_add_kernel[grid](
-        out, u, m, n, c, r, m.stride(0), m.stride(1), alpha_eff, key, threshold, offset,
-        HAS_DROPOUT=has_dropout, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_R=block_r,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _lora_linear_up_add_kernel[grid](out, u, m, n, c, r, m.stride(0), m.stride(1), alpha_eff, key, threshold,
+                                     offset, **cfg)
     return out
 
 
@@ -398,18 +458,15 @@ def lora_wgrad(u: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0, dropout_
     has_dropout, alpha_eff, key, threshold = _dropout_args(dropout_p, seed, alpha)
     if n == 0 or k == 0:
         return torch.zeros((r, k), dtype=torch.float32, device=x.device)
-    block_r = _block_r(r)
-    cfg = _config("wgrad", x.dtype, block_r)
+    cfg = _config("wgrad", x.dtype, r, _is_aligned(k, u, x), has_dropout)
     k_tiles = triton.cdiv(k, cfg["BLOCK_K"])
     n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
     split = max(1, min(n_tiles, triton.cdiv(_WGRAD_TARGET_PROGRAMS, k_tiles)))
     rows_per_split = triton.cdiv(n_tiles, split) * cfg["BLOCK_N"]
     split = triton.cdiv(n, rows_per_split)
     g = torch.empty((split, r, k), dtype=torch.float32, device=x.device)
-    _lora_linear_wgrad_kernel[(k_tiles, split)](
-        u, x, g, n, k, r, rows_per_split, alpha_eff, key, threshold, offset,
-        HAS_DROPOUT=has_dropout, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _lora_linear_wgrad_kernel[(k_tiles, split)](u, x, g, n, k, r, rows_per_split, alpha_eff, key, threshold,
+                                                offset, **cfg)
     return g[0] if split == 1 else g.sum(0)
 
 
