@@ -139,7 +139,8 @@ def compile_triton(kernel, signature, constexprs, num_warps, num_stages, arch: i
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
     entries = parse_ptxas_log(buf.getvalue())
     if len(entries) != 1 or entries[0]["registers"] is None:
-        raise RuntimeError(f"could not parse the ptxas log of {kernel.__name__} for sm_{arch}:\n{buf.getvalue()}")
+        raise RuntimeError(f"could not parse the ptxas log of {kernel.__name__} for sm_{arch}:\n"
+                           f"{buf.getvalue()}")
     row = {k: entries[0][k] for k in ("arch", "registers", "spill_stores", "spill_loads", "shared_bytes")}
     # Triton's shared memory is dynamic, so ptxas reports 0 smem; the compiler's metadata has it.
     row["shared_bytes"] = max(row["shared_bytes"], int(compiled.metadata.shared))
@@ -166,15 +167,17 @@ def _write_json(path: Path, obj) -> None:
 def _triton_module_rows(module, archs, use_cache: bool, jobs: int) -> list[dict]:
     import triton
 
-    source = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()
     work = []  # (row template, cache path, index, arch)
     for index, cfg in enumerate(getattr(module, "AOT_CONFIGS", [])):
         kernel, signature, constexprs, warps, stages, attrs, name = _unpack(cfg)
         for arch in archs:
-            key = "|".join([triton.__version__, source, kernel.__name__, json.dumps(signature, sort_keys=True),
-                            repr(sorted(constexprs.items())), repr(sorted(attrs.items())), str(warps),
-                            str(stages), str(arch)])
-            work.append(({"kernel": kernel.__name__, "config": name}, _cache_path("triton", key), index, arch))
+            # JITFunction.cache_key hashes the kernel's source and every @triton.jit function it calls,
+            # so comments and launchers can change without a recompile.
+            key = "|".join([triton.__version__, kernel.cache_key, kernel.__name__,
+                            json.dumps(signature, sort_keys=True), repr(sorted(constexprs.items())),
+                            repr(sorted(attrs.items())), str(warps), str(stages), str(arch)])
+            template = {"kernel": kernel.__name__, "config": name}
+            work.append((template, _cache_path("triton", key), index, arch))
     todo = [w for w in work if not (use_cache and w[1].exists())]
     if todo:
         # Compiles are independent and mostly single-threaded (MLIR passes, then ptxas): one per core.
@@ -198,13 +201,41 @@ def triton_report(modules=None, archs=ARCHS, use_cache: bool = True, jobs: int |
     """Rows for every AOT_CONFIGS entry of every llmkern.triton_kernels module (or `modules`), per arch.
 
     A cold run compiles each entry for each arch (0.5-5 s each, `jobs` processes at once); later runs
-    read build/kernel_report/ until the module's source, the entry or triton's version changes.
+    read build/kernel_report/ until the kernel's source (JITFunction.cache_key), the entry or triton's
+    version changes.
     """
     jobs = jobs or os.cpu_count() or 1
+    modules = list(modules if modules is not None else _triton_modules())
+    if _interpreted(modules):
+        # Imported under TRITON_INTERPRET=1 (as the op tests do), @triton.jit gives InterpretedFunctions,
+        # which triton.compile cannot take: redo the report in a fresh process with the interpreter off.
+        ctx = multiprocessing.get_context("spawn")
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "0"
+        try:
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                return pool.submit(_triton_report_by_name, [m.__name__ for m in modules], archs, use_cache,
+                                   jobs).result()
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
     rows = []
-    for module in (modules if modules is not None else _triton_modules()):
+    for module in modules:
         rows += _triton_module_rows(module, archs, use_cache, jobs)
     return rows
+
+
+def _triton_report_by_name(names, archs, use_cache, jobs):
+    return triton_report([importlib.import_module(n) for n in names], archs, use_cache, jobs)
+
+
+def _interpreted(modules) -> bool:
+    from triton.runtime.jit import JITFunction
+
+    kernels = [_unpack(cfg)[0] for m in modules for cfg in getattr(m, "AOT_CONFIGS", [])]
+    return any(not isinstance(k, JITFunction) for k in kernels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,7 +282,8 @@ def _demangle(names: list[str]) -> dict[str, str]:
     cxxfilt = shutil.which("c++filt")
     if not cxxfilt or not names:
         return {n: n for n in names}
-    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    proc = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
+    out = proc.stdout.splitlines()
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 

@@ -13,7 +13,8 @@ by the counter-based hash of csrc/include/llmkern/rng.h, re-implemented here in 
 and tested bit for bit against llmkern/ops/_rng.py. Element (n, k) of an (N, K) row-major view
 uses counter offset + n·K + k (64-bit, split into lo/hi 32-bit words).
 
-Numerics (decided on paper, not measured: there is no GPU on the build machines):
+Numerics and tiles (decided on paper and with the static check; nothing is timed, as the build
+machines have no GPU):
 - Every dot accumulates in fp32. Its operands are in the input dtype: fp16/bf16 operands run on
   tensor cores (H100 SXM: ~990 dense TFLOP/s bf16 vs ~67 TFLOP/s fp32 FMA). lora_down's
   arithmetic intensity is R flop/byte for bf16 x, so at R ≥ 32 an fp32-FMA dot would be
@@ -21,15 +22,20 @@ Numerics (decided on paper, not measured: there is no GPU on the build machines)
 - The fp32 operand u is rounded to the weight dtype (lora_up_add_) or x's dtype (lora_wgrad) before
   the dot: a relative 2^-9 (bf16) / 2^-12 (fp16) error, the same rounding PyTorch's own bf16/fp16
   path applies when it stores x·Aᵀ in bf16. Products of two bf16/fp16 values are exact in fp32.
-- fp32 inputs: see _config (DOT_PRECISION).
+- fp32 inputs use an IEEE fp32 dot (FMA, no TF32), as torch's default allow_tf32=False does, so the
+  "2× PyTorch's error" rule holds on a GPU too. The interpreter computes every dot exactly in fp32.
 - Dropout zeroes elements in the input dtype (exact) and folds 1/(1-p) into the fp32 epilogue
   scale, so a kept element is never rounded twice.
 - Element-wise math is done in fp32 (.to(tl.float32) first): bf16 arithmetic is wrong in
   TRITON_INTERPRET=1 mode. The interpreter's bf16 tl.dot is wrong too (triton#11584); the tests
   patch InterpreterBuilder.create_dot, so the interpreter runs the very code the GPU runs.
 - lora_wgrad reduces over N. It splits N across programs and writes fp32 partials that torch sums
-  (deterministic, unlike fp32 atomics); partials cost SPLIT·R·K·4 bytes (≤ 16 MiB at R=128,
-  K=4096, SPLIT=8).
+  (deterministic, unlike fp32 atomics). SPLIT ≈ 264 / (K / BLOCK_K) (two waves of 132 SMs), so the
+  partials take ≈ 264·BLOCK_K·R·4 bytes ≤ 8.3 MiB whatever K is.
+- Tiles (_config) are the ones that compile without register spills for sm_80 and sm_90a in both
+  alignment variants the JIT builds (see _NO_SPEC and AOT_CONFIGS; tests/static checks them all).
+- Dtypes: x/out and the weight m must share a dtype (fp32, fp16 or bf16), so that every variant the
+  launchers can run is one the static check compiled; cast the weight first under autocast.
 
 Offsets that can pass 2^31 elements (row · row_stride) are formed in int64.
 """
@@ -86,8 +92,11 @@ def _lora_linear_keep(row_lo, row_hi, cols, key, threshold):
 # (16-byte vector loads and the register layout that comes with them), so the launchers let Triton
 # specialize the pointers and the row length K or C, and nothing else: the RNG scalars change every
 # step, and N, R and the weight strides would only multiply variants (the weight tiles are ≤ R/64 of
-# the activation traffic and stay in L2). AOT_CONFIGS then holds every variant the JIT can build:
-# "aligned" (all pointers and K/C divisible by 16) and "any" (no alignment known).
+# the activation traffic and stay in L2). AOT_CONFIGS then holds the two variants that bound what the
+# JIT builds: "aligned" (all pointers and K/C divisible by 16: 64-wide tiles where they fit) and
+# "any" (no alignment known: small tiles). Mixed cases (e.g. aligned x, odd K, or a misaligned weight
+# view) get the small tiles, whose loads are then at most as wide as in the aligned variant; they and
+# K == 1 or C == 1 (which Triton turns into constants) are not compiled by the static check.
 _NO_SPEC = ["N", "R", "stride_mr", "stride_mk", "stride_mc", "rows_per_split", "key", "threshold", "offset"]
 
 
@@ -161,8 +170,8 @@ def _lora_linear_up_add_kernel(
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         u = tl.load(u_rows + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        mt = tl.load(m_cols + offs_r[:, None].to(tl.int64) * stride_mr, mask=mask_r[:, None] & mask_c[None, :],
-                     other=0.0)
+        mt = tl.load(m_cols + offs_r[:, None].to(tl.int64) * stride_mr,
+                     mask=mask_r[:, None] & mask_c[None, :], other=0.0)
         acc = tl.dot(u.to(mt.dtype), mt, acc, input_precision=DOT_PRECISION)
     acc = acc * alpha
     row = offs_n.to(tl.int64) * C
@@ -244,14 +253,18 @@ def _config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, dropout: boo
     if kernel == "up_add":
         # R is up_add's reduction dim, looped in chunks: one (64, 128) u tile plus a (128, 64) m tile
         # spilled thousands of bytes in fp32; fp32 chunks of 32 still spilled 40 B on sm_80.
-        cfg = dict(BLOCK_N=64, BLOCK_C=64, BLOCK_R=16 if fp32 else min(block_r, 32), num_warps=4, num_stages=2)
+        cfg = dict(BLOCK_N=64, BLOCK_C=64, BLOCK_R=16 if fp32 else min(block_r, 32), num_warps=4,
+                   num_stages=2)
     elif kernel in ("down", "wgrad"):
         # The accumulator holds the whole rank: (BLOCK_N, BLOCK_R) or (BLOCK_R, BLOCK_K) fp32.
         # 64×64 activation tiles fit only when 16-byte aligned with BLOCK_R ≤ 32 (2-byte dtypes). An
         # unaligned tile gets a (1, 32)-per-warp layout, so each thread holds 32 rows of pointers and
         # RNG counters (255 registers and spills at 64×64); 32×32 tiles fit everywhere.
+        # fp32 wgrad: the FMA dot's operand fragments grow with BLOCK_N, its reduction dim; BLOCK_N=32
+        # compiled at 248-254 registers for BLOCK_R ≥ 64, BLOCK_N=16 at ≤ 155.
         small = block_r >= 64 or fp32 or not aligned
-        cfg = dict(BLOCK_N=32 if small else 64, BLOCK_R=block_r,
+        block_n = (16 if fp32 and kernel == "wgrad" else 32) if small else 64
+        cfg = dict(BLOCK_N=block_n, BLOCK_R=block_r,
                    num_warps=8 if block_r >= 128 or (fp32 and block_r >= 64) else 4,
                    num_stages=2 if fp32 else 3)
         cfg["BLOCK_K"] = 32 if (fp32 or not aligned) else 64
@@ -297,7 +310,8 @@ class AotConfig:
     @property
     def name(self) -> str:
         c = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
-        return f"{self.dtype},{'aligned' if self.divisible_by_16 else 'any'},{c},w{self.num_warps},s{self.num_stages}"
+        align = "aligned" if self.divisible_by_16 else "any"
+        return f"{self.dtype},{align},{c},w{self.num_warps},s{self.num_stages}"
 
 
 _SIGNATURES = {
@@ -320,10 +334,11 @@ def _aot_config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, dropout:
     cfg = _config(kernel, dtype, r, aligned, dropout)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     constexprs = {k: cfg[k] for k in fn.arg_names if k in cfg}
-    signature = {**sig, "key": "i32", "threshold": "i32", "offset": "i64", **{k: "constexpr" for k in constexprs}}
+    signature = {**sig, "key": "i32", "threshold": "i32", "offset": "i64",
+                 **{k: "constexpr" for k in constexprs}}
     div = tuple(a for a in sig if sig[a].startswith("*")) + (row_len,) if aligned else ()
-    return AotConfig(kernel=fn, signature=signature, constexprs=constexprs, num_warps=warps, num_stages=stages,
-                     dtype=t, divisible_by_16=div)
+    return AotConfig(kernel=fn, signature=signature, constexprs=constexprs, num_warps=warps,
+                     num_stages=stages, dtype=t, divisible_by_16=div)
 
 
 def _aot_configs() -> list[AotConfig]:
@@ -350,8 +365,8 @@ AOT_CONFIGS: list[AotConfig] = _aot_configs()
 def _check_contiguous(**tensors):
     for name, t in tensors.items():
         if not t.is_contiguous():
-            raise ValueError(f"lora_linear (Triton): {name} must be contiguous, got strides {tuple(t.stride())} "
-                             f"for shape {tuple(t.shape)}; call .contiguous() first")
+            raise ValueError(f"lora_linear (Triton): {name} must be contiguous, got strides "
+                             f"{tuple(t.stride())} for shape {tuple(t.shape)}; call .contiguous() first")
 
 
 def _check_2d(**tensors):
@@ -364,6 +379,13 @@ def _check_dtype(**tensors):
     for name, t in tensors.items():
         if t.dtype not in _TL_DTYPE:
             raise ValueError(f"lora_linear (Triton): {name} has dtype {t.dtype}; supported: fp32, fp16, bf16")
+
+
+def _check_same_dtype(**tensors):
+    (a, ta), (b, tb) = tensors.items()
+    if ta.dtype != tb.dtype:
+        raise ValueError(f"lora_linear (Triton): {a} is {ta.dtype} but {b} is {tb.dtype}; "
+                         f"cast {b} to {ta.dtype}")
 
 
 def _check_rank(r: int):
@@ -392,6 +414,7 @@ def lora_down(x: torch.Tensor, m: torch.Tensor, *, scale: float = 1.0, dropout_p
     """
     _check_2d(x=x, m=m)
     _check_dtype(x=x, m=m)
+    _check_same_dtype(x=x, m=m)
     _check_contiguous(x=x)
     n, k = x.shape
     r = m.shape[0]
@@ -404,8 +427,8 @@ def lora_down(x: torch.Tensor, m: torch.Tensor, *, scale: float = 1.0, dropout_p
     u = torch.empty((n, r), dtype=torch.float32, device=x.device)
     cfg = _config("down", x.dtype, r, _is_aligned(k, x, m, u), has_dropout)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    _lora_linear_down_kernel[grid](x, m, u, n, k, r, m.stride(0), m.stride(1), scale_eff, key, threshold, offset,
-                                   **cfg)
+    _lora_linear_down_kernel[grid](x, m, u, n, k, r, m.stride(0), m.stride(1), scale_eff, key, threshold,
+                                   offset, **cfg)
     return u
 
 
@@ -419,14 +442,15 @@ def lora_up_add_(out: torch.Tensor, u: torch.Tensor, m: torch.Tensor, *, alpha: 
     """
     _check_2d(out=out, u=u, m=m)
     _check_dtype(out=out, m=m)
+    _check_same_dtype(out=out, m=m)
     if u.dtype != torch.float32:
         raise ValueError(f"lora_up_add_: u must be fp32, got {u.dtype}")
     _check_contiguous(out=out, u=u)
     n, c = out.shape
     r = u.shape[1]
     if u.shape[0] != n or tuple(m.shape) != (c, r):
-        raise ValueError(f"lora_up_add_: shapes out {tuple(out.shape)}, u {tuple(u.shape)}, m {tuple(m.shape)} "
-                         f"do not match (N, C), (N, R), (C, R)")
+        raise ValueError(f"lora_up_add_: shapes out {tuple(out.shape)}, u {tuple(u.shape)}, "
+                         f"m {tuple(m.shape)} do not match (N, C), (N, R), (C, R)")
     _check_rank(r)
     has_dropout, alpha_eff, key, threshold = _dropout_args(dropout_p, seed, alpha)
     if n == 0 or c == 0:

@@ -232,6 +232,8 @@ def test_input_checks():
         K.lora_down(x, torch.randn(129, 32, device=DEVICE))
     with pytest.raises(ValueError, match="dropout_p"):
         K.lora_down(x, torch.randn(4, 32, device=DEVICE), dropout_p=1.5)
+    with pytest.raises(ValueError, match="m is torch.float16"):
+        K.lora_down(x, torch.randn(4, 32, device=DEVICE).half())
     with pytest.raises(ValueError, match="u must be fp32"):
         K.lora_wgrad(torch.randn(8, 4, device=DEVICE).half(), x)
 
