@@ -45,8 +45,8 @@ def test_shared_memory_fits_sm80(rows):
 def test_planted_spill_is_detected():
     env = {**os.environ, "TRITON_INTERPRET": "0",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(FIXTURES / "triton_spill.py"), "80"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(FIXTURES / "triton_spill.py"), "80"], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["spill_stores"] > 0 and row["spill_loads"] > 0, row
