@@ -25,49 +25,8 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _patch_interpreter_bf16_dot():
-    """The interpreter multiplies bf16 bit patterns in tl.dot (triton#11584): widen bf16 to fp32 first.
-
-    Idempotent and composable with the same patch in a conftest (a second wrapper sees fp32 only).
-    TODO: drop once the shared conftest patch lands.
-    """
-    from triton.runtime import interpreter as ti
-
-    if getattr(ti.InterpreterBuilder.create_dot, "_llmkern_bf16", False):
-        return
-    orig = ti.InterpreterBuilder.create_dot
-
-    def widen(h):
-        if h.dtype.scalar == tl.bfloat16:
-            return ti.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return h
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return orig(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    create_dot._llmkern_bf16 = True
-    ti.InterpreterBuilder.create_dot = create_dot
-
-
-if INTERPRET:
-    _patch_interpreter_bf16_dot()
-
-try:
-    from llmkern.testing import assert_close_to_ref
-except ImportError:  # TODO: the shared helper is being written; same semantics as this local one
-
-    def assert_close_to_ref(actual, ref, baseline, *, grad=False):
-        """max|actual - ref| ≤ (3 if grad else 2) · max|baseline - ref|, ref in fp64.
-
-        A floor of one baseline-dtype ulp of max|ref| keeps an exact baseline from demanding exactness.
-        """
-        assert actual.shape == ref.shape, (actual.shape, ref.shape)
-        ref = ref.double()
-        err = (actual.double() - ref).abs().max().item() if ref.numel() else 0.0
-        base = (baseline.double() - ref).abs().max().item() if ref.numel() else 0.0
-        floor = torch.finfo(baseline.dtype).eps * (ref.abs().max().item() if ref.numel() else 0.0)
-        factor = 3.0 if grad else 2.0
-        assert err <= factor * max(base, floor), f"error {err:.3e} > {factor} × baseline error {base:.3e}"
+# tests/conftest.py turns the interpreter on (no GPU) and patches its bf16 tl.dot (triton#11584).
+from llmkern.testing import assert_close_to_ref  # noqa: E402
 
 
 def _drop(x, seed, offset, p):
