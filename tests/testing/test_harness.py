@@ -283,3 +283,18 @@ def test_cuda_marker_keeps_cpu_case(device):
 
 def test_seed_is_reset_per_test():
     assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(0)))
+
+
+def test_wider_result_is_judged_by_the_inputs_dtype():
+    """An fp32 intermediate of a bf16 op is compared with PyTorch's bf16 error; a narrower result
+    than its baseline is still refused."""
+    import pytest as _pytest
+
+    x = torch.randn(64, 64, dtype=torch.float64)
+    ref = x @ x
+    baseline = (x.bfloat16() @ x.bfloat16())
+    assert_close_to_ref((x.bfloat16().float() @ x.bfloat16().float()), ref, baseline)
+    with _pytest.raises(AssertionError):
+        assert_close_to_ref((ref + 1.0).float(), ref, baseline)
+    with _pytest.raises(TypeError, match="same dtype"):
+        assert_close_to_ref(baseline, ref, ref.float())
