@@ -121,6 +121,39 @@ def validate(mods: dict[str, nn.Module], x: torch.Tensor) -> float:
     return ((yp - yo).abs().max() / yp.abs().max()).item()
 
 
+def profile(mods: dict[str, nn.Module], x: torch.Tensor, gy: torch.Tensor, dname: str, calls: int = 3) -> list[dict]:
+    """Where the LoRA layers' time goes, per call, from torch.profiler: for llmkern, the base GEMMs
+    (ATen calls inside the op) vs the op's self time, which is the fused passes F1+F2 (forward) and
+    B1+B2 (backward); for PEFT, every op outside the base GEMMs is LoRA overhead."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    out = []
+    for n, m in mods.items():
+        for mode in ("fwd", "fwd+bwd"):
+            run = fwd_call(m, x) if mode == "fwd" else fwd_bwd_call(m, x, gy)
+            run()
+            with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(calls):
+                    run()
+            ev = {e.key: e for e in prof.key_averages()}
+
+            def self_ms(*keys):
+                return sum(ev[k].self_cpu_time_total for k in keys if k in ev) / 1e3 / calls
+
+            gemm = self_ms("aten::mm", "aten::addmm")
+            total = sum(e.self_cpu_time_total for e in ev.values()) / 1e3 / calls
+            row = {"candidate": n, "dtype": dname, "mode": mode, "total_ms": total, "gemm_ms": gemm,
+                   "other_ms": total - gemm}
+            if n.startswith("llmkern"):
+                row["fused_fwd_passes_ms"] = self_ms("llmkern::lora_linear")
+                row["fused_bwd_passes_ms"] = self_ms("llmkern::_lora_linear_backward") if mode != "fwd" else None
+            top = sorted(((k, e.self_cpu_time_total / 1e3 / calls) for k, e in ev.items()
+                          if k not in ("aten::mm", "aten::addmm")), key=lambda kv: -kv[1])[:4]
+            row["top_other"] = ", ".join(f"{k} {v:.1f}" for k, v in top if v >= 0.05)
+            out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="C=256, T=128, R=8, 2 rounds, no waiting: seconds")
@@ -135,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait", type=float, default=None,
                     help="seconds to wait for a quiet CPU before the first measurement (default 60, 0 with "
                          "--quick); later measurements wait at most a quarter of it")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of timing: torch.profiler breakdown of base GEMM vs LoRA passes per candidate")
     ap.add_argument("--name", default=None, help="results file name (default lora, lora_quick with --quick)")
     args = ap.parse_args(argv)
     C = args.C or (256 if args.quick else 4096)
@@ -161,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         if not err <= tol:
             print(f"FAILED: llmkern and PEFT disagree ({dname}, p=0): max |Δy|/max|y| = {err:.2e} > {tol:g}")
             return 1
+        if args.profile:
+            prof_rows = profile(mods, x, gy, dname)
+            print(format_table(prof_rows, ["candidate", "dtype", "mode", "total_ms", "gemm_ms", "other_ms",
+                                           "fused_fwd_passes_ms", "fused_bwd_passes_ms", "top_other"]))
+            continue
         sb = {n: saved_bytes(m, x) for n, m in mods.items()}
         p = max(DROPOUTS)
         shared.append({"dtype": dname, "p": p, **{f"saved_MiB_{c}": saved_bytes(mods[f"{c} p={p:g}"], x, 3) / 2**20
@@ -200,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "saved_MiB_peft": sb[peft_n] / 2**20 if mode == "fwd+bwd" else None})
         del mods, x, gy
 
+    if args.profile:
+        return 0
     worst = max((c for c in contention if c is not None), default=None)
     env = environment(contention=worst, contention_per_measurement=contention, rounds=rounds,
                       summary=summary, saved_bytes_shared_input=shared)
@@ -211,14 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(summary, ["dtype", "mode", "p", "llmkern_overhead", "peft_overhead", "overhead_ratio",
                                  "llmkern_vs_peft", "saved_MiB_llmkern", "saved_MiB_peft", "saved_ratio"]))
     for s in summary:
-        if s["overhead_ratio"] is not None or s["llmkern_overhead"] > 0.005:
-            ok = s["overhead_ratio"] is not None and s["overhead_ratio"] <= 0.5
-            status = "met" if ok else "MISSED"
-            ratio = "n/a (PEFT overhead < 0.5%)" if s["overhead_ratio"] is None else f"{s['overhead_ratio']:.2f}"
-            print(f"  {s['dtype']} {s['mode']:7s} p={s['p']:<4g} overhead ratio {ratio}: {status}")
+        tag = f"  {s['dtype']} {s['mode']:7s} p={s['p']:<4g}"
+        if s["llmkern_overhead"] <= 0.005:
+            print(f"{tag} llmkern overhead {s['llmkern_overhead']:+.3f} (within noise of the base layer): met")
+        elif s["overhead_ratio"] is None:
+            print(f"{tag} overhead ratio n/a: PEFT's overhead {s['peft_overhead']:+.3f} is within noise")
+        else:
+            print(f"{tag} overhead ratio {s['overhead_ratio']:.2f}: {'met' if s['overhead_ratio'] <= 0.5 else 'MISSED'}")
         if s["saved_ratio"] is not None and s["p"] > 0:
-            print(f"  {s['dtype']} saved bytes llmkern/PEFT at p={s['p']:g}: {s['saved_ratio']:.2f} "
-                  f"({'met' if s['saved_ratio'] <= 0.5 else 'MISSED'}, target <= 0.5)")
+            # llmkern saves x and the (T, R) fp32 xa; PEFT saves its dropout noise and dropout(x) (x itself is
+            # not needed by a frozen base), so one layer on its own gives 0.5 + (T·R·4)/(2·T·C·elt).
+            print(f"  {s['dtype']} saved bytes llmkern/PEFT at p={s['p']:g}: {s['saved_ratio']:.3f} "
+                  f"({'met' if s['saved_ratio'] <= 0.5 else 'MISSED'}, target <= 0.5; one layer: x + xa vs "
+                  f"noise + dropout(x))")
     print("\nsaved bytes when three LoRA layers read the same x (q, k, v projections of one attention block):")
     print(format_table(shared, ["dtype", "p", "saved_MiB_llmkern", "saved_MiB_peft", "saved_ratio"]))
     print(f"\ncontention (largest share of the CPU other processes took during a measurement): "
