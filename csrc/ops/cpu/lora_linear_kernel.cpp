@@ -8,14 +8,12 @@
 //   backward  gx = gy·W by ATen, then
 //             pass B1 over gy:  gu[n,:] = s·gy[n,:]·B,  gBᵀ += s·xa[n,:]ᵀ·gy[n,:]
 //             pass B2 over x:   gAᵀ… gA += gu[n,:]ᵀ·dropout(x[n,:]),  gx[n,:] += mask·(gu[n,:]·A)/(1-p)
-// Rows are processed in blocks of 4 so that each row of A, B (R×C, ~256 KiB for R=16, C=4096, in
-// L2) is streamed once per 4 tokens rather than once per token: that cut pass B1 from ~20 ms to
-// ~6 ms at T=2048, C=4096, R=16 on the 2-core Zen 4 dev machine.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <bit>
 #include <vector>
 
 #include "../lora_linear.h"
@@ -26,7 +24,12 @@ namespace llmkern::ops {
 namespace detail {
 namespace {
 
-constexpr int64_t RB = 4;  // rows per block
+// Rows per block: each row of A and Bᵀ (R×C, 256 KiB at R=16, C=4096, in L2) is streamed once
+// per 8 tokens. Columns per chunk: an 8×512 fp32 tile (16 KiB) plus a 512-wide factor row stay in
+// the 32 KiB L1d of the Zen 4 dev machine. (4 rows and whole rows measured 11-40 ms per pass at
+// T=2048, C=4096, R=16, L2-bound; see bench/ops/bench_lora.py --profile.)
+constexpr int64_t RB = 8;
+constexpr int64_t CB = 512;
 
 template <typename T>
 struct AccOf {
@@ -57,90 +60,124 @@ Dropout make_dropout(double p, int64_t seed, int64_t offset) {
 // Threads for a pass touching `work` multiply-adds: below ~64K the OpenMP fork costs more than it saves.
 int threads_for(int64_t work) { return work < (1 << 16) ? 1 : at::get_num_threads(); }
 
-// buf[k] = mult[k] * row[k], where mult is the dropout multiplier (0 or 1/(1-p)) of element (n, k).
-// Without dropout mult is not written and buf is a plain conversion.
+// Row conversions. bf16 gets bit-level versions (widen = shift; narrow = round to nearest even,
+// NaN kept quiet) because c10::BFloat16's scalar conversions did not vectorize: the bf16 passes
+// ran at 1-1.6 GB/s, 2-3x below ATen's own bf16 thin GEMMs.
 template <typename T, typename A>
-inline void load_row(const T* row, int64_t n, int64_t K, const Dropout& d, A* buf, A* mult) {
-  if (!d.on) {
+inline void load_cvt(const T* src, A* dst, int64_t n) {
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) buf[k] = static_cast<A>(row[k]);
-    return;
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(src[i]);
+}
+inline void load_cvt(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(s[i]) << 16);
+}
+// dst[i] = T(A(dst[i]) + add[i]): one rounding to T.
+template <typename T, typename A>
+inline void add_store(T* dst, const A* add, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<A>(dst[i]) + add[i]);
+}
+inline void add_store(c10::BFloat16* dst, const float* add, int64_t n) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = std::bit_cast<uint32_t>(std::bit_cast<float>(static_cast<uint32_t>(d[i]) << 16) + add[i]);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    d[i] = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
   }
-  const uint64_t base = d.offset + static_cast<uint64_t>(n) * static_cast<uint64_t>(K);
+}
+
+// buf (RB, CB) = rows [n0, n0+nr) × columns [k0, k0+kc) of src (N, K) as A, times the dropout
+// multiplier (0 or 1/(1-p)), which is also kept in mult (RB, CB). Rows past nr are zero.
+template <typename T, typename A>
+inline void load_tile(const T* src, int64_t K, int64_t n0, int64_t nr, int64_t k0, int64_t kc, const Dropout& d,
+                      A* buf, A* mult) {
   const A s = static_cast<A>(d.inv_keep);
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) {
-    A m = dropout_keep(d.key, base + static_cast<uint64_t>(k), d.threshold) ? s : A(0);
-    mult[k] = m;
-    buf[k] = static_cast<A>(row[k]) * m;
-  }
-}
-
-// Loads rows n0..n0+RB-1 of src (N, K) into buf (RB, K); rows past N are zero.
-template <typename T, typename A>
-inline int64_t load_block(const T* src, int64_t N, int64_t K, int64_t n0, const Dropout& d, A* buf, A* mult) {
-  const int64_t nr = std::min(RB, N - n0);
   for (int64_t j = 0; j < RB; ++j) {
-    if (j < nr) load_row(src + (n0 + j) * K, n0 + j, K, d, buf + j * K, mult + j * K);
-    else std::fill(buf + j * K, buf + (j + 1) * K, A(0));
-  }
-  return nr;
-}
-
-// out[n0+j, r] = alpha * Σ_k buf[j, k] * M[r, k] for the rows of one block.
-template <typename A>
-inline void block_dot(const A* buf, int64_t K, const A* M, int64_t R, A alpha, int64_t nr, A* out, int64_t n0) {
-  const A *b0 = buf, *b1 = buf + K, *b2 = buf + 2 * K, *b3 = buf + 3 * K;
-  for (int64_t r = 0; r < R; ++r) {
-    const A* m = M + r * K;
-    A a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-    for (int64_t k = 0; k < K; ++k) {
-      const A mk = m[k];
-      a0 += b0[k] * mk;
-      a1 += b1[k] * mk;
-      a2 += b2[k] * mk;
-      a3 += b3[k] * mk;
+    A* b = buf + j * CB;
+    if (j >= nr) {
+      std::fill(b, b + kc, A(0));
+      continue;
     }
-    const A acc[RB] = {a0, a1, a2, a3};
-    for (int64_t j = 0; j < nr; ++j) out[(n0 + j) * R + r] = alpha * acc[j];
+    load_cvt(src + (n0 + j) * K + k0, b, kc);
+    if (!d.on) continue;
+    A* m = mult + j * CB;
+    const uint64_t base = d.offset + static_cast<uint64_t>(n0 + j) * static_cast<uint64_t>(K) + k0;
+#pragma omp simd
+    for (int64_t k = 0; k < kc; ++k) {
+      m[k] = dropout_keep(d.key, base + static_cast<uint64_t>(k), d.threshold) ? s : A(0);
+      b[k] *= m[k];
+    }
   }
 }
 
-// G[r, :] += Σ_j U[n0+j, r] * buf[j, :] for the rows of one block (rows past N have zero buf).
+// part[j*R + r] += Σ_k buf[j, k] · M[r, k0 + k] for the RB rows of a tile (M is R×K).
 template <typename A>
-inline void block_outer(const A* buf, int64_t K, const A* U, int64_t R, int64_t nr, int64_t n0, A* G) {
-  const A *b0 = buf, *b1 = buf + K, *b2 = buf + 2 * K, *b3 = buf + 3 * K;
+inline void tile_dot(const A* buf, int64_t kc, const A* M, int64_t K, int64_t k0, int64_t R, A* part) {
+  const A *b0 = buf, *b1 = buf + CB, *b2 = buf + 2 * CB, *b3 = buf + 3 * CB;
+  const A *b4 = buf + 4 * CB, *b5 = buf + 5 * CB, *b6 = buf + 6 * CB, *b7 = buf + 7 * CB;
   for (int64_t r = 0; r < R; ++r) {
-    A c[RB] = {0, 0, 0, 0};
-    for (int64_t j = 0; j < nr; ++j) c[j] = U[(n0 + j) * R + r];
-    A* g = G + r * K;
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) g[k] += c[0] * b0[k] + c[1] * b1[k] + c[2] * b2[k] + c[3] * b3[k];
+    const A* m = M + r * K + k0;
+    A s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+    for (int64_t k = 0; k < kc; ++k) {
+      const A mk = m[k];
+      s0 += b0[k] * mk;
+      s1 += b1[k] * mk;
+      s2 += b2[k] * mk;
+      s3 += b3[k] * mk;
+      s4 += b4[k] * mk;
+      s5 += b5[k] * mk;
+      s6 += b6[k] * mk;
+      s7 += b7[k] * mk;
+    }
+    const A s[RB] = {s0, s1, s2, s3, s4, s5, s6, s7};
+    for (int64_t j = 0; j < RB; ++j) part[j * R + r] += s[j];
   }
 }
 
-// dst[n, :] += alpha * mult[n, :] ⊙ (U[n, :]·Mt), Mt (R, C); mult = 1 without dropout.
-template <typename T, typename A>
-inline void row_add_lowrank(T* row, int64_t n, int64_t C, const A* U, const A* Mt, int64_t R, A alpha,
-                            const A* mult, bool masked, A* acc) {
-  std::fill(acc, acc + C, A(0));
+// out (RB, CB) = Σ_r coef[j, r] · M[r, c0 + c]  (M is R×C, coef is RB×R; zero rows give zero).
+template <typename A>
+inline void tile_lowrank(const A* coef, int64_t R, const A* M, int64_t C, int64_t c0, int64_t cc, A* out) {
+  std::fill(out, out + RB * CB, A(0));
   for (int64_t r = 0; r < R; ++r) {
-    const A u = alpha * U[n * R + r];
-    const A* m = Mt + r * C;
+    const A* m = M + r * C + c0;
+    A c[RB];
+    for (int64_t j = 0; j < RB; ++j) c[j] = coef[j * R + r];
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) acc[c] += u * m[c];
-  }
-  if (masked) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) row[c] = static_cast<T>(static_cast<A>(row[c]) + mult[c] * acc[c]);
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) row[c] = static_cast<T>(static_cast<A>(row[c]) + acc[c]);
+    for (int64_t k = 0; k < cc; ++k) {
+      const A mk = m[k];
+      for (int64_t j = 0; j < RB; ++j) out[j * CB + k] += c[j] * mk;
+    }
   }
 }
 
-// Sum of per-thread partials into G (R*K): each thread adds its own buffer once at the end.
+// G[r, k0 + k] += Σ_j coef[j, r] · buf[j, k]  (G is R×K; the per-thread partial of a reduction over rows).
+template <typename A>
+inline void tile_outer(const A* buf, int64_t kc, const A* coef, int64_t R, A* G, int64_t K, int64_t k0) {
+  for (int64_t r = 0; r < R; ++r) {
+    A c[RB];
+    for (int64_t j = 0; j < RB; ++j) c[j] = coef[j * R + r];
+    A* g = G + r * K + k0;
+#pragma omp simd
+    for (int64_t k = 0; k < kc; ++k) {
+      A acc = g[k];
+      for (int64_t j = 0; j < RB; ++j) acc += c[j] * buf[j * CB + k];
+      g[k] = acc;
+    }
+  }
+}
+
+// coef (RB, R) = alpha · U[n0 + j, :], zero past nr.
+template <typename A>
+inline void load_coef(const A* U, int64_t R, int64_t n0, int64_t nr, A alpha, A* coef) {
+  for (int64_t j = 0; j < RB; ++j)
+    for (int64_t r = 0; r < R; ++r) coef[j * R + r] = j < nr ? alpha * U[(n0 + j) * R + r] : A(0);
+}
+
+// Sum of per-thread partials into G: each thread adds its own buffer once at the end.
 template <typename A>
 inline void add_partial(A* G, const std::vector<A>& part) {
 #pragma omp critical(llmkern_lora_partial)
@@ -157,42 +194,64 @@ void forward_down(const T* x, int64_t N, int64_t K, const A* a, int64_t R, const
   const int64_t blocks = (N + RB - 1) / RB;
 #pragma omp parallel num_threads(threads_for(N * K * R))
   {
-    std::vector<A> buf(RB * K), mult(RB * K);
+    std::vector<A> buf(RB * CB), mult(RB * CB), part(RB * R);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t nr = load_block(x, N, K, b * RB, d, buf.data(), mult.data());
-      block_dot(buf.data(), K, a, R, A(1), nr, xa, b * RB);
+      const int64_t n0 = b * RB, nr = std::min(RB, N - n0);
+      std::fill(part.begin(), part.end(), A(0));
+      for (int64_t k0 = 0; k0 < K; k0 += CB) {
+        const int64_t kc = std::min(CB, K - k0);
+        load_tile(x, K, n0, nr, k0, kc, d, buf.data(), mult.data());
+        tile_dot(buf.data(), kc, a, K, k0, R, part.data());
+      }
+      for (int64_t j = 0; j < nr; ++j) std::copy_n(part.data() + j * R, R, xa + (n0 + j) * R);
     }
   }
 }
 
-// Pass F2: y += s·xa·Bᵀ, in place.
+// Pass F2: y += s·xa·Bᵀ, in place (bt = Bᵀ, R×C).
 template <typename T, typename A>
 void forward_up(T* y, int64_t N, int64_t C, const A* xa, const A* bt, int64_t R, A scale) {
+  const int64_t blocks = (N + RB - 1) / RB;
 #pragma omp parallel num_threads(threads_for(N * C * R))
   {
-    std::vector<A> acc(C);
+    std::vector<A> coef(RB * R), acc(RB * CB);
 #pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n)
-      row_add_lowrank(y + n * C, n, C, xa, bt, R, scale, static_cast<const A*>(nullptr), false, acc.data());
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * RB, nr = std::min(RB, N - n0);
+      load_coef(xa, R, n0, nr, scale, coef.data());
+      for (int64_t c0 = 0; c0 < C; c0 += CB) {
+        const int64_t cc = std::min(CB, C - c0);
+        tile_lowrank(coef.data(), R, bt, C, c0, cc, acc.data());
+        for (int64_t j = 0; j < nr; ++j) add_store(y + (n0 + j) * C + c0, acc.data() + j * CB, cc);
+      }
+    }
   }
 }
 
-// Pass B1 over gy (N, C): gu = s·gy·B (via Bᵀ rows) and gbt += xa ᵀ·gy (scaled by s by the caller).
+// Pass B1 over gy (N, C): gu = s·gy·B (through Bᵀ rows) and gbt += xaᵀ·gy (scaled by s by the caller).
 template <typename T, typename A>
 void backward_gy(const T* gy, int64_t N, int64_t C, const A* bt, int64_t R, A scale, const A* xa, A* gu, A* gbt) {
   const int64_t blocks = (N + RB - 1) / RB;
-  Dropout none;
+  const Dropout none;
 #pragma omp parallel num_threads(threads_for(N * C * R))
   {
-    std::vector<A> buf(RB * C), part(R * C, A(0));
+    std::vector<A> buf(RB * CB), part(RB * R), coef(RB * R), gpart(R * C, A(0));
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t nr = load_block(gy, N, C, b * RB, none, buf.data(), static_cast<A*>(nullptr));
-      block_dot(buf.data(), C, bt, R, scale, nr, gu, b * RB);
-      block_outer(buf.data(), C, xa, R, nr, b * RB, part.data());
+      const int64_t n0 = b * RB, nr = std::min(RB, N - n0);
+      std::fill(part.begin(), part.end(), A(0));
+      load_coef(xa, R, n0, nr, A(1), coef.data());
+      for (int64_t c0 = 0; c0 < C; c0 += CB) {
+        const int64_t cc = std::min(CB, C - c0);
+        load_tile(gy, C, n0, nr, c0, cc, none, buf.data(), static_cast<A*>(nullptr));
+        tile_dot(buf.data(), cc, bt, C, c0, R, part.data());
+        tile_outer(buf.data(), cc, coef.data(), R, gpart.data(), C, c0);
+      }
+      for (int64_t j = 0; j < nr; ++j)
+        for (int64_t r = 0; r < R; ++r) gu[(n0 + j) * R + r] = scale * part[j * R + r];
     }
-    add_partial(gbt, part);
+    add_partial(gbt, gpart);
   }
 }
 
@@ -203,16 +262,28 @@ void backward_x(const T* x, int64_t N, int64_t K, const A* a, int64_t R, const D
   const int64_t blocks = (N + RB - 1) / RB;
 #pragma omp parallel num_threads(threads_for(N * K * R))
   {
-    std::vector<A> buf(RB * K), mult(RB * K), part(R * K, A(0)), acc(K);
+    std::vector<A> buf(RB * CB), mult(RB * CB), coef(RB * R), acc(RB * CB), gpart(R * K, A(0));
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t n0 = b * RB;
-      const int64_t nr = load_block(x, N, K, n0, d, buf.data(), mult.data());
-      block_outer(buf.data(), K, gu, R, nr, n0, part.data());
-      for (int64_t j = 0; j < nr; ++j)
-        row_add_lowrank(gx + (n0 + j) * K, n0 + j, K, gu, a, R, A(1), mult.data() + j * K, d.on, acc.data());
+      const int64_t n0 = b * RB, nr = std::min(RB, N - n0);
+      load_coef(gu, R, n0, nr, A(1), coef.data());
+      for (int64_t k0 = 0; k0 < K; k0 += CB) {
+        const int64_t kc = std::min(CB, K - k0);
+        load_tile(x, K, n0, nr, k0, kc, d, buf.data(), mult.data());
+        tile_outer(buf.data(), kc, coef.data(), R, gpart.data(), K, k0);
+        tile_lowrank(coef.data(), R, a, K, k0, kc, acc.data());
+        for (int64_t j = 0; j < nr; ++j) {
+          A* row = acc.data() + j * CB;
+          if (d.on) {
+            const A* m = mult.data() + j * CB;
+#pragma omp simd
+            for (int64_t k = 0; k < kc; ++k) row[k] *= m[k];
+          }
+          add_store(gx + (n0 + j) * K + k0, row, kc);
+        }
+      }
     }
-    add_partial(ga, part);
+    add_partial(ga, gpart);
   }
 }
 
