@@ -154,6 +154,35 @@ def run_distributed(fn, world_size: int, args: tuple = (), *, timeout: float = 1
         del store
 
 
+def _exited_silently(conn) -> bool:
+    """True when a finished rank's pipe holds no result or error before its EOF ("started" does
+    not count as a report)."""
+    try:
+        while conn.poll():
+            kind, _ = pickle.loads(conn.recv_bytes())
+            if kind != "started":
+                return False
+    except (EOFError, OSError):
+        return True
+    return False
+
+
+def _dead_without_report(procs, pending, failed_rank, grace):
+    """The first other rank whose process exited without sending its result or error, if any
+    does within `grace` seconds."""
+    end = time.monotonic() + grace
+    while True:
+        for r, conn in pending.items():
+            # Exit code 0 is a rank that finished its own protocol; a crash exits non-zero or by signal.
+            if r == failed_rank or procs[r].is_alive() or procs[r].exitcode == 0:
+                continue
+            if _exited_silently(conn):
+                return r
+        if time.monotonic() >= end:
+            return None
+        time.sleep(0.05)
+
+
 def _collect(procs, conns, world_size, timeout, startup_timeout) -> list:
     results: dict[int, object] = {}
     started: set[int] = set()
@@ -189,6 +218,13 @@ def _collect(procs, conns, world_size, timeout, startup_timeout) -> list:
                 results[rank] = pickle.loads(payload)
                 del pending[rank]
             else:
+                # A rank that raised because a peer vanished ("Connection reset by peer") is a
+                # symptom; the peer that died is the cause. Give the others a moment to be seen.
+                dead = _dead_without_report(procs, pending, rank, grace=_EXIT_GRACE_S)
+                if dead is not None:
+                    raise RankFailedError(dead, "", f"rank {dead} of {world_size} died without reporting "
+                                                    f"(exit code {procs[dead].exitcode}); rank {rank} then "
+                                                    f"raised:\n{payload}")
                 raise RankFailedError(rank, payload, f"rank {rank} of {world_size} raised:\n{payload}")
     for p in procs:
         p.join(timeout=_EXIT_GRACE_S)
