@@ -38,6 +38,27 @@ def task_type(model: nn.Module) -> str | None:
     return None
 
 
+def _task_heads(model: nn.Module) -> list[str]:
+    if task_type(model) not in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
+        return []
+    return [n for n, _ in model.named_children() if n in ("classifier", "score", "qa_outputs")]
+
+
+def _load_extra(model: nn.Module, tensors: dict, keys: list[str], path: str) -> list[str]:
+    """Copies PEFT's ``modules_to_save`` tensors (e.g. a trained classifier) into the model's modules."""
+    params = dict(model.named_parameters())
+    done = []
+    for key in keys:
+        name = key.removeprefix(_PREFIX) if key.startswith(_PREFIX) else key.removeprefix("base_model.")
+        name = name.replace(".modules_to_save.default.", ".")
+        if name not in params:
+            raise KeyError(f"load_adapter: tensor {key} in {path} matches no parameter of the model")
+        params[name].data.copy_(tensors[key])
+        params[name].requires_grad_(True)
+        done.append(name)
+    return done
+
+
 def save_adapter(model: nn.Module, directory: str) -> list[str]:
     """Writes the llmkern adapters of `model` in PEFT's format. Returns the tensor keys written."""
     from safetensors.torch import save_file
@@ -76,6 +97,13 @@ def save_adapter(model: nn.Module, directory: str) -> list[str]:
         if prompt.kind == "prompt_tuning":
             cfg["prompt_tuning_init"] = "RANDOM"
         tensors = {"prompt_embeddings": emb}
+    # PEFT trains (and saves) a copy of a classification head; write ours under its key so it loads.
+    heads = _task_heads(model)
+    head_prefix = _PREFIX if loras else "base_model."
+    for h in heads:
+        for pn, p in model.get_submodule(h).named_parameters():
+            tensors[f"{head_prefix}{h}.{pn}"] = p.detach().contiguous()
+    cfg["modules_to_save"] = heads or None
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
@@ -84,7 +112,7 @@ def save_adapter(model: nn.Module, directory: str) -> list[str]:
 
 
 _UNSUPPORTED_LORA = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
-                     "modules_to_save": None, "bias": "none", "use_qalora": False}
+                     "bias": "none", "use_qalora": False}
 
 
 def load_adapter(model: nn.Module, directory: str, *, is_trainable: bool = True) -> InjectionReport:
@@ -115,9 +143,8 @@ def load_adapter(model: nn.Module, directory: str, *, is_trainable: bool = True)
                     raise KeyError(f"load_adapter: {key} missing from {path}")
                 getattr(m, ab).weight.data.copy_(tensors[key])
                 want.add(key)
-        extra = sorted(set(tensors) - want)
-        if extra:
-            raise KeyError(f"load_adapter: {len(extra)} tensor(s) in {path} match no LoRA layer, e.g. {extra[:3]}")
+        extra = _load_extra(model, tensors, sorted(set(tensors) - want), path)
+        report.replaced += [f"{n} (modules_to_save)" for n in extra]
     elif kind in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         if cfg.get("num_transformer_submodules", 1) != 1:
             raise NotImplementedError("load_adapter: encoder-decoder prompts (num_transformer_submodules=2) are "
@@ -128,6 +155,8 @@ def load_adapter(model: nn.Module, directory: str, *, is_trainable: bool = True)
         w = model.get_input_embeddings().weight
         enc = VirtualTokens(method, emb.shape[0], emb.shape[1], init=emb, device=w.device, dtype=emb.dtype)
         report = attach_virtual_tokens(model, enc, dims, "load_adapter")
+        extra = _load_extra(model, tensors, sorted(set(tensors) - {"prompt_embeddings"}), path)
+        report.replaced += [f"{n} (modules_to_save)" for n in extra]
         if method == "prefix_tuning" and emb.shape[1] != dims["layers"] * 2 * dims["kv_heads"] * dims["head_dim"]:
             raise ValueError(f"load_adapter: prefix of width {emb.shape[1]} does not fit this model")
     else:
