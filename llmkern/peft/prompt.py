@@ -13,7 +13,8 @@ Gradient checkpointing. transformers' ``GradientCheckpointingLayer`` drops ``pas
 training unless the layer says ``_can_checkpoint_with_cache``, and a normal cache would grow again
 when the layer is recomputed in backward. ``PrefixCache.update`` is therefore pure (returns
 ``cat(prefix, new)`` without storing), so a recompute sees the same keys, and we set the flag on each
-layer instance. PEFT passes a ``DynamicCache``, which those layers drop: its prefix gets no gradient.
+layer instance. GPT-2's model loop itself passes ``None`` to its blocks under checkpointing, so
+there a pre-hook on each block hands the block the call's cache again. PEFT passes a ``DynamicCache``, which those layers drop: its prefix gets no gradient.
 Needs non-reentrant checkpointing (transformers' default), which tracks tensors captured by closure.
 """
 from __future__ import annotations
@@ -164,11 +165,29 @@ def _prefix_hook(model, args, kwargs):
         val = kv[2 * i + 1].to(dtype).unsqueeze(0).expand(b, -1, -1, -1)
         DynamicCache.update(cache, key, val, i)
     kw["past_key_values"] = cache
+    enc._cache = cache  # for the per-block hooks (GPT-2), cleared by _clear_cache after the call
     mask = kw.get("attention_mask")
     if mask is None:
         mask = torch.ones(b, t, dtype=torch.long, device=ref.device)
     kw["attention_mask"] = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
     return (), kw
+
+
+_CACHE_ARG = {"gpt2": 1}
+"""Model types whose model loop drops the cache under checkpointing: the block's positional cache slot."""
+
+
+def _block_hook(enc, slot):
+    def hook(block, args, kwargs):
+        cache = getattr(enc, "_cache", None)
+        if cache is None or enc.disabled or len(args) <= slot or args[slot] is not None:
+            return None
+        return (*args[:slot], cache, *args[slot + 1:]), kwargs
+    return hook
+
+
+def _clear_cache(model, args, kwargs, output):
+    model.llmkern_prompt._cache = None
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:
@@ -185,9 +204,13 @@ def attach_virtual_tokens(model: nn.Module, enc: VirtualTokens, dims: dict, meth
     model.llmkern_prompt = enc
     if enc.kind == "prefix_tuning":
         model._llmkern_prompt_hook = model.register_forward_pre_hook(_prefix_hook, with_kwargs=True)
+        model.register_forward_hook(_clear_cache, with_kwargs=True)
         layers = _layers(model)
+        slot = _CACHE_ARG.get(dims["model_type"])
         for layer in layers:
             layer._can_checkpoint_with_cache = True  # safe: PrefixCache.update is pure (see module doc)
+            if slot is not None:
+                layer.register_forward_pre_hook(_block_hook(enc, slot), with_kwargs=True)
         where = [f"{type(layer).__name__} #{i} (key/value prefix)" for i, layer in enumerate(layers)]
     else:
         model._llmkern_prompt_hook = model.register_forward_pre_hook(_input_hook, with_kwargs=True)

@@ -16,16 +16,16 @@ def make_model(arch: str):
     logging.getLogger("transformers").setLevel(logging.ERROR)
     if arch == "llama":  # GQA: 4 query heads, 2 KV heads, so prefixes use the KV width
         cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, initializer_range=0.2)
         model = LlamaForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
-                         eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                         eos_token_id=1, initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = GPT2LMHeadModel(cfg)
     elif arch == "bert":
         cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0, num_labels=2)
+                         attention_probs_dropout_prob=0.0, num_labels=2, initializer_range=0.2)
         model = BertForSequenceClassification(cfg)
     else:
         raise ValueError(arch)
