@@ -15,7 +15,7 @@ __all__ = ["apply_adapters", "DEFAULT_TARGETS"]
 
 DEFAULT_TARGETS = {
     "series": {"llama": ["self_attn.o_proj", "mlp.down_proj"], "gpt2": ["attn.c_proj", "mlp.c_proj"],
-               "bert": ["attention.output.dense", "layer.0.output.dense"]},
+               "bert": r".*\.attention\.output\.dense|.*\.layer\.\d+\.output\.dense"},
     "parallel": {"llama": ["mlp"], "gpt2": ["mlp"]},
 }
 """Per form and model type, the sublayers wrapped when ``target_modules`` is None."""
@@ -48,8 +48,6 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> InjectionReport:
             raise ValueError(f"apply_adapters: no default {config.form} targets for {dims['model_type']!r}; "
                              f"defaults exist for {sorted(table)}; pass target_modules")
         target = table[dims["model_type"]]
-        if dims["model_type"] == "bert" and config.form == "series":
-            target = r".*\.attention\.output\.dense|.*layer\.\d+\.output\.dense"
     accept = (lambda m: True) if config.form == "parallel" else None
     kw = {"accept": accept, "kind": "module"} if accept else {}
     selected, skipped = select_modules(model, target, config.exclude_modules, "apply_adapters", **kw)

@@ -127,12 +127,13 @@ def load_adapter(model: nn.Module, directory: str, *, is_trainable: bool = True)
     kind = cfg.get("peft_type")
     if kind == "LORA":
         for key, ok in _UNSUPPORTED_LORA.items():
-            if cfg.get(key, ok) not in (ok, None, {}, [], "none") or (key == "bias" and cfg.get(key, "none") != "none"):
+            if cfg.get(key, ok) not in (ok, None, {}, []):
                 raise NotImplementedError(f"load_adapter: LoRA with {key}={cfg[key]!r} is not supported")
         target = cfg["target_modules"]
         target = sorted(target) if isinstance(target, (list, set)) else target
-        report = apply_lora(model, LoraConfig(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
-                                              use_rslora=cfg.get("use_rslora", False), target_modules=target))
+        lcfg = LoraConfig(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
+                          use_rslora=cfg.get("use_rslora", False), target_modules=target)
+        report = apply_lora(model, lcfg)
         want = set()
         for n, m in model.named_modules():
             if not isinstance(m, LoRALinear):

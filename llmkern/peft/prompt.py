@@ -14,7 +14,8 @@ training unless the layer says ``_can_checkpoint_with_cache``, and a normal cach
 when the layer is recomputed in backward. ``PrefixCache.update`` is therefore pure (returns
 ``cat(prefix, new)`` without storing), so a recompute sees the same keys, and we set the flag on each
 layer instance. GPT-2's model loop itself passes ``None`` to its blocks under checkpointing, so
-there a pre-hook on each block hands the block the call's cache again. PEFT passes a ``DynamicCache``, which those layers drop: its prefix gets no gradient.
+there a pre-hook on each block hands the block the call's cache again. (peft 0.21.2 refuses prefix
+tuning on a checkpointed model: "PREFIX_TUNING does not work with gradient checkpointing".)
 Needs non-reentrant checkpointing (transformers' default), which tracks tensors captured by closure.
 """
 from __future__ import annotations

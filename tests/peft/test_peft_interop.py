@@ -119,3 +119,13 @@ def test_load_adapter_refuses_unsupported(tiny, tmp_path):
     peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path)
     with pytest.raises(NotImplementedError, match="use_dora"):
         lp.load_adapter(ours, tmp_path)
+
+
+def test_peft_refuses_prefix_with_checkpointing_we_do_not(tiny):
+    """The gap we fill (tests/peft/test_peft_prompt.py checks our gradients under checkpointing)."""
+    ours, base = tiny("llama")
+    base.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        peft.get_peft_model(base, peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    ours.gradient_checkpointing_enable()
+    lp.apply_prefix_tuning(ours, lp.PrefixTuningConfig(num_virtual_tokens=3))
