@@ -38,7 +38,9 @@ def select_modules(model: nn.Module, target, exclude, method: str, accept=is_lin
     nothing at all is selected: a config that silently applies to nothing is the failure we refuse."""
     heads = output_head_names(model)
     selected, skipped = [], {}
-    named = [(n, m) for n, m in model.named_modules() if n]
+    # Never select inside an existing LoRALinear (its lora_A / lora_B are nn.Linear too).
+    inside = [n + "." for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    named = [(n, m) for n, m in model.named_modules() if n and not any(n.startswith(p) for p in inside)]
     if isinstance(target, list):
         for t in target:
             if not any(matches(n, [t]) for n, _ in named):

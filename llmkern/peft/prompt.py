@@ -137,9 +137,9 @@ def _input_hook(model, args, kwargs):
     kw["inputs_embeds"] = torch.cat([prompts, emb], dim=1)
     kw["attention_mask"] = _prepend(kw.get("attention_mask"), k, 1, t)
     kw["token_type_ids"] = _prepend(kw.get("token_type_ids"), k, 0, t)
-    labels = kw.get("labels")
-    if labels is not None and ids is not None and labels.shape == ids.shape:
-        kw["labels"] = _prepend(labels, k, -100, t)
+    # Token-level labels (B, T) get K ignored positions; sequence labels (B,) are left alone.
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        kw["labels"] = _prepend(kw.get("labels"), k, -100, t)
     if kw.get("position_ids") is not None:
         raise ValueError("prompt tuning / P-tuning: position_ids cannot be given (the virtual tokens shift them)")
     kw = {key: v for key, v in kw.items() if v is not None or key in kwargs}

@@ -111,3 +111,11 @@ def test_save_load_roundtrip(tiny, tmp_path):
     assert len(rep.replaced) == 4
     x = batch("llama")
     torch.testing.assert_close(logits(fresh.eval(), x), logits(model, x))
+
+
+def test_second_apply_does_not_wrap_lora_factors(tiny):
+    model, _ = tiny("llama")
+    lp.apply_lora(model, lp.LoraConfig(r=2, target_modules=["q_proj"]))
+    rep = lp.apply_lora(model, lp.LoraConfig(r=2, target_modules="all-linear"))
+    assert not any("lora_" in n for n in rep.replaced) and "model.layers.0.self_attn.q_proj" not in rep.replaced
+    assert all(not isinstance(m.lora_A, LoRALinear) for m in model.modules() if isinstance(m, LoRALinear))

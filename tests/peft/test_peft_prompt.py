@@ -110,3 +110,17 @@ def test_bad_input():
     lp.apply_prompt_tuning(model, lp.PromptTuningConfig())
     with pytest.raises(ValueError, match="already has a prompt method"):
         lp.apply_prefix_tuning(model, lp.PrefixTuningConfig())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompt_inputs_embeds_and_labels(arch):
+    """Calling with inputs_embeds gives the same loss as input_ids: labels are padded either way."""
+    model = make_model(arch)
+    lp.apply_prompt_tuning(model, lp.PromptTuningConfig(num_virtual_tokens=3))
+    x = batch(arch)
+    with torch.no_grad():
+        a = model(**x, labels=x["input_ids"])
+        emb = model.get_input_embeddings()(x["input_ids"])
+        b = model(inputs_embeds=emb, attention_mask=x["attention_mask"], labels=x["input_ids"])
+    assert a.logits.shape[1] == x["input_ids"].shape[1] + 3
+    torch.testing.assert_close(b.loss, a.loss)
