@@ -17,9 +17,10 @@ from torch import nn
 
 from llmkern.nn.lora import LoRALinear
 from llmkern.peft.config import LoraConfig
-from llmkern.peft.lora import apply_lora, set_submodule
+from llmkern.peft.lora import as_linear, apply_lora, set_submodule
 from llmkern.peft.prompt import VirtualTokens, attach_virtual_tokens, model_dims
 from llmkern.peft.report import InjectionReport, count_parameters
+from llmkern.peft.targets import is_linear_like
 
 __all__ = ["save_adapter", "load_adapter", "fuse_peft_model", "task_type"]
 
@@ -191,10 +192,8 @@ def fuse_peft_model(peft_model: nn.Module) -> InjectionReport:
             why = "DoRA (magnitude-normalised weight) is not implemented by LoRALinear"
         elif m.merged:
             why = "layer is merged; unmerge first"
-        elif m.fan_in_fan_out:
-            why = "fan_in_fan_out (GPT-2 Conv1D) base weight would need a transposed copy"
-        elif not isinstance(m.get_base_layer(), nn.Linear):
-            why = f"base layer is {type(m.get_base_layer()).__name__}, not nn.Linear (quantized?)"
+        elif not is_linear_like(m.get_base_layer()):
+            why = f"base layer is {type(m.get_base_layer()).__name__}, not nn.Linear / Conv1D (quantized?)"
         elif m.lora_bias.get(adapters[0], False):
             why = "lora_bias=True is not implemented by LoRALinear"
         if why:
@@ -203,7 +202,10 @@ def fuse_peft_model(peft_model: nn.Module) -> InjectionReport:
         a = adapters[0]
         drop = m.lora_dropout[a]
         p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-        new = LoRALinear.from_linear(m.get_base_layer(), m.r[a], m.lora_alpha[a], p)
+        # A GPT-2 Conv1D base (fan_in_fan_out) becomes a Linear holding its transposed weight.
+        base, from_conv1d = as_linear(m.get_base_layer())
+        new = LoRALinear.from_linear(base, m.r[a], m.lora_alpha[a], p)
+        new.from_conv1d = from_conv1d
         new.scale = float(m.scaling[a])
         new.lora_A.weight = m.lora_A[a].weight
         new.lora_B.weight = m.lora_B[a].weight

@@ -8,7 +8,7 @@ from llmkern.peft.config import LoraConfig
 from llmkern.peft.report import InjectionReport, count_parameters
 from llmkern.peft.targets import is_linear_like, matches, output_head_names
 
-__all__ = ["apply_lora", "freeze_base", "set_submodule"]
+__all__ = ["apply_lora", "as_linear", "freeze_base", "set_submodule", "select_modules"]
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -21,7 +21,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def _as_linear(m: nn.Module) -> tuple[nn.Linear, bool]:
+def as_linear(m: nn.Module) -> tuple[nn.Linear, bool]:
     """The module as an nn.Linear; a Conv1D (weight (C_in, C_out)) gets a transposed copy of its weight."""
     if isinstance(m, nn.Linear):
         return m, False
@@ -79,7 +79,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> InjectionReport:
     selected, skipped = select_modules(model, config.target_modules, config.exclude_modules, "apply_lora")
     freeze_base(model)
     for n in selected:
-        lin, from_conv1d = _as_linear(model.get_submodule(n))
+        lin, from_conv1d = as_linear(model.get_submodule(n))
         lora = LoRALinear.from_linear(lin, config.r, config.alpha, config.dropout, config.use_rslora,
                                       config.backend)
         lora.from_conv1d = from_conv1d

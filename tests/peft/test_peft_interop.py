@@ -85,11 +85,12 @@ def test_prompt_llmkern_to_peft(arch, method, tiny, tmp_path):
     torch.testing.assert_close(logits(theirs, x), logits(ours, x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_fuse_peft_model(arch, tiny):
     _, base = tiny(arch)
     targets = LORA_TARGETS[arch]
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type=TASK[arch])
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type=TASK[arch],
+                          fan_in_fan_out=arch == "gpt2")
     model = peft.get_peft_model(base, cfg)
     _randomize(model)
     x = batch(arch)
