@@ -1,12 +1,10 @@
 """Configs for the injection API: ``kw_only``, ``slots`` dataclasses, one docstring per field."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 __all__ = ["LoraConfig", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "AdapterConfig"]
-
-Targets = "list[str] | str"
 
 
 def _check_tokens(name: str, k: int) -> None:
@@ -103,6 +101,3 @@ class AdapterConfig:
     def __post_init__(self):
         if not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
             raise ValueError(f"AdapterConfig: bottleneck must be a positive int, got {self.bottleneck!r}")
-
-
-_ = field  # keep the import for readers extending configs

@@ -173,7 +173,8 @@ def load_adapter(model: nn.Module, directory: str, *, is_trainable: bool = True)
 
 def fuse_peft_model(peft_model: nn.Module) -> InjectionReport:
     """Swaps each PEFT LoRA ``Linear`` (single active adapter, unmerged, no DoRA) for ``LoRALinear`` in
-    place, sharing its base weight and keeping its A, B and scale. Everything else is reported as a
+    place, sharing its base weight and keeping its A, B and scale (a GPT-2 Conv1D base weight is
+    transposed into a Linear once). Everything else is reported as a
     fallback with the reason; it keeps running as PEFT's layer. After the swap, save with
     ``save_adapter`` (PEFT's ``save_pretrained`` no longer finds its layers)."""
     from peft.tuners.lora import LoraLayer
