@@ -1,0 +1,225 @@
+"""Bucketed ring all-reduce on any torch.distributed process group.
+
+`ring_all_reduce(tensors, group)` sums (or averages) a list of tensors across the ranks of
+`group`. Tensors are packed into flat buckets of at most `bucket_bytes`, one dtype per bucket, and
+each bucket goes round the ring: reduce-scatter, then all-gather, with `isend`/`irecv` to the
+neighbours. That is the path for CPU tensors on gloo. CUDA tensors will go through the NCCL
+extension in csrc/comm; until it is built they are refused with that reason (no silent fallback).
+
+Why a ring of point-to-point messages on gloo: measured here (research/baselines.md §3, 64 MiB fp32)
+gloo's own all_reduce reaches 1.26 GB/s bus bandwidth at 2 ranks and 0.75 GB/s at 4, while a ring of
+plain isend/irecv moves 1.49 and 1.08 GB/s per link.
+
+The schedule (which chunk each rank sends and receives at each step) is the one in
+csrc/comm/ring_schedule.h, mirrored function for function below; tests/parallel/test_ring_schedule.py
+compares the two for world sizes 1..16.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+# --- the schedule: a line-for-line mirror of csrc/comm/ring_schedule.h -------------------------------
+
+
+def next_rank(rank: int, world: int) -> int:
+    return (rank + 1) % world
+
+
+def prev_rank(rank: int, world: int) -> int:
+    return (rank - 1) % world
+
+
+def ring_steps(world: int) -> int:
+    """Steps in each of reduce-scatter and all-gather."""
+    return world - 1
+
+
+def chunk_range(n: int, world: int, chunk: int) -> tuple[int, int]:
+    """(offset, count) of chunk `chunk` when n elements are cut into `world` near-equal chunks."""
+    base, extra = divmod(n, world)
+    return chunk * base + min(chunk, extra), base + (1 if chunk < extra else 0)
+
+
+def reduce_scatter_step(rank: int, world: int, step: int) -> tuple[int, int]:
+    """(send_chunk, recv_chunk) of `rank` at reduce-scatter step `step`; the received one is added."""
+    return (rank - step) % world, (rank - step - 1) % world
+
+
+def all_gather_step(rank: int, world: int, step: int) -> tuple[int, int]:
+    """(send_chunk, recv_chunk) of `rank` at all-gather step `step`; the received one is copied."""
+    return (rank + 1 - step) % world, (rank - step) % world
+
+
+def owned_chunk(rank: int, world: int) -> int:
+    """The chunk `rank` holds fully reduced after reduce-scatter."""
+    return (rank + 1) % world
+
+
+def elements_sent(n: int, rank: int, world: int) -> int:
+    """Elements `rank` sends in one all-reduce of n elements (2(world-1)/world·n, ±1 per step)."""
+    total = 0
+    for s in range(ring_steps(world)):
+        total += chunk_range(n, world, reduce_scatter_step(rank, world, s)[0])[1]
+        total += chunk_range(n, world, all_gather_step(rank, world, s)[0])[1]
+    return total
+
+
+# --- the gloo path -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class CommStats:
+    """What one `ring_all_reduce` call did on this rank."""
+
+    bytes_sent: int = 0
+    """Bytes this rank sent: 2(n-1)/n of the reduced bytes, up to chunk rounding."""
+    buckets: int = 0
+    """Flat buckets reduced (one ring each)."""
+    copied_bytes: int = 0
+    """Bytes packed into (and unpacked from) bucket buffers; zero when inputs were already flat views."""
+    seconds: float = 0.0
+    """Wall time of the call."""
+
+
+def _group_rank_world(group) -> tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _ring_flat(flat: torch.Tensor, group, rank: int, world: int, average: bool) -> int:
+    """All-reduce one contiguous 1-D tensor in place round the ring; returns the bytes sent."""
+    n = flat.numel()
+    if world == 1 or n == 0:
+        if average and world > 1:
+            flat.div_(world)
+        return 0
+    nxt, prv = next_rank(rank, world), prev_rank(rank, world)
+    size = flat.element_size()
+    # One receive buffer, as large as the largest chunk, reused for every reduce-scatter step.
+    scratch = torch.empty(chunk_range(n, world, 0)[1], dtype=flat.dtype, device=flat.device)
+    sent = 0
+
+    def exchange(send_chunk: int, recv_into: torch.Tensor) -> None:
+        nonlocal sent
+        off, cnt = chunk_range(n, world, send_chunk)
+        # irecv is posted first so the neighbour's send never waits for a matching receive.
+        works = [dist.irecv(recv_into, group=group, group_src=prv),
+                 dist.isend(flat[off:off + cnt], group=group, group_dst=nxt)]
+        for w in works:
+            w.wait()
+        sent += cnt * size
+
+    for s in range(ring_steps(world)):
+        send_c, recv_c = reduce_scatter_step(rank, world, s)
+        off, cnt = chunk_range(n, world, recv_c)
+        buf = scratch[:cnt]
+        exchange(send_c, buf)
+        flat[off:off + cnt].add_(buf)
+    if average:
+        off, cnt = chunk_range(n, world, owned_chunk(rank, world))
+        flat[off:off + cnt].div_(world)  # 1/world of the buffer divided once, before it is gathered
+    for s in range(ring_steps(world)):
+        send_c, recv_c = all_gather_step(rank, world, s)
+        off, cnt = chunk_range(n, world, recv_c)
+        exchange(send_c, flat[off:off + cnt])  # received straight into place: no copy
+    return sent
+
+
+def ring_all_reduce_flat(flat: torch.Tensor, group=None, *, op: Literal["sum", "avg"] = "sum",
+                         accumulate_dtype: torch.dtype | None = None) -> int:
+    """All-reduce one contiguous 1-D tensor in place; returns the bytes this rank sent.
+
+    accumulate_dtype: reduce in this dtype (e.g. torch.float32 for bf16/fp16 buffers): the buffer is
+    cast up, reduced and averaged there, and cast back once, so partial sums never round to 16 bits.
+    Twice the bytes go over the wire for 16-bit inputs.
+    """
+    if flat.dim() != 1 or not flat.is_contiguous():
+        raise ValueError("ring_all_reduce_flat: expects a contiguous 1-D tensor")
+    if flat.device.type != "cpu":
+        raise NotImplementedError(f"ring_all_reduce: {flat.device.type} tensors need the NCCL ring of "
+                                  f"llmkern._C_cuda, which is not built yet; only CPU tensors (gloo) are supported")
+    rank, world = _group_rank_world(group)
+    if accumulate_dtype is not None and accumulate_dtype != flat.dtype:
+        wide = flat.to(accumulate_dtype)
+        sent = _ring_flat(wide, group, rank, world, op == "avg")
+        flat.copy_(wide)
+        return sent
+    return _ring_flat(flat, group, rank, world, op == "avg")
+
+
+def _flat_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """A 1-D view over `tensors` when they already lie back to back in one storage, else None."""
+    first = tensors[0]
+    if not all(t.is_contiguous() for t in tensors):
+        return None
+    storage = first.untyped_storage()
+    pos = first.storage_offset()
+    for t in tensors:
+        if t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != pos:
+            return None
+        pos += t.numel()
+    total = pos - first.storage_offset()
+    return first.new_empty(0).set_(storage, first.storage_offset(), (total,))
+
+
+def plan_buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
+    """Indices of `tensors` grouped into buckets: one dtype per bucket, in the given order, each at most
+    `bucket_bytes` unless a single tensor is larger (it then gets a bucket of its own)."""
+    buckets: list[list[int]] = []
+    open_by_dtype: dict[torch.dtype, tuple[list[int], int]] = {}
+    for i, t in enumerate(tensors):
+        nbytes = t.numel() * t.element_size()
+        cur = open_by_dtype.get(t.dtype)
+        if cur is None or (cur[1] + nbytes > bucket_bytes and cur[0]):
+            cur = ([], 0)
+            buckets.append(cur[0])
+        cur[0].append(i)
+        open_by_dtype[t.dtype] = (cur[0], cur[1] + nbytes)
+    return buckets
+
+
+def check_same_device(tensors: Sequence[torch.Tensor], what: str = "ring_all_reduce") -> torch.device:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{what}: all tensors must be on one device to share buckets, got "
+                         f"{sorted(str(d) for d in devices)}")
+    return next(iter(devices))
+
+
+def ring_all_reduce(tensors: Sequence[torch.Tensor], group=None, *, bucket_bytes: int = 25 * 2**20,
+                    op: Literal["sum", "avg"] = "sum", accumulate_dtype: torch.dtype | None = None) -> CommStats:
+    """Sums (op="sum") or averages (op="avg") `tensors` in place across the ranks of `group`.
+
+    Tensors are packed into buckets of at most `bucket_bytes` (one dtype each). Tensors that already
+    lie back to back in one storage are reduced through a view, without copies; others are copied
+    into a flat buffer and back. Returns this rank's `CommStats` (bytes sent, buckets, copies, time).
+    """
+    t0 = time.perf_counter()
+    stats = CommStats()
+    tensors = list(tensors)
+    if not tensors:
+        return stats
+    if op not in ("sum", "avg"):
+        raise ValueError(f"ring_all_reduce: op must be 'sum' or 'avg', got {op!r}")
+    check_same_device(tensors)
+    for idx in plan_buckets(tensors, bucket_bytes):
+        members = [tensors[i] for i in idx]
+        flat = _flat_view(members)
+        if flat is None:
+            flat = torch.cat([t.reshape(-1) for t in members])
+            stats.copied_bytes += 2 * flat.numel() * flat.element_size()
+            stats.bytes_sent += ring_all_reduce_flat(flat, group, op=op, accumulate_dtype=accumulate_dtype)
+            pos = 0
+            for t in members:
+                t.copy_(flat[pos:pos + t.numel()].view_as(t))
+                pos += t.numel()
+        else:
+            stats.bytes_sent += ring_all_reduce_flat(flat, group, op=op, accumulate_dtype=accumulate_dtype)
+        stats.buckets += 1
+    stats.seconds = time.perf_counter() - t0
+    return stats
