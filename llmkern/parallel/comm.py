@@ -207,6 +207,8 @@ def ring_all_reduce(tensors: Sequence[torch.Tensor], group=None, *, bucket_bytes
     if op not in ("sum", "avg"):
         raise ValueError(f"ring_all_reduce: op must be 'sum' or 'avg', got {op!r}")
     check_same_device(tensors)
+    if op == "avg" and any(not (t.is_floating_point() or t.is_complex()) for t in tensors):
+        raise ValueError("ring_all_reduce: op='avg' needs floating-point tensors (integer averages would round)")
     for idx in plan_buckets(tensors, bucket_bytes):
         members = [tensors[i] for i in idx]
         flat = _flat_view(members)
