@@ -91,8 +91,21 @@ def _group_rank_world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _ring_flat(flat: torch.Tensor, group, rank: int, world: int, average: bool) -> int:
-    """All-reduce one contiguous 1-D tensor in place round the ring; returns the bytes sent."""
+# Pipelining segment: each chunk goes over the wire in pieces of this many bytes, so a piece is added
+# (reduce-scatter) or forwarded (all-gather) while the next ones are still in flight.
+SEGMENT_BYTES = 1 << 20
+
+
+def _ring_flat(flat: torch.Tensor, group, rank: int, world: int, average: bool,
+               segment_bytes: int | None = None) -> int:
+    """All-reduce one contiguous 1-D tensor in place round the ring; returns the bytes sent.
+
+    The 2(world-1) steps of the schedule run as one pipeline: the chunk a rank sends at step t+1 is
+    the one it received (and reduced) at step t, so each segment is sent on as soon as it is ready
+    instead of waiting for the whole chunk. Receives for step t+1 are posted before step t is
+    processed, into the other of two scratch buffers (reduce-scatter) or straight into place
+    (all-gather).
+    """
     n = flat.numel()
     if world == 1 or n == 0:
         if average and world > 1:
@@ -100,33 +113,57 @@ def _ring_flat(flat: torch.Tensor, group, rank: int, world: int, average: bool) 
         return 0
     nxt, prv = next_rank(rank, world), prev_rank(rank, world)
     size = flat.element_size()
-    # One receive buffer, as large as the largest chunk, reused for every reduce-scatter step.
-    scratch = torch.empty(chunk_range(n, world, 0)[1], dtype=flat.dtype, device=flat.device)
+    seg = max(1, (segment_bytes or SEGMENT_BYTES) // size)
+    rs_steps, total = ring_steps(world), 2 * ring_steps(world)
+    nseg = -(-chunk_range(n, world, 0)[1] // seg)
+    scratch = [torch.empty(chunk_range(n, world, 0)[1], dtype=flat.dtype, device=flat.device) for _ in range(2)]
+    pending_sends: dict[int, list] = {}  # chunk -> its isend works (its memory is busy until they finish)
     sent = 0
 
-    def exchange(send_chunk: int, recv_into: torch.Tensor) -> None:
+    def step_chunks(t: int) -> tuple[int, int]:
+        return reduce_scatter_step(rank, world, t) if t < rs_steps else all_gather_step(rank, world, t - rs_steps)
+
+    def segments(chunk: int):
+        off, cnt = chunk_range(n, world, chunk)
+        return [(off + j, min(seg, cnt - j)) for j in range(0, cnt, seg)]
+
+    def send(t: int, chunk: int, j: int, off: int, cnt: int) -> None:
         nonlocal sent
-        off, cnt = chunk_range(n, world, send_chunk)
-        # irecv is posted first so the neighbour's send never waits for a matching receive.
-        works = [dist.irecv(recv_into, group=group, group_src=prv),
-                 dist.isend(flat[off:off + cnt], group=group, group_dst=nxt)]
-        for w in works:
-            w.wait()
+        w = dist.isend(flat[off:off + cnt], group=group, group_dst=nxt, tag=t * nseg + j)
+        pending_sends.setdefault(chunk, []).append(w)
         sent += cnt * size
 
-    for s in range(ring_steps(world)):
-        send_c, recv_c = reduce_scatter_step(rank, world, s)
-        off, cnt = chunk_range(n, world, recv_c)
-        buf = scratch[:cnt]
-        exchange(send_c, buf)
-        flat[off:off + cnt].add_(buf)
-    if average:
-        off, cnt = chunk_range(n, world, owned_chunk(rank, world))
-        flat[off:off + cnt].div_(world)  # 1/world of the buffer divided once, before it is gathered
-    for s in range(ring_steps(world)):
-        send_c, recv_c = all_gather_step(rank, world, s)
-        off, cnt = chunk_range(n, world, recv_c)
-        exchange(send_c, flat[off:off + cnt])  # received straight into place: no copy
+    def post_recvs(t: int) -> list:
+        chunk = step_chunks(t)[1]
+        if t >= rs_steps:  # received in place: the chunk's earlier sends must be finished
+            for w in pending_sends.pop(chunk, []):
+                w.wait()
+        base = chunk_range(n, world, chunk)[0]
+        works = []
+        for j, (off, cnt) in enumerate(segments(chunk)):
+            into = scratch[t % 2][off - base:off - base + cnt] if t < rs_steps else flat[off:off + cnt]
+            works.append((dist.irecv(into, group=group, group_src=prv, tag=t * nseg + j), off, cnt, into))
+        return works
+
+    recvs = post_recvs(0)
+    first = step_chunks(0)[0]
+    for j, (off, cnt) in enumerate(segments(first)):
+        send(0, first, j, off, cnt)
+    for t in range(total):
+        following = post_recvs(t + 1) if t + 1 < total else []
+        chunk = step_chunks(t)[1]
+        for j, (w, off, cnt, into) in enumerate(recvs):
+            w.wait()
+            if t < rs_steps:
+                flat[off:off + cnt].add_(into)
+                if average and t == rs_steps - 1:  # the owned chunk, divided once before it is gathered
+                    flat[off:off + cnt].div_(world)
+            if t + 1 < total:
+                send(t + 1, chunk, j, off, cnt)
+        recvs = following
+    for works in pending_sends.values():
+        for w in works:
+            w.wait()
     return sent
 
 

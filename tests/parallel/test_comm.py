@@ -27,7 +27,9 @@ def _inputs(rank: int) -> list[torch.Tensor]:
     return out
 
 
-def _compare(rank, world, bucket_bytes, op):
+def _compare(rank, world, bucket_bytes, op, segment_bytes=None):
+    if segment_bytes:  # tiny pipeline segments: many per chunk, partial last ones
+        comm.SEGMENT_BYTES = segment_bytes
     mine = [t for t in _inputs(rank) if op == "sum" or t.is_floating_point()]
     ref = [t.clone() for t in mine]
     stats = comm.ring_all_reduce(mine, bucket_bytes=bucket_bytes, op=op)
@@ -47,10 +49,10 @@ def _compare(rank, world, bucket_bytes, op):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("bucket_bytes", [64, 1000, 25 * 2**20])
-def test_ring_matches_all_reduce(world, bucket_bytes):
+@pytest.mark.parametrize("bucket_bytes,segment_bytes", [(64, None), (1000, 24), (25 * 2**20, None), (25 * 2**20, 40)])
+def test_ring_matches_all_reduce(world, bucket_bytes, segment_bytes):
     for op in ("sum", "avg"):
-        results = run_distributed(_compare, world, (bucket_bytes, op), timeout=60)
+        results = run_distributed(_compare, world, (bucket_bytes, op, segment_bytes), timeout=60)
         for errs, _, _, _ in results:
             assert all(errs), errs
         sent = [r[1] for r in results]
