@@ -38,7 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes-mib", default="1,16,64")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--segment-kib", type=int, default=comm.SEGMENT_BYTES // 1024, help="ring pipeline segment")
+    ap.add_argument("--segment-kib", type=int, default=comm.SEGMENT_BYTES // 1024,
+                    help="ring pipeline segment")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -71,7 +72,8 @@ def main() -> None:
         ratio = statistics.median(ar_t) / statistics.median(ring_t)
         rows[-2]["busbw_ratio_vs_all_reduce"] = rows[-1]["busbw_ratio_vs_all_reduce"] = ratio
     if rank == 0:
-        print(f"{'op':<16} {'world':>5} {'MiB':>4} {'ms':>8} {'busbw GB/s':>10} {'ring/all_reduce busbw':>22}")
+        print(f"{'op':<16} {'world':>5} {'MiB':>4} {'ms':>8} {'busbw GB/s':>10} "
+              f"{'ring/all_reduce busbw':>22}")
         for r in rows:
             print(f"{r['op']:<16} {r['world']:>5} {r['mib']:>4} {r['ms']:8.2f} {r['busbw_gbs']:10.3f} "
                   f"{r['busbw_ratio_vs_all_reduce']:22.2f}")

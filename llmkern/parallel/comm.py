@@ -116,12 +116,15 @@ def _ring_flat(flat: torch.Tensor, group, rank: int, world: int, average: bool,
     seg = max(1, (segment_bytes or SEGMENT_BYTES) // size)
     rs_steps, total = ring_steps(world), 2 * ring_steps(world)
     nseg = -(-chunk_range(n, world, 0)[1] // seg)
-    scratch = [torch.empty(chunk_range(n, world, 0)[1], dtype=flat.dtype, device=flat.device) for _ in range(2)]
+    largest = chunk_range(n, world, 0)[1]
+    scratch = [torch.empty(largest, dtype=flat.dtype, device=flat.device) for _ in range(2)]
     pending_sends: dict[int, list] = {}  # chunk -> its isend works (its memory is busy until they finish)
     sent = 0
 
     def step_chunks(t: int) -> tuple[int, int]:
-        return reduce_scatter_step(rank, world, t) if t < rs_steps else all_gather_step(rank, world, t - rs_steps)
+        if t < rs_steps:
+            return reduce_scatter_step(rank, world, t)
+        return all_gather_step(rank, world, t - rs_steps)
 
     def segments(chunk: int):
         off, cnt = chunk_range(n, world, chunk)
@@ -179,7 +182,8 @@ def ring_all_reduce_flat(flat: torch.Tensor, group=None, *, op: Literal["sum", "
         raise ValueError("ring_all_reduce_flat: expects a contiguous 1-D tensor")
     if flat.device.type != "cpu":
         raise NotImplementedError(f"ring_all_reduce: {flat.device.type} tensors need the NCCL ring of "
-                                  f"llmkern._C_cuda, which is not built yet; only CPU tensors (gloo) are supported")
+                                  f"llmkern._C_cuda, which is not built yet; only CPU tensors (gloo) are "
+                                  f"supported")
     rank, world = _group_rank_world(group)
     if accumulate_dtype is not None and accumulate_dtype != flat.dtype:
         wide = flat.to(accumulate_dtype)
@@ -229,7 +233,8 @@ def check_same_device(tensors: Sequence[torch.Tensor], what: str = "ring_all_red
 
 
 def ring_all_reduce(tensors: Sequence[torch.Tensor], group=None, *, bucket_bytes: int = 25 * 2**20,
-                    op: Literal["sum", "avg"] = "sum", accumulate_dtype: torch.dtype | None = None) -> CommStats:
+                    op: Literal["sum", "avg"] = "sum",
+                    accumulate_dtype: torch.dtype | None = None) -> CommStats:
     """Sums (op="sum") or averages (op="avg") `tensors` in place across the ranks of `group`.
 
     Tensors are packed into buckets of at most `bucket_bytes` (one dtype each). Tensors that already
@@ -245,7 +250,8 @@ def ring_all_reduce(tensors: Sequence[torch.Tensor], group=None, *, bucket_bytes
         raise ValueError(f"ring_all_reduce: op must be 'sum' or 'avg', got {op!r}")
     check_same_device(tensors)
     if op == "avg" and any(not (t.is_floating_point() or t.is_complex()) for t in tensors):
-        raise ValueError("ring_all_reduce: op='avg' needs floating-point tensors (integer averages would round)")
+        raise ValueError("ring_all_reduce: op='avg' needs floating-point tensors "
+                         "(integer averages would round)")
     for idx in plan_buckets(tensors, bucket_bytes):
         members = [tensors[i] for i in idx]
         flat = _flat_view(members)

@@ -151,8 +151,9 @@ class DistributedDataParallel(nn.Module):
             if theirs != everyone[0]:
                 raise ValueError(
                     f"DistributedDataParallel: model replicas differ: rank {r} has {theirs[0]} trainable "
-                    f"parameters ({theirs[1]} elements), rank 0 has {everyone[0][0]} ({everyone[0][1]} elements)"
-                    + ("" if theirs[0] != everyone[0][0] or theirs[1] != everyone[0][1] else "; their shapes differ"))
+                    f"parameters ({theirs[1]} elements), rank 0 has {everyone[0][0]} "
+                    f"({everyone[0][1]} elements)"
+                    + ("" if theirs[:2] != everyone[0][:2] else "; their shapes differ"))
 
     @torch.no_grad()
     def _broadcast_state(self) -> None:
@@ -190,7 +191,8 @@ class DistributedDataParallel(nn.Module):
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
         if k in b.ready:
-            raise RuntimeError(f"DistributedDataParallel: parameter {self._names[p]} received a gradient twice "
+            raise RuntimeError(f"DistributedDataParallel: parameter {self._names[p]} received a gradient "
+                               f"twice "
                                f"in one backward (reentrant checkpointing is not supported)")
         b.ready.add(k)
         self._launch_ready()
@@ -240,9 +242,10 @@ class DistributedDataParallel(nn.Module):
             if self.config.unused_parameters == "error":
                 self._drain(self._next_launch)
                 self._reset()
-                raise RuntimeError(f"DistributedDataParallel: {len(names)} trainable parameter(s) got no gradient "
-                                   f"in this backward: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}. "
-                                   f"Freeze them (requires_grad=False) or use DDPConfig(unused_parameters='zero').")
+                more = " ..." if len(names) > 10 else ""
+                raise RuntimeError(f"DistributedDataParallel: {len(names)} trainable parameter(s) got no "
+                                   f"gradient in this backward: {', '.join(names[:10])}{more}. Freeze them "
+                                   f"(requires_grad=False) or use DDPConfig(unused_parameters='zero').")
             for b, k in unused:
                 p, view = b.params[k], b.views[k]
                 if p.grad is None or p.grad.data_ptr() != view.data_ptr():
@@ -269,8 +272,8 @@ class DistributedDataParallel(nn.Module):
             if b.error is not None:
                 err = b.error
                 self._reset()
-                raise RuntimeError(f"DistributedDataParallel: all-reduce of gradient bucket {b.index} failed on rank "
-                                   f"{self.rank} of {self.world} (a peer rank died or timed out?): "
+                raise RuntimeError(f"DistributedDataParallel: all-reduce of gradient bucket {b.index} failed "
+                                   f"on rank {self.rank} of {self.world} (a peer rank died or timed out?): "
                                    f"{type(err).__name__}: {err}") from err
 
     def _reset(self) -> None:

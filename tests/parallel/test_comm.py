@@ -42,14 +42,16 @@ def _compare(rank, world, bucket_bytes, op, segment_bytes=None):
         t.copy_(wide.to(t.dtype) if t.dtype.is_floating_point else wide.round().to(t.dtype))
     errs = []
     for a, b in zip(mine, ref):
-        tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3}.get(a.dtype, 1e-6 if a.dtype.is_floating_point else 0)
+        tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3}.get(a.dtype,
+                                                              1e-6 if a.dtype.is_floating_point else 0)
         errs.append(bool(torch.allclose(a.double(), b.double(), rtol=tol, atol=tol * world)))
     n = sum(t.numel() * t.element_size() for t in mine)
     return errs, stats.bytes_sent, stats.buckets, n
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("bucket_bytes,segment_bytes", [(64, None), (1000, 24), (25 * 2**20, None), (25 * 2**20, 40)])
+@pytest.mark.parametrize("bucket_bytes,segment_bytes",
+                         [(64, None), (1000, 24), (25 * 2**20, None), (25 * 2**20, 40)])
 def test_ring_matches_all_reduce(world, bucket_bytes, segment_bytes):
     for op in ("sum", "avg"):
         results = run_distributed(_compare, world, (bucket_bytes, op, segment_bytes), timeout=60)

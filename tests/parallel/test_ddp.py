@@ -66,7 +66,8 @@ def _train_llama(rank, world, accumulate, bucket_cap_mb, comm_kind):
         opt.step()
         opt.zero_grad()  # set_to_none=True: the next backward moves grads back into the buckets
     out = {"step_bytes": step_bytes, "grad_bytes": grad_bytes, "views_ok": views_ok,
-           "buckets": len(ddp._buckets), "overlap": ddp.stats.overlap_fraction, "comm_s": ddp.stats.comm_seconds}
+           "buckets": len(ddp._buckets), "overlap": ddp.stats.overlap_fraction,
+           "comm_s": ddp.stats.comm_seconds}
     if rank == 0:
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
         for step in range(STEPS):
@@ -74,7 +75,8 @@ def _train_llama(rank, world, accumulate, bucket_cap_mb, comm_kind):
             ref(input_ids=ids, labels=ids).loss.backward()
             ref_opt.step()
             ref_opt.zero_grad()
-        out["max_diff"] = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
+        pairs = zip(model.parameters(), ref.parameters())
+        out["max_diff"] = max((a - b).abs().max().item() for a, b in pairs)
         out["max_ref"] = max(b.abs().max().item() for b in ref.parameters())
     ddp.close()
     return out
@@ -252,8 +254,8 @@ def test_dead_rank_fails_the_others_quickly():
     try:
         for rank in range(world):
             recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker, args=(_Job(_dies, (), rank, world, store.port, "gloo", pg_timeout, env), send),
-                            daemon=True)
+            job = _Job(_dies, (), rank, world, store.port, "gloo", pg_timeout, env)
+            p = ctx.Process(target=_worker, args=(job, send), daemon=True)
             p.start()
             send.close()
             procs.append(p)

@@ -24,7 +24,8 @@ FLAGS = ["-std=c++20", "-O1", "-Wall", "-Werror"]
 def program() -> Path:
     if shutil.which("g++") is None:
         pytest.skip("g++ not found")
-    key = hashlib.sha256(HEADER.read_bytes() + SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(HEADER.read_bytes() + SOURCE.read_bytes() + " ".join(FLAGS).encode())
+    key = key.hexdigest()[:16]
     exe = Path(tempfile.gettempdir()) / "llmkern-comm-tests" / f"ring_schedule_test-{key}"
     if not exe.exists():
         exe.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,8 @@ def _python_dump(n: int) -> str:
 
 @pytest.mark.parametrize("n", [0, 1, 5, 16, 97, 1025, 4097])
 def test_python_mirrors_cpp(program, n):
-    out = subprocess.run([str(program), "dump", str(n)], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run([str(program), "dump", str(n)], capture_output=True, text=True, timeout=60,
+                         check=True)
     assert out.stdout == _python_dump(n)
 
 
@@ -80,6 +82,7 @@ def test_python_ring_simulation(world):
                     got = wire[comm.prev_rank(r, world)]
                     assert len(got) == cnt
                     for i in range(cnt):
-                        bufs[r][off + i] = bufs[r][off + i] + got[i] if phase is comm.reduce_scatter_step else got[i]
+                        reduce = phase is comm.reduce_scatter_step
+                        bufs[r][off + i] = bufs[r][off + i] + got[i] if reduce else got[i]
         assert all(b == want for b in bufs)
         assert sum(comm.elements_sent(n, r, world) for r in range(world)) == 2 * (world - 1) * n

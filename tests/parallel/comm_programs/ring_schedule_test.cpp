@@ -36,7 +36,8 @@ static void check_chunks(int64_t n, int world) {
     hi = r.count > hi ? r.count : hi;
   }
   EXPECT(next == n, "n=%lld world=%d chunks cover %lld elements", (long long)n, world, (long long)next);
-  EXPECT(hi - lo <= 1, "n=%lld world=%d chunk sizes differ by %lld", (long long)n, world, (long long)(hi - lo));
+  EXPECT(hi - lo <= 1, "n=%lld world=%d chunk sizes differ by %lld", (long long)n, world,
+         (long long)(hi - lo));
 }
 
 // Runs reduce-scatter and all-gather step by step on `world` simulated ranks holding distinct
@@ -62,7 +63,8 @@ static void simulate(int64_t n, int world) {
       for (int r = 0; r < world; ++r) {
         RingStep st = phase == 0 ? reduce_scatter_step(r, world, s) : all_gather_step(r, world, s);
         int from = prev_rank(r, world);
-        EXPECT(sent_chunk[from] == st.recv_chunk, "world=%d phase=%d step=%d: rank %d expects chunk %d, rank %d sent %d",
+        EXPECT(sent_chunk[from] == st.recv_chunk,
+               "world=%d phase=%d step=%d: rank %d expects chunk %d, rank %d sent %d",
                world, phase, s, r, st.recv_chunk, from, sent_chunk[from]);
         ChunkRange c = chunk_range(n, world, st.recv_chunk);
         for (int64_t i = 0; i < c.count; ++i) {
@@ -75,14 +77,16 @@ static void simulate(int64_t n, int world) {
       for (int r = 0; r < world; ++r) {
         ChunkRange c = chunk_range(n, world, owned_chunk(r, world));
         for (int64_t i = c.offset; i < c.offset + c.count; ++i)
-          EXPECT(buf[r][i] == want[i], "n=%lld world=%d rank %d owned chunk wrong at %lld", (long long)n, world, r,
+          EXPECT(buf[r][i] == want[i], "n=%lld world=%d rank %d owned chunk wrong at %lld", (long long)n,
+                 world, r,
                  (long long)i);
       }
     }
   }
   for (int r = 0; r < world; ++r)
     for (int64_t i = 0; i < n; ++i)
-      EXPECT(buf[r][i] == want[i], "n=%lld world=%d rank %d element %lld: %lld != %lld", (long long)n, world, r,
+      EXPECT(buf[r][i] == want[i], "n=%lld world=%d rank %d element %lld: %lld != %lld", (long long)n,
+             world, r,
              (long long)i, (long long)buf[r][i], (long long)want[i]);
   int64_t total = 0;
   for (int r = 0; r < world; ++r) {
@@ -92,7 +96,8 @@ static void simulate(int64_t n, int world) {
     EXPECT(e * world >= 2 * (world - 1) * (n - world) && e * world <= 2 * (world - 1) * (n + world),
            "n=%lld world=%d rank %d sends %lld elements", (long long)n, world, r, (long long)e);
   }
-  EXPECT(total == 2LL * (world - 1) * n, "n=%lld world=%d ranks send %lld in total, expected %lld", (long long)n,
+  EXPECT(total == 2LL * (world - 1) * n, "n=%lld world=%d ranks send %lld in total, expected %lld",
+         (long long)n,
          world, (long long)total, 2LL * (world - 1) * n);
 }
 
