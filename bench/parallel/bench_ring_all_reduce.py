@@ -5,7 +5,8 @@
 
 Method (research/baselines.md §3): 1 thread per rank, GLOO_SOCKET_IFNAME=lo; the two ops alternate
 rep by rep so both see the same machine load; the time of a rep is the maximum over ranks; the
-result is the median over reps. busbw = 2(n-1)/n × bytes / time (nccl-tests). Every result is
+result is the median over reps. A plain ring of isend/irecv of the whole buffer ("sendrecv ring",
+busbw = algbw) is timed beside them: the wire speed the ring all-reduce is built on. busbw = 2(n-1)/n × bytes / time (nccl-tests). Every result is
 checked against dist.all_reduce before it is timed. Rank 0 prints ratios and writes
 bench/parallel/results/ring_all_reduce_w<n>.{csv,json}.
 """
@@ -56,14 +57,22 @@ def main() -> None:
         comm.ring_all_reduce([a])
         dist.all_reduce(b)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        ring_t, ar_t = [], []
-        buf = x.clone()
+        ring_t, ar_t, sr_t = [], [], []
+        buf, recv = x.clone(), torch.empty_like(x)
+
+        def sendrecv():  # the wire alone: each rank sends the whole buffer to its right neighbour
+            ws = [dist.irecv(recv, (rank - 1) % world), dist.isend(buf, (rank + 1) % world)]
+            for w in ws:
+                w.wait()
+
         for rep in range(args.reps + 1):  # rep 0 is warm-up
             r = _timed(lambda: comm.ring_all_reduce_flat(buf))
             g = _timed(lambda: dist.all_reduce(buf))
+            s = _timed(sendrecv)
             if rep:
                 ring_t.append(r)
                 ar_t.append(g)
+                sr_t.append(s)
         factor = 2 * (world - 1) / world * n * 4
         for name, ts in (("ring_all_reduce", ring_t), ("dist.all_reduce", ar_t)):
             med = statistics.median(ts)
@@ -71,6 +80,10 @@ def main() -> None:
                          "ms_max": max(ts) * 1e3, "busbw_gbs": factor / med / 1e9})
         ratio = statistics.median(ar_t) / statistics.median(ring_t)
         rows[-2]["busbw_ratio_vs_all_reduce"] = rows[-1]["busbw_ratio_vs_all_reduce"] = ratio
+        med = statistics.median(sr_t)  # busbw = algbw for a ring of sends (nccl-tests sendrecv)
+        rows.append({"op": "sendrecv ring", "world": world, "mib": mib, "ms": med * 1e3, "ms_min": min(sr_t) * 1e3,
+                     "ms_max": max(sr_t) * 1e3, "busbw_gbs": n * 4 / med / 1e9,
+                     "busbw_ratio_vs_all_reduce": statistics.median(ar_t) / med * (n * 4) / factor})
     if rank == 0:
         print(f"{'op':<16} {'world':>5} {'MiB':>4} {'ms':>8} {'busbw GB/s':>10} "
               f"{'ring/all_reduce busbw':>22}")
