@@ -1,0 +1,104 @@
+"""fused_adamw_: one multi-tensor AdamW (or Adam) step, in place, with the loss-scale unscale, the
+gradient clip, the overflow skip and the 16-bit model-copy write fused into the same pass.
+
+    fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, model_copies, step, found_inf, grad_coef,
+                 lr=, beta1=, beta2=, eps=, weight_decay=, decoupled_weight_decay=True, backend=None)
+
+Lists hold one tensor per parameter (any shapes; tensor j of every list has the shape and strides of
+params[j]). `step`, `found_inf` and `grad_coef` are float32 one-element tensors on the parameters'
+device, so a GPU step never waits for the host:
+  step       the 1-based number t of this update (the caller counts it only for clean steps)
+  found_inf  nonzero: the gradients overflowed and nothing is changed
+  grad_coef  every gradient is multiplied by it; = clip_coef / loss_scale
+Schema and per-dtype rules: csrc/ops/fused_adamw.cpp. Element math: csrc/include/llmkern/optim_math.h.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from llmkern import _ext
+from llmkern.ops._backends import Backend, choose
+
+Tensors = Sequence[torch.Tensor]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED: tuple[Backend, ...] = ("cpu", "cuda", "triton", "emu", "ref")
+
+if _ext.available("_C"):
+
+    @torch.library.register_fake("llmkern::fused_adamw_")
+    def _fake(params, grads, exp_avgs, exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr, beta1,
+              beta2, eps, weight_decay, decoupled_weight_decay):
+        return None
+
+
+def check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """Raise ValueError naming the first bad hyper-parameter."""
+    if not (isinstance(lr, (int, float)) and 0.0 <= lr < math.inf):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {b!r}")
+    if not 0.0 < eps < math.inf:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if not 0.0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+
+def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                 model_copies: Tensors, step: torch.Tensor, found_inf: torch.Tensor,
+                 grad_coef: torch.Tensor, *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = True,
+                 backend: Backend | None = None) -> None:
+    check_hyperparameters(lr, beta1, beta2, eps, weight_decay)
+    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(model_copies), step,
+            found_inf, grad_coef, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            bool(decoupled_weight_decay))
+    probe = [step] + [lst[0] for lst in args[:5] if lst]
+    b = choose("fused_adamw_", probe, DTYPES, backend, SUPPORTED)
+    if b == "cpu" or b == "cuda":
+        torch.ops.llmkern.fused_adamw_(*args)
+    elif b == "emu":
+        torch.ops.llmkern_emu.fused_adamw_(*args)
+    elif b == "triton":
+        from llmkern.triton_kernels.fused_adamw import fused_adamw_triton_
+        fused_adamw_triton_(*args)
+    else:
+        fused_adamw_ref(*args)
+
+
+def fused_adam_(*args, **kwargs) -> None:
+    """Adam with L2 weight decay (g += wd * p before the moments): fused_adamw_ with
+    decoupled_weight_decay=False."""
+    fused_adamw_(*args, decoupled_weight_decay=False, **kwargs)
+
+
+@torch.no_grad()
+def fused_adamw_ref(params, grads, exp_avgs, exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr,
+                    beta1, beta2, eps, weight_decay, decoupled_weight_decay=True) -> None:
+    """Pure-PyTorch twin of fused_adamw_ on any device. It computes in fp32, or in fp64 when given fp64
+    tensors (the test oracle). It reads found_inf and step on the host, so on a GPU it synchronises."""
+    if float(found_inf) != 0.0:
+        return
+    t = float(step)
+    bc1 = 1.0 - beta1 ** t
+    bc2 = 1.0 - beta2 ** t
+    coef = grad_coef.item()
+    for j, p in enumerate(params):
+        ct = torch.promote_types(p.dtype, torch.float32)
+        pf, m, v = p.to(ct), exp_avgs[j].to(ct), exp_avg_sqs[j].to(ct)
+        g = grads[j].to(ct) * coef
+        if decoupled_weight_decay:
+            pf = pf * (1.0 - lr * weight_decay)
+        else:
+            g = g + weight_decay * pf
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        pf = pf - (lr / bc1) * m / (v.sqrt() / math.sqrt(bc2) + eps)
+        p.copy_(pf)
+        exp_avgs[j].copy_(m)
+        exp_avg_sqs[j].copy_(v)
+        if model_copies:
+            model_copies[j].copy_(pf)
