@@ -26,12 +26,16 @@ Tensors = Sequence[torch.Tensor]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SUPPORTED: tuple[Backend, ...] = ("cpu", "cuda", "triton", "emu", "ref")
 
-if _ext.available("_C"):
-
-    @torch.library.register_fake("llmkern::fused_adamw_")
-    def _fake(params, grads, exp_avgs, exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr, beta1,
+def _fake(params, grads, exp_avgs, exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr, beta1,
               beta2, eps, weight_decay, decoupled_weight_decay):
-        return None
+    return None  # in place on its inputs, nothing new is allocated
+
+
+# The same schema is defined by _C (namespace llmkern, CPU and CUDA kernels) and by _C_emu
+# (namespace llmkern_emu: the CUDA kernel compiled for the CPU).
+for _ns, _name in (("llmkern", "_C"), ("llmkern_emu", "_C_emu")):
+    if _ext.available(_name):
+        torch.library.register_fake(f"{_ns}::fused_adamw_")(_fake)
 
 
 def check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
@@ -47,6 +51,20 @@ def check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, wei
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
 
+def check_devices(op: str, lists, scalars) -> None:
+    """Every tensor of one call on one device; the message names the first one that is not."""
+    device = scalars[0].device
+    names = ("step", "found_inf", "grad_coef")
+    for name, t in zip(names, scalars):
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but step is on {device}")
+    for k, lst in enumerate(lists):
+        for j, t in enumerate(lst):
+            if t.device != device:
+                raise ValueError(f"{op}: tensor {j} of list {k} is on {t.device} but step is on {device}; "
+                                 f"one call takes tensors on one device")
+
+
 def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
                  model_copies: Tensors, step: torch.Tensor, found_inf: torch.Tensor,
                  grad_coef: torch.Tensor, *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
@@ -56,6 +74,7 @@ def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs
     args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(model_copies), step,
             found_inf, grad_coef, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             bool(decoupled_weight_decay))
+    check_devices("fused_adamw_", args[:5], (step, found_inf, grad_coef))
     probe = [step] + [lst[0] for lst in args[:5] if lst]
     b = choose("fused_adamw_", probe, DTYPES, backend, SUPPORTED)
     if b == "cpu" or b == "cuda":

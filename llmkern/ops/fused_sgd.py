@@ -16,16 +16,20 @@ import torch
 
 from llmkern import _ext
 from llmkern.ops._backends import Backend, choose
-from llmkern.ops.fused_adamw import DTYPES, Tensors
+from llmkern.ops.fused_adamw import DTYPES, Tensors, check_devices
 
 SUPPORTED: tuple[Backend, ...] = ("cpu", "ref")
 
-if _ext.available("_C"):
-
-    @torch.library.register_fake("llmkern::fused_sgd_")
-    def _fake(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, lr, momentum,
+def _fake(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, lr, momentum,
               dampening, weight_decay, nesterov):
-        return None
+    return None  # in place on its inputs, nothing new is allocated
+
+
+# The same schema is defined by _C (namespace llmkern, CPU and CUDA kernels) and by _C_emu
+# (namespace llmkern_emu: the CUDA kernel compiled for the CPU).
+for _ns, _name in (("llmkern", "_C"), ("llmkern_emu", "_C_emu")):
+    if _ext.available(_name):
+        torch.library.register_fake(f"{_ns}::fused_sgd_")(_fake)
 
 
 def check_hyperparameters(lr: float, momentum: float, dampening: float, weight_decay: float,
@@ -49,6 +53,7 @@ def fused_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, model
     check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
     args = (list(params), list(grads), list(momentum_buffers), list(model_copies), step, found_inf,
             grad_coef, float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov))
+    check_devices("fused_sgd_", args[:4], (step, found_inf, grad_coef))
     probe = [step] + [lst[0] for lst in args[:4] if lst]
     b = choose("fused_sgd_", probe, DTYPES, backend, SUPPORTED)
     if b == "cpu":
