@@ -23,7 +23,10 @@ from llmkern import _ext
 from llmkern.ops._backends import Backend, choose
 
 Tensors = Sequence[torch.Tensor]
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+# fp64 only for the reference, which is also the fp64 test oracle.
+DTYPES = {"cpu": _HALF_AND_FLOAT, "cuda": _HALF_AND_FLOAT, "emu": _HALF_AND_FLOAT, "triton": _HALF_AND_FLOAT,
+          "ref": _HALF_AND_FLOAT + (torch.float64,)}
 SUPPORTED: tuple[Backend, ...] = ("cpu", "cuda", "triton", "emu", "ref")
 
 def _fake(params, grads, exp_avgs, exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr, beta1,
