@@ -143,8 +143,9 @@ class DynamicLossScaler:
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=self.process_group)
         return found_inf
 
-    def step(self, optimizer) -> torch.Tensor:
+    def step(self, optimizer, lr_scheduler=None) -> torch.Tensor:
         """Run optimizer.step unless the gradients overflowed; returns found_inf as a bool tensor.
+        lr_scheduler, when given, is stepped only after a step that was not skipped.
 
         llmkern's fused optimizers unscale, check and skip inside their kernel (no host sync). Any
         other torch optimizer gets GradScaler's path: an in-place unscale of every gradient, then a
@@ -152,7 +153,7 @@ class DynamicLossScaler:
         from llmkern.optim.mixed_precision import MixedPrecisionOptimizer
 
         if isinstance(optimizer, MixedPrecisionOptimizer):
-            return optimizer.step(loss_scaler=self)
+            return optimizer.step(loss_scaler=self, lr_scheduler=lr_scheduler)
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         dev = grads[0].device if grads else self._device
         self._to(dev)
@@ -162,6 +163,8 @@ class DynamicLossScaler:
         self.record_found_inf(self.reduce_found_inf(found_inf))
         if found_inf.item() == 0:
             optimizer.step()
+            if lr_scheduler is not None:
+                lr_scheduler.step()
         return found_inf.bool()
 
     def record_found_inf(self, found_inf: torch.Tensor) -> None:

@@ -81,9 +81,14 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         return self.state[p]["master_param"] if self._has_master(p) and "master_param" in self.state[p] else p
 
     def state_dict(self):
+        """torch.optim.AdamW's layout: each parameter gets its own CPU float32 "step" tensor (ours
+        are one shared device tensor per group; torch's for-loop AdamW would count a shared one
+        once per parameter)."""
         sd = super().state_dict()
         for g in sd["param_groups"]:
             g.pop("_step", None)
+        sd["state"] = {pid: {k: (v.detach().to("cpu", copy=True) if k == "step" else v) for k, v in st.items()}
+                       for pid, st in sd["state"].items()}
         return sd
 
     def load_state_dict(self, state_dict) -> None:
@@ -135,10 +140,13 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
 
     # ---- step --------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure=None, *, loss_scaler=None) -> torch.Tensor:
+    def step(self, closure=None, *, loss_scaler=None, lr_scheduler=None) -> torch.Tensor:
         """One fused step. Returns whether it was skipped as a bool tensor (reading it with bool()
         synchronises a GPU). Without a loss scaler or a pending clip, gradients are not checked
-        for inf/nan, as in torch.optim, and the step costs no extra pass over them."""
+        for inf/nan, as in torch.optim, and the step costs no extra pass over them.
+
+        lr_scheduler: stepped only when this step was not skipped, so overflow steps do not advance
+        the schedule (this reads the 4-byte flag on the host: one sync per step on a GPU)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -171,6 +179,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         if loss_scaler is not None:
             loss_scaler.record_found_inf(found_inf)
         skipped = found_inf.bool().reshape(())
+        if lr_scheduler is not None and not bool(skipped):
+            lr_scheduler.step()
         self._last_loss = loss
         return skipped
 

@@ -55,6 +55,10 @@ def clone(case, dtype=None):
     return [[t.clone() if dtype is None else t.to(dtype) for t in lst] for lst in case]
 
 
+def flat(lst):
+    return torch.cat([t.reshape(-1).double() for t in lst]).to(lst[0].dtype) if lst else torch.zeros(0)
+
+
 def run(backend, case, steps=3, coef=0.5, decoupled=True):
     for t in range(1, steps + 1):
         F.fused_adamw_(*case, *scalars(float(t), 0.0, coef), **HP, decoupled_weight_decay=decoupled,
@@ -95,7 +99,9 @@ def test_matches_fp64_reference(backend, combo, decoupled, request):
     for k, name in enumerate(["params", "grads", "exp_avgs", "exp_avg_sqs", "model_copies"]):
         for a, r, b in zip(out[k], ref[k], base[k]):
             assert a.dtype == b.dtype and a.stride() == b.stride()
-        assert_close_to_ref(out[k], ref[k], base[k], name=f"{backend} {name}")
+        # One multi-tensor op, one output per list: the error rule is applied over all its elements
+        # (a 1-element tensor alone would make "2x PyTorch's max error" a coin toss).
+        assert_close_to_ref(flat(out[k]), flat(ref[k]), flat(base[k]), name=f"{backend} {name}")
 
 
 def test_fp32_matches_torch_fused_adamw_elementwise():
@@ -126,7 +132,7 @@ def test_overflow_step_changes_nothing(backend, combo):
     F.fused_adamw_(*case, *scalars(5.0, found_inf=1.0), **HP, backend=backend)
     for lb, la in zip(before, case):
         for b, a in zip(lb, la):
-            assert torch.equal(b.view(-1).view(torch.uint8), a.view(-1).view(torch.uint8))  # bit-identical
+            assert torch.equal(b.reshape(-1).view(torch.uint8), a.reshape(-1).view(torch.uint8))  # bits
 
 
 def test_grad_coef_is_unscale_times_clip():

@@ -67,9 +67,7 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const double t = step.item<float>();
   TORCH_CHECK(t >= 1.0, "step must hold the 1-based number of this update, got ", t);
   const float coef = grad_coef.item<float>();
-  const AdamCoeffs c = adam_coeffs(t, static_cast<float>(lr), static_cast<float>(beta1),
-                                   static_cast<float>(beta2), static_cast<float>(eps),
-                                   static_cast<float>(weight_decay), decoupled_weight_decay);
+  const AdamCoeffs c = adam_coeffs(t, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay);
   const auto spans = cpu::make_spans(params);
   at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {

@@ -53,8 +53,8 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 
 template <class P, class G, class S, class M, bool kDecoupled>
 __global__ void fused_adamw_kernel(AdamTable table, const float* step, const float* found_inf,
-                                   const float* grad_coef, float lr, float beta1, float beta2, float eps,
-                                   float weight_decay) {
+                                   const float* grad_coef, double lr, double beta1, double beta2, double eps,
+                                   double weight_decay) {
   if (*found_inf != 0.0f) return;
   const int t = table.tensor_of_block[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(table.chunk_of_block[blockIdx.x]) * kChunk;
@@ -88,7 +88,7 @@ void with_cuda_type(at::ScalarType d, F&& f) {
 
 struct Launch {
   const at::Tensor *step, *found_inf, *grad_coef;
-  float lr, beta1, beta2, eps, weight_decay;
+  double lr, beta1, beta2, eps, weight_decay;  // derived constants are computed in double
   bool decoupled;
 };
 
@@ -134,9 +134,7 @@ void fused_adamw_device(at::TensorList params, at::TensorList grads, at::TensorL
                     beta2, eps, weight_decay);
   LLMKERN_DEVICE_GUARD(step);
   const bool has_copy = !model_copies.empty();
-  const Launch a{&step, &found_inf, &grad_coef, static_cast<float>(lr), static_cast<float>(beta1),
-                 static_cast<float>(beta2), static_cast<float>(eps), static_cast<float>(weight_decay),
-                 decoupled_weight_decay};
+  const Launch a{&step, &found_inf, &grad_coef, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay};
   // Bucket the tensors by dtype combination; each bucket is one kernel instantiation.
   auto key = [&](size_t j) {
     return std::make_tuple(params[j].scalar_type(), grads[j].scalar_type(), exp_avgs[j].scalar_type(),
