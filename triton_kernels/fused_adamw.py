@@ -38,10 +38,11 @@ def _to_storage(x, ptr):
 
 
 @triton.jit
-def _fused_adamw_fwd_kernel(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, n, found_inf_ptr, grad_coef_ptr,
+def _fused_adamw_fwd_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, copy_ptr, n, found_inf_ptr, grad_coef_ptr,
                             coefs_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                             decay,
-                            DECOUPLED: tl.constexpr, HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
+                            DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_COPY: tl.constexpr,
+                            BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     skip = tl.load(found_inf_ptr) != 0.0
@@ -59,7 +60,11 @@ def _fused_adamw_fwd_kernel(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, n, found_inf_p
         g = g + weight_decay * p
     m = beta1 * m + one_minus_beta1 * g
     v = beta2 * v + one_minus_beta2 * g * g
-    p = p - step_size * m / (tl.sqrt(v) * inv_sqrt_bc2 + eps)
+    vhat = v
+    if AMSGRAD:
+        vhat = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
+        tl.store(vmax_ptr + offs, _to_storage(vhat, vmax_ptr), mask=mask)
+    p = p - step_size * m / (tl.sqrt(vhat) * inv_sqrt_bc2 + eps)
     tl.store(p_ptr + offs, _to_storage(p, p_ptr), mask=mask)
     tl.store(m_ptr + offs, _to_storage(m, m_ptr), mask=mask)
     tl.store(v_ptr + offs, _to_storage(v, v_ptr), mask=mask)
@@ -67,12 +72,12 @@ def _fused_adamw_fwd_kernel(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, n, found_inf_p
         tl.store(copy_ptr + offs, _to_storage(p, copy_ptr), mask=mask)
 
 
-def fused_adamw_triton_(params, grads, exp_avgs, exp_avg_sqs, model_copies, step, found_inf, grad_coef,
+def fused_adamw_triton_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf, grad_coef,
                         lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay) -> None:
     """Launcher; the checks are the C++ op's (same dtypes and layout rules)."""
     for j, p in enumerate(params):
         for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
-                          ("model_copies", model_copies)):
+                          ("max_exp_avg_sqs", max_exp_avg_sqs), ("model_copies", model_copies)):
             if lst and (lst[j].shape != p.shape or (p.numel() > 1 and lst[j].stride() != p.stride())):
                 raise RuntimeError(f"fused_adamw_ (triton): {name}[{j}] must have the shape and strides of "
                                    f"params[{j}], got {tuple(lst[j].shape)}/{lst[j].stride()} vs "
@@ -87,7 +92,8 @@ def fused_adamw_triton_(params, grads, exp_avgs, exp_avg_sqs, model_copies, step
             continue
         copy = model_copies[j] if model_copies else p
         _fused_adamw_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-            p, grads[j], exp_avgs[j], exp_avg_sqs[j], copy, n, found_inf, grad_coef, coefs, beta1, 1.0 - beta1,
-            beta2, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, DECOUPLED=bool(decoupled_weight_decay), HAS_COPY=bool(model_copies),
+            p, grads[j], exp_avgs[j], exp_avg_sqs[j], max_exp_avg_sqs[j] if max_exp_avg_sqs else p, copy, n, found_inf, grad_coef, coefs, beta1, 1.0 - beta1,
+            beta2, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, DECOUPLED=bool(decoupled_weight_decay), AMSGRAD=bool(max_exp_avg_sqs),
+            HAS_COPY=bool(model_copies),
             BLOCK=BLOCK)
 

@@ -1,11 +1,12 @@
 """fused_adamw_: one multi-tensor AdamW (or Adam) step, in place, with the loss-scale unscale, the
 gradient clip, the overflow skip and the 16-bit model-copy write fused into the same pass.
 
-    fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, model_copies, step, found_inf, grad_coef,
-                 lr=, beta1=, beta2=, eps=, weight_decay=, decoupled_weight_decay=True, backend=None)
+    fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf,
+                 grad_coef, lr=, beta1=, beta2=, eps=, weight_decay=, decoupled_weight_decay=True,
+                 backend=None)
 
 Lists hold one tensor per parameter (any shapes; tensor j of every list has the shape and strides of
-params[j]). `step`, `found_inf` and `grad_coef` are float32 one-element tensors on the parameters'
+params[j]); max_exp_avg_sqs is empty, or AMSGrad's running max. `step`, `found_inf` and `grad_coef` are float32 one-element tensors on the parameters'
 device, so a GPU step never waits for the host:
   step       the 1-based number t of this update (the caller counts it only for clean steps)
   found_inf  nonzero: the gradients overflowed and nothing is changed
@@ -29,7 +30,7 @@ DTYPES = {"cpu": _HALF_AND_FLOAT, "cuda": _HALF_AND_FLOAT, "emu": _HALF_AND_FLOA
           "ref": _HALF_AND_FLOAT + (torch.float64,)}
 SUPPORTED: tuple[Backend, ...] = ("cpu", "cuda", "triton", "emu", "ref")
 
-def _fake(params, grads, exp_avgs, exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr, beta1,
+def _fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr, beta1,
               beta2, eps, weight_decay, decoupled_weight_decay):
     return None  # in place on its inputs, nothing new is allocated
 
@@ -69,16 +70,17 @@ def check_devices(op: str, lists, scalars) -> None:
 
 
 def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
-                 model_copies: Tensors, step: torch.Tensor, found_inf: torch.Tensor,
+                 max_exp_avg_sqs: Tensors, model_copies: Tensors, step: torch.Tensor, found_inf: torch.Tensor,
                  grad_coef: torch.Tensor, *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = True,
                  backend: Backend | None = None) -> None:
     check_hyperparameters(lr, beta1, beta2, eps, weight_decay)
-    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(model_copies), step,
+    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
+            list(model_copies), step,
             found_inf, grad_coef, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             bool(decoupled_weight_decay))
-    check_devices("fused_adamw_", args[:5], (step, found_inf, grad_coef))
-    probe = [step] + [lst[0] for lst in args[:5] if lst]
+    check_devices("fused_adamw_", args[:6], (step, found_inf, grad_coef))
+    probe = [step] + [lst[0] for lst in args[:6] if lst]
     b = choose("fused_adamw_", probe, DTYPES, backend, SUPPORTED)
     if b == "cpu" or b == "cuda":
         torch.ops.llmkern.fused_adamw_(*args)
@@ -98,7 +100,7 @@ def fused_adam_(*args, **kwargs) -> None:
 
 
 @torch.no_grad()
-def fused_adamw_ref(params, grads, exp_avgs, exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr,
+def fused_adamw_ref(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr,
                     beta1, beta2, eps, weight_decay, decoupled_weight_decay=True) -> None:
     """Pure-PyTorch twin of fused_adamw_ on any device. It computes in fp32, or in fp64 when given fp64
     tensors (the test oracle). It reads found_inf and step on the host, so on a GPU it synchronises."""
@@ -118,7 +120,11 @@ def fused_adamw_ref(params, grads, exp_avgs, exp_avg_sqs, model_copies, step, fo
             g = g + weight_decay * pf
         m = beta1 * m + (1.0 - beta1) * g
         v = beta2 * v + (1.0 - beta2) * g * g
-        pf = pf - (lr / bc1) * m / (v.sqrt() / math.sqrt(bc2) + eps)
+        vhat = v
+        if max_exp_avg_sqs:
+            vhat = torch.maximum(max_exp_avg_sqs[j].to(ct), v)
+            max_exp_avg_sqs[j].copy_(vhat)
+        pf = pf - (lr / bc1) * m / (vhat.sqrt() / math.sqrt(bc2) + eps)
         p.copy_(pf)
         exp_avgs[j].copy_(m)
         exp_avg_sqs[j].copy_(v)

@@ -18,7 +18,7 @@ from llmkern import _ext
 from llmkern.ops._backends import Backend, choose
 from llmkern.ops.fused_adamw import DTYPES, Tensors, check_devices
 
-SUPPORTED: tuple[Backend, ...] = ("cpu", "ref")
+SUPPORTED: tuple[Backend, ...] = ("cpu", "cuda", "emu", "ref")  # no Triton kernel for SGD yet
 
 def _fake(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, lr, momentum,
               dampening, weight_decay, nesterov):
@@ -56,8 +56,10 @@ def fused_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, model
     check_devices("fused_sgd_", args[:4], (step, found_inf, grad_coef))
     probe = [step] + [lst[0] for lst in args[:4] if lst]
     b = choose("fused_sgd_", probe, DTYPES, backend, SUPPORTED)
-    if b == "cpu":
+    if b == "cpu" or b == "cuda":
         torch.ops.llmkern.fused_sgd_(*args)
+    elif b == "emu":
+        torch.ops.llmkern_emu.fused_sgd_(*args)
     else:
         fused_sgd_ref(*args)
 

@@ -14,6 +14,7 @@ class FusedAdamW(MixedPrecisionOptimizer):
     master_weights: fp16/bf16 parameters get an fp32 master in state["master_param"]; the kernel
         updates it and rewrites the parameter from it. False updates 16-bit parameters in place
         (fp32 math, rounded to nearest each step).
+    amsgrad: keep the running max of exp_avg_sq (state "max_exp_avg_sq") and divide by it.
     state_dtype: torch.float32, or torch.bfloat16 for moments stored in bf16 (fp32 math, rounded
         to nearest; 8 B/param less traffic and memory). With beta2=0.999, v's per-step change
         (0.1 %) is below bf16's half-ulp (0.2 %), so v only moves when g² differs from v by more
@@ -28,24 +29,25 @@ class FusedAdamW(MixedPrecisionOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, amsgrad: bool = False, master_weights: bool = True,
                  state_dtype: torch.dtype = torch.float32, backend=None, process_group=None):
-        if amsgrad:
-            raise NotImplementedError("amsgrad is not implemented by the fused kernels yet")
         check_lr(lr)
         check_betas(betas)
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
                         maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
         super().__init__(params, defaults, master_weights=master_weights, state_dtype=state_dtype,
                          backend=backend, process_group=process_group)
-
-    _state_keys = ("exp_avg", "exp_avg_sq")
+        # torch.optim.AdamW's state names; AMSGrad is per optimizer here, not per group
+        if any(g["amsgrad"] != bool(amsgrad) for g in self.param_groups):
+            raise ValueError("FusedAdamW: amsgrad must be the same in every param group")
+        self._state_keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
 
     def _launch(self, group, params, grads, states, copies, step, found_inf, grad_coef) -> None:
         beta1, beta2 = check_betas(group["betas"])
-        fused_adamw_(params, grads, states[0], states[1], copies, step, found_inf, grad_coef,
+        vmax = states[2] if len(states) > 2 else []
+        fused_adamw_(params, grads, states[0], states[1], vmax, copies, step, found_inf, grad_coef,
                      lr=check_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                      weight_decay=group["weight_decay"], decoupled_weight_decay=self._decoupled,
                      backend=self.backend)

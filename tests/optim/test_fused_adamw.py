@@ -35,7 +35,7 @@ def _tensor(shape, dtype, gen, scale=1.0):
     return (torch.randn(shape, generator=gen) * scale).to(dtype)
 
 
-def make_case(combo, shapes=SHAPES, seed=0):
+def make_case(combo, shapes=SHAPES, seed=0, amsgrad=False):
     pd, gd, sd, cd = combo
     gen = torch.Generator().manual_seed(seed)
     params = [_tensor(s, pd, gen) for s in shapes]
@@ -43,8 +43,10 @@ def make_case(combo, shapes=SHAPES, seed=0):
     # moments as after a few steps: m ~ g, v ~ g^2 (positive)
     exp_avgs = [_tensor(s, sd, gen, 0.05) for s in shapes]
     exp_avg_sqs = [(_tensor(s, torch.float32, gen, 0.05) ** 2).to(sd) for s in shapes]
+    # AMSGrad's max: above v for some elements, below for others
+    vmax = [(v.float() * (0.5 + torch.rand(v.shape, generator=gen))).to(sd) for v in exp_avg_sqs] if amsgrad else []
     copies = [p.to(cd) for p in params] if cd is not None else []
-    return [params, grads, exp_avgs, exp_avg_sqs, copies]
+    return [params, grads, exp_avgs, exp_avg_sqs, vmax, copies]
 
 
 def scalars(step=3.0, found_inf=0.0, coef=1.0):
@@ -88,15 +90,16 @@ def triton_interpret(monkeypatch):
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(str(d).replace("torch.", "") for d in c))
-@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam"])
-def test_matches_fp64_reference(backend, combo, decoupled, request):
+@pytest.mark.parametrize("decoupled,amsgrad", [(True, False), (False, False), (True, True)],
+                         ids=["adamw", "adam", "adamw-amsgrad"])
+def test_matches_fp64_reference(backend, combo, decoupled, amsgrad, request):
     if backend == "triton":
         request.getfixturevalue("triton_interpret")
-    case = make_case(combo)
+    case = make_case(combo, amsgrad=amsgrad)
     ref = run("ref", clone(case, torch.float64), decoupled=decoupled)       # the oracle
     base = run("ref", clone(case), decoupled=decoupled)                     # plain PyTorch, same dtypes
     out = run(backend, clone(case), decoupled=decoupled)
-    for k, name in enumerate(["params", "grads", "exp_avgs", "exp_avg_sqs", "model_copies"]):
+    for k, name in enumerate(["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "model_copies"]):
         for a, r, b in zip(out[k], ref[k], base[k]):
             assert a.dtype == b.dtype and a.stride() == b.stride()
         # One multi-tensor op, one output per list: the error rule is applied over all its elements
@@ -118,7 +121,7 @@ def test_fp32_matches_torch_fused_adamw_elementwise():
         for p, g in zip(theirs, grads):
             p.grad = g.clone()
         opt.step()
-        F.fused_adamw_(params, grads, m, v, [], *scalars(float(t)), lr=1e-2, weight_decay=0.1, backend="cpu")
+        F.fused_adamw_(params, grads, m, v, [], [], *scalars(float(t)), lr=1e-2, weight_decay=0.1, backend="cpu")
     for a, b in zip(params, theirs):
         torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
 
@@ -126,7 +129,7 @@ def test_fp32_matches_torch_fused_adamw_elementwise():
 @pytest.mark.parametrize("backend", ["cpu", "ref"])
 @pytest.mark.parametrize("combo", COMBOS[:3], ids=["fp32", "fp16-master", "bf16-master"])
 def test_overflow_step_changes_nothing(backend, combo):
-    case = make_case(combo)
+    case = make_case(combo, amsgrad=True)
     case[1][0][3] = float("inf")
     before = clone(case)
     F.fused_adamw_(*case, *scalars(5.0, found_inf=1.0), **HP, backend=backend)
@@ -147,7 +150,7 @@ def test_grad_coef_is_unscale_times_clip():
 
 
 def test_opcheck():
-    case = make_case(COMBOS[1], shapes=[(97,), "t(33, 17)"])
+    case = make_case(COMBOS[1], shapes=[(97,), "t(33, 17)"], amsgrad=True)
     args = (*case, *scalars(2.0), 1e-2, 0.9, 0.999, 1e-8, 0.01, True)
     torch.library.opcheck(torch.ops.llmkern.fused_adamw_.default, args)
 
@@ -158,8 +161,8 @@ def test_torch_compile_fullgraph():
     F.fused_adamw_(*expect, *scalars(), **HP, backend="cpu")
 
     @torch.compile(fullgraph=True, backend="aot_eager")
-    def step(params, grads, m, v, copies, s, fi, c):
-        torch.ops.llmkern.fused_adamw_(params, grads, m, v, copies, s, fi, c, 3e-2, 0.9, 0.99, 1e-8, 0.1, True)
+    def step(params, grads, m, v, vmax, copies, s, fi, c):
+        torch.ops.llmkern.fused_adamw_(params, grads, m, v, vmax, copies, s, fi, c, 3e-2, 0.9, 0.99, 1e-8, 0.1, True)
 
     step(*case, *scalars())
     for la, lb in zip(case, expect):

@@ -32,13 +32,14 @@ def _rel(a, b):
 PAIRS = [
     (FusedAdamW, torch.optim.AdamW, dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)),
     (FusedAdam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.05)),
+    (FusedAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
     (FusedSGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01)),
     (FusedSGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
     (FusedSGD, torch.optim.SGD, dict(lr=1e-2)),
 ]
 
 
-@pytest.mark.parametrize("ours_cls,theirs_cls,hp", PAIRS, ids=["adamw", "adam", "sgd-momentum", "sgd-nesterov",
+@pytest.mark.parametrize("ours_cls,theirs_cls,hp", PAIRS, ids=["adamw", "adam", "adamw-amsgrad", "sgd-momentum", "sgd-nesterov",
                                                               "sgd-plain"])
 def test_fp32_parity_50_steps(ours_cls, theirs_cls, hp):
     ours, theirs = _params(), _params()
@@ -215,14 +216,14 @@ def test_cpu_adam_writes_16bit_copies_in_the_same_pass():
 
 
 def test_bf16_moments_converge_like_fp32():
-    """A small regression trained 300 steps: bf16 moments reach the fp32-moment loss within 10 %."""
+    """A small regression trained 150 steps: bf16 moments reach the fp32-moment loss within 10 %."""
     def train(state_dtype):
         torch.manual_seed(0)
         x = torch.randn(256, 16)
         y = torch.sin(x @ torch.randn(16, 1))
         model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
         opt = FusedAdamW(model.parameters(), lr=3e-3, state_dtype=state_dtype)
-        for _ in range(300):
+        for _ in range(150):
             loss = (model(x) - y).pow(2).mean()
             opt.zero_grad()
             loss.backward()
@@ -243,5 +244,3 @@ def test_bad_input():
         FusedAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
     with pytest.raises(ValueError, match="momentum must be in"):
         FusedSGD(_params(), lr=0.1, momentum=1.5)
-    with pytest.raises(NotImplementedError, match="amsgrad"):
-        FusedAdamW(_params(), amsgrad=True)

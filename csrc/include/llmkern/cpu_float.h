@@ -5,6 +5,7 @@
 // at about a third of the fp32 step's bandwidth.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <bit>
 #include <cstdint>
@@ -58,6 +59,29 @@ struct Span {
   int64_t tensor, begin, count;
 };
 constexpr int64_t kSpan = 1 << 16;
+
+// Runs body(span) over all spans: on the calling thread when the whole step is small, else on
+// torch's OpenMP pool. Waking the pool costs ~10 us on an idle machine but measured 2.2 ms per
+// call on this (oversubscribed, 2-core) one, 180x the 12 us a 5k-parameter step takes on one
+// thread. Below 2^18 elements (~7 MB of AdamW traffic, ~0.3 ms at 25 GB/s) one thread wins.
+constexpr int64_t kSerialBelow = 1 << 18;
+
+template <class F>
+inline void for_each_span(const std::vector<Span>& spans, int64_t total, F&& body) {
+  if (total < kSerialBelow) {
+    for (const Span& s : spans) body(s);
+    return;
+  }
+  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) body(spans[i]);
+  });
+}
+
+inline int64_t total_numel(at::TensorList ts) {
+  int64_t n = 0;
+  for (const auto& t : ts) n += t.numel();
+  return n;
+}
 
 inline std::vector<Span> make_spans(at::TensorList ts) {
   std::vector<Span> spans;

@@ -9,6 +9,7 @@
 //   m  = beta1 * m + (1 - beta1) * g
 //   v  = beta2 * v + (1 - beta2) * g * g
 //   p  = p - (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)      bc_i = 1 - beta_i^t
+//   AMSGrad: vmax = max(vmax, v), used in place of v in the line above
 // This is torch.optim.AdamW's formula (same eps placement), so fp32 results agree with
 // torch's fused AdamW to a few ulps.
 #pragma once
@@ -59,7 +60,8 @@ LLMKERN_HD AdamCoeffs adam_coeffs(double step, double lr, double beta1, double b
   return c;
 }
 
-LLMKERN_HD void adam_element(float& p, float g, float& m, float& v, const AdamCoeffs& c) {
+// One element. vmax is null, or AMSGrad's running max of v (then the denominator uses it).
+LLMKERN_HD void adam_element(float& p, float g, float& m, float& v, float* vmax, const AdamCoeffs& c) {
   if (c.decoupled) {
     p *= c.decay;
   } else {
@@ -67,7 +69,12 @@ LLMKERN_HD void adam_element(float& p, float g, float& m, float& v, const AdamCo
   }
   m = c.beta1 * m + c.one_minus_beta1 * g;
   v = c.beta2 * v + c.one_minus_beta2 * g * g;
-  const float denom = sqrtf(v) * c.inv_sqrt_bc2 + c.eps;
+  float vhat = v;
+  if (vmax != nullptr) {
+    *vmax = *vmax > v ? *vmax : v;
+    vhat = *vmax;
+  }
+  const float denom = sqrtf(vhat) * c.inv_sqrt_bc2 + c.eps;
   p -= c.step_size * m / denom;
 }
 

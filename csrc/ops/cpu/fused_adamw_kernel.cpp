@@ -15,11 +15,23 @@ using namespace llmkern::cpu;
 
 template <class P, class G, class S, class M>
 void adam_span(P* __restrict p, const G* __restrict g, S* __restrict m, S* __restrict v,
-               M* __restrict copy, int64_t n, float coef, const AdamCoeffs c) {
+               S* __restrict vmax, M* __restrict copy, int64_t n, float coef, const AdamCoeffs c) {
+  if (vmax != nullptr) {  // AMSGrad: a separate loop keeps the common one free of the branch
+    for (int64_t i = 0; i < n; ++i) {
+      float pf = load(p[i]), mf = load(m[i]), vf = load(v[i]), xf = load(vmax[i]);
+      adam_element(pf, load(g[i]) * coef, mf, vf, &xf, c);
+      p[i] = store<P>(pf);
+      m[i] = store<S>(mf);
+      v[i] = store<S>(vf);
+      vmax[i] = store<S>(xf);
+      if constexpr (!std::is_same_v<M, none>) copy[i] = store<M>(pf);
+    }
+    return;
+  }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     float pf = load(p[i]), mf = load(m[i]), vf = load(v[i]);
-    adam_element(pf, load(g[i]) * coef, mf, vf, c);
+    adam_element(pf, load(g[i]) * coef, mf, vf, nullptr, c);
     p[i] = store<P>(pf);
     m[i] = store<S>(mf);
     v[i] = store<S>(vf);
@@ -31,7 +43,8 @@ void adam_span(P* __restrict p, const G* __restrict g, S* __restrict m, S* __res
 // a template parameter so the inner loop has no branch.
 template <bool kDecoupled>
 void adam_dispatch(const Span& s, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, at::TensorList copies, float coef, const AdamCoeffs& c) {
+                   at::TensorList exp_avg_sqs, at::TensorList vmaxes, at::TensorList copies, float coef,
+                   const AdamCoeffs& c) {
   const auto j = s.tensor;
   with_float_type(params[j].scalar_type(), "fused_adamw_: params", [&](auto p0) {
     using P = decltype(p0);
@@ -45,6 +58,7 @@ void adam_dispatch(const Span& s, at::TensorList params, at::TensorList grads, a
           cc.decoupled = kDecoupled;
           adam_span<P, G, S, M>(ptr<P>(params[j]) + s.begin, ptr<const G>(grads[j]) + s.begin,
                                 ptr<S>(exp_avgs[j]) + s.begin, ptr<S>(exp_avg_sqs[j]) + s.begin,
+                                vmaxes.empty() ? nullptr : ptr<S>(vmaxes[j]) + s.begin,
                                 copy == nullptr ? nullptr : copy + s.begin, s.count, coef, cc);
         };
         if (copies.empty()) return run(static_cast<none*>(nullptr));
@@ -58,10 +72,10 @@ void adam_dispatch(const Span& s, at::TensorList params, at::TensorList grads, a
 }  // namespace detail
 
 void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList model_copies, const at::Tensor& step,
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList model_copies, const at::Tensor& step,
                      const at::Tensor& found_inf, const at::Tensor& grad_coef, double lr, double beta1,
                      double beta2, double eps, double weight_decay, bool decoupled_weight_decay) {
-  check_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr,
+  check_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr,
                     beta1, beta2, eps, weight_decay);
   if (found_inf.item<float>() != 0.0f) return;  // overflow: nothing changes
   const double t = step.item<float>();
@@ -69,13 +83,11 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const float coef = grad_coef.item<float>();
   const AdamCoeffs c = adam_coeffs(t, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay);
   const auto spans = cpu::make_spans(params);
-  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      if (decoupled_weight_decay)
-        detail::adam_dispatch<true>(spans[i], params, grads, exp_avgs, exp_avg_sqs, model_copies, coef, c);
-      else
-        detail::adam_dispatch<false>(spans[i], params, grads, exp_avgs, exp_avg_sqs, model_copies, coef, c);
-    }
+  cpu::for_each_span(spans, cpu::total_numel(params), [&](const cpu::Span& s) {
+    if (decoupled_weight_decay)
+      detail::adam_dispatch<true>(s, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, coef, c);
+    else
+      detail::adam_dispatch<false>(s, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, coef, c);
   });
 }
 

@@ -2,8 +2,8 @@
 // buffer are read once, param, buffer (and the 16-bit model copy) written once.
 #include <ATen/Parallel.h>
 
+#include "../fused_sgd.h"
 #include "llmkern/cpu_float.h"
-#include "llmkern/multi_tensor.h"
 #include "llmkern/optim_math.h"
 #include "llmkern/registration.h"
 
@@ -59,28 +59,8 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                    at::TensorList model_copies, const at::Tensor& step, const at::Tensor& found_inf,
                    const at::Tensor& grad_coef, double lr, double momentum, double dampening,
                    double weight_decay, bool nesterov) {
-  using namespace llmkern::detail;
-  const at::Device device = step.device();
-  check_scalar_tensor(step, "step", device);
-  check_scalar_tensor(found_inf, "found_inf", device);
-  check_scalar_tensor(grad_coef, "grad_coef", device);
-  check_tensor_lists({params, grads, momentum_buffers, model_copies},
-                     {"params", "grads", "momentum_buffers", "model_copies"}, {false, false, true, true},
-                     device);
-  check_hyper(lr, "lr", 0.0, false, INFINITY, true);
-  check_hyper(momentum, "momentum", 0.0, false, 1.0, true);
-  check_hyper(dampening, "dampening", 0.0, false, 1.0, false);
-  check_hyper(weight_decay, "weight_decay", 0.0, false, INFINITY, true);
-  TORCH_CHECK(!nesterov || (momentum > 0.0 && dampening == 0.0),
-              "nesterov needs momentum > 0 and dampening == 0, got momentum ", momentum, ", dampening ",
-              dampening);
-  TORCH_CHECK((momentum == 0.0) == momentum_buffers.empty(),
-              "momentum_buffers must be given exactly when momentum > 0 (momentum ", momentum, ", ",
-              momentum_buffers.size(), " buffers)");
-  for (size_t j = 0; j < model_copies.size(); ++j)
-    TORCH_CHECK(params[j].scalar_type() == at::kFloat && model_copies[j].scalar_type() != at::kFloat,
-                "with model_copies, params[", j, "] must be the float32 master and model_copies[", j,
-                "] float16 or bfloat16, got ", params[j].scalar_type(), " and ", model_copies[j].scalar_type());
+  check_fused_sgd(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, lr, momentum,
+                  dampening, weight_decay, nesterov);
   if (found_inf.item<float>() != 0.0f) return;
   const double t = step.item<float>();
   TORCH_CHECK(t >= 1.0, "step must hold the 1-based number of this update, got ", t);
@@ -88,8 +68,8 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                     static_cast<float>(weight_decay), nesterov, t == 1.0};
   const float coef = grad_coef.item<float>();
   const auto spans = cpu::make_spans(params);
-  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) detail::sgd_dispatch(spans[i], params, grads, momentum_buffers, model_copies, coef, c);
+  cpu::for_each_span(spans, cpu::total_numel(params), [&](const cpu::Span& s) {
+    detail::sgd_dispatch(s, params, grads, momentum_buffers, model_copies, coef, c);
   });
 }
 
