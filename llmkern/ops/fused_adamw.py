@@ -37,9 +37,17 @@ def _fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, s
 
 # The same schema is defined by _C (namespace llmkern, CPU and CUDA kernels) and by _C_emu
 # (namespace llmkern_emu: the CUDA kernel compiled for the CPU).
-for _ns, _name in (("llmkern", "_C"), ("llmkern_emu", "_C_emu")):
-    if _ext.available(_name):
+# A backend whose extension is missing, or was built without this op, is refused with the reason.
+UNAVAILABLE: dict[str, str] = {}
+for _backend, _ns, _name in (("cpu", "llmkern", "_C"), ("emu", "llmkern_emu", "_C_emu")):
+    if not _ext.available(_name):
+        UNAVAILABLE[_backend] = f"llmkern.{_name}: {_ext.status(_name)}"
+    elif not hasattr(getattr(torch.ops, _ns), "fused_adamw_"):
+        UNAVAILABLE[_backend] = f"llmkern.{_name} was built without {_ns}::fused_adamw_ (rebuild it)"
+    else:
         torch.library.register_fake(f"{_ns}::fused_adamw_")(_fake)
+if "cpu" in UNAVAILABLE:  # the CUDA kernels attach to the schema that _C defines
+    UNAVAILABLE["cuda"] = UNAVAILABLE["cpu"]
 
 
 def check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
@@ -81,7 +89,7 @@ def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs
             bool(decoupled_weight_decay))
     check_devices("fused_adamw_", args[:6], (step, found_inf, grad_coef))
     probe = [step] + [lst[0] for lst in args[:6] if lst]
-    b = choose("fused_adamw_", probe, DTYPES, backend, SUPPORTED)
+    b = choose("fused_adamw_", probe, DTYPES, backend, SUPPORTED, UNAVAILABLE)
     if b == "cpu" or b == "cuda":
         torch.ops.llmkern.fused_adamw_(*args)
     elif b == "emu":

@@ -27,9 +27,17 @@ def _fake(params, grads, momentum_buffers, model_copies, step, found_inf, grad_c
 
 # The same schema is defined by _C (namespace llmkern, CPU and CUDA kernels) and by _C_emu
 # (namespace llmkern_emu: the CUDA kernel compiled for the CPU).
-for _ns, _name in (("llmkern", "_C"), ("llmkern_emu", "_C_emu")):
-    if _ext.available(_name):
+# A backend whose extension is missing, or was built without this op, is refused with the reason.
+UNAVAILABLE: dict[str, str] = {}
+for _backend, _ns, _name in (("cpu", "llmkern", "_C"), ("emu", "llmkern_emu", "_C_emu")):
+    if not _ext.available(_name):
+        UNAVAILABLE[_backend] = f"llmkern.{_name}: {_ext.status(_name)}"
+    elif not hasattr(getattr(torch.ops, _ns), "fused_sgd_"):
+        UNAVAILABLE[_backend] = f"llmkern.{_name} was built without {_ns}::fused_sgd_ (rebuild it)"
+    else:
         torch.library.register_fake(f"{_ns}::fused_sgd_")(_fake)
+if "cpu" in UNAVAILABLE:  # the CUDA kernels attach to the schema that _C defines
+    UNAVAILABLE["cuda"] = UNAVAILABLE["cpu"]
 
 
 def check_hyperparameters(lr: float, momentum: float, dampening: float, weight_decay: float,
@@ -55,7 +63,7 @@ def fused_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, model
             grad_coef, float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov))
     check_devices("fused_sgd_", args[:4], (step, found_inf, grad_coef))
     probe = [step] + [lst[0] for lst in args[:4] if lst]
-    b = choose("fused_sgd_", probe, DTYPES, backend, SUPPORTED)
+    b = choose("fused_sgd_", probe, DTYPES, backend, SUPPORTED, UNAVAILABLE)
     if b == "cpu" or b == "cuda":
         torch.ops.llmkern.fused_sgd_(*args)
     elif b == "emu":

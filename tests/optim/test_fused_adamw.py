@@ -3,15 +3,12 @@ combinations, odd / non-contiguous / empty shapes, the overflow skip, the grad c
 torch.compile and bad input."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
-from _standins import assert_close_to_ref
 
-from llmkern import _ext
 from llmkern.ops import fused_adamw as F
 from llmkern.ops._backends import BackendRefused
+from llmkern.testing import assert_close_to_ref
 
 HP = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
 # (param, grad, state, model copy): fp32 training, fp16/bf16 mixed precision with fp32 masters,
@@ -70,22 +67,10 @@ def run(backend, case, steps=3, coef=0.5, decoupled=True):
 
 def backends():
     out = ["cpu", "ref"]
-    out.append(pytest.param("emu", marks=pytest.mark.skipif(not _ext.available("_C_emu"),
-                                                             reason=f"_C_emu: {_ext.status('_C_emu')}")))
+    out.append(pytest.param("emu", marks=pytest.mark.skipif("emu" in F.UNAVAILABLE,
+                                                             reason=F.UNAVAILABLE.get("emu", ""))))
     out.append("triton")
     return out
-
-
-@pytest.fixture
-def triton_interpret(monkeypatch):
-    """Stand-in for llmkern.testing's fixture: run Triton kernels on CPU tensors in the interpreter.
-    TRITON_INTERPRET is read when @triton.jit decorates, so the kernel module is re-imported."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import llmkern.triton_kernels.fused_adamw as mod
-    importlib.reload(mod)
-    yield
-    monkeypatch.delenv("TRITON_INTERPRET")
-    importlib.reload(mod)
 
 
 @pytest.mark.parametrize("backend", backends())

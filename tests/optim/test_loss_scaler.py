@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
-from _standins import run_distributed
 
 from llmkern.optim import DynamicLossScaler, FusedAdamW, LossScalerConfig
+from llmkern.testing import run_distributed
 
 INF = float("inf")
 

@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-from _standins import assert_close_to_ref
 
 from llmkern.optim import CPUAdam, DynamicLossScaler, FusedAdam, FusedAdamW, FusedSGD, LossScalerConfig
+from llmkern.testing import assert_close_to_ref
 
 SHAPES = [(97,), (33, 17), (1025,), (5, 3, 2)]
 

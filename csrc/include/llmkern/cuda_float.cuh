@@ -1,9 +1,13 @@
 // fp32 <-> storage-type conversions of the CUDA kernels (round to nearest even), and the dtype
 // dispatch from at::ScalarType to float / __half / __nv_bfloat16.
+// (The lead's element.cuh has the same conversions as Elem<T>; this file adds the dtype switches.)
 #pragma once
-#include <ATen/ATen.h>
+// <cuda_runtime.h> first: under emulation it is the stand-in, which must precede the real
+// cuda_fp16.h/cuda_bf16.h (see element.cuh).
+#include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <ATen/ATen.h>
 
 namespace llmkern::cuda {
 

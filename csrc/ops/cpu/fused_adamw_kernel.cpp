@@ -14,28 +14,37 @@ namespace detail {
 using namespace llmkern::cpu;
 
 template <class P, class G, class S, class M>
-void adam_span(P* __restrict p, const G* __restrict g, S* __restrict m, S* __restrict v,
-               S* __restrict vmax, M* __restrict copy, int64_t n, float coef, const AdamCoeffs c) {
-  if (vmax != nullptr) {  // AMSGrad: a separate loop keeps the common one free of the branch
-    for (int64_t i = 0; i < n; ++i) {
-      float pf = load(p[i]), mf = load(m[i]), vf = load(v[i]), xf = load(vmax[i]);
-      adam_element(pf, load(g[i]) * coef, mf, vf, &xf, c);
-      p[i] = store<P>(pf);
-      m[i] = store<S>(mf);
-      v[i] = store<S>(vf);
-      vmax[i] = store<S>(xf);
-      if constexpr (!std::is_same_v<M, none>) copy[i] = store<M>(pf);
-    }
-    return;
-  }
+void adam_span(raw_t<P>* __restrict p, const raw_t<G>* __restrict g, raw_t<S>* __restrict m,
+               raw_t<S>* __restrict v, raw_t<S>* __restrict vmax, raw_t<M>* __restrict copy, int64_t n,
+               float coef, const AdamCoeffs c) {
+  constexpr bool kAllFloat = std::is_same_v<P, float> && std::is_same_v<G, float> && std::is_same_v<S, float> &&
+                             std::is_same_v<M, none>;
+  if constexpr (kAllFloat) {
+    if (vmax == nullptr) {  // fp32 training: one direct vectorized loop, no scratch
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    float pf = load(p[i]), mf = load(m[i]), vf = load(v[i]);
-    adam_element(pf, load(g[i]) * coef, mf, vf, nullptr, c);
-    p[i] = store<P>(pf);
-    m[i] = store<S>(mf);
-    v[i] = store<S>(vf);
-    if constexpr (!std::is_same_v<M, none>) copy[i] = store<M>(pf);
+      for (int64_t i = 0; i < n; ++i) adam_element(p[i], g[i] * coef, m[i], v[i], nullptr, c);
+      return;
+    }
+  }
+  alignas(64) float tp[kBlock], tg[kBlock], tm[kBlock], tv[kBlock], tx[kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    to_f32<P>(p + b, tp, len);
+    to_f32<G>(g + b, tg, len);
+    to_f32<S>(m + b, tm, len);
+    to_f32<S>(v + b, tv, len);
+    if (vmax != nullptr) {  // AMSGrad
+      to_f32<S>(vmax + b, tx, len);
+      for (int64_t i = 0; i < len; ++i) adam_element(tp[i], tg[i] * coef, tm[i], tv[i], &tx[i], c);
+      from_f32<S>(tx, vmax + b, len);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) adam_element(tp[i], tg[i] * coef, tm[i], tv[i], nullptr, c);
+    }
+    from_f32<P>(tp, p + b, len);
+    from_f32<S>(tm, m + b, len);
+    from_f32<S>(tv, v + b, len);
+    if constexpr (!std::is_same_v<M, none>) from_f32<M>(tp, copy + b, len);
   }
 }
 
@@ -52,18 +61,18 @@ void adam_dispatch(const Span& s, at::TensorList params, at::TensorList grads, a
       using G = decltype(g0);
       with_float_type(exp_avgs[j].scalar_type(), "fused_adamw_: exp_avgs", [&](auto s0) {
         using S = decltype(s0);
-        auto run = [&](auto* copy) {
-          using M = std::remove_pointer_t<decltype(copy)>;
+        auto run = [&](auto m0, raw_t<decltype(m0)>* copy) {
+          using M = decltype(m0);
           AdamCoeffs cc = c;
           cc.decoupled = kDecoupled;
-          adam_span<P, G, S, M>(ptr<P>(params[j]) + s.begin, ptr<const G>(grads[j]) + s.begin,
+          adam_span<P, G, S, M>(ptr<P>(params[j]) + s.begin, ptr<G>(grads[j]) + s.begin,
                                 ptr<S>(exp_avgs[j]) + s.begin, ptr<S>(exp_avg_sqs[j]) + s.begin,
                                 vmaxes.empty() ? nullptr : ptr<S>(vmaxes[j]) + s.begin,
                                 copy == nullptr ? nullptr : copy + s.begin, s.count, coef, cc);
         };
-        if (copies.empty()) return run(static_cast<none*>(nullptr));
+        if (copies.empty()) return run(none{}, nullptr);
         with_float_type(copies[j].scalar_type(), "fused_adamw_: model_copies",
-                        [&](auto m0) { run(ptr<decltype(m0)>(copies[j])); });
+                        [&](auto m0) { run(m0, ptr<decltype(m0)>(copies[j])); });
       });
     });
   });

@@ -13,24 +13,28 @@ namespace detail {
 using namespace llmkern::cpu;
 
 template <class P, class G, class B, class M>
-void sgd_span(P* __restrict p, const G* __restrict g, B* __restrict buf, M* __restrict copy, int64_t n,
-              float coef, const SgdCoeffs c) {
+void sgd_span(raw_t<P>* __restrict p, const raw_t<G>* __restrict g, raw_t<B>* __restrict buf,
+              raw_t<M>* __restrict copy, int64_t n, float coef, const SgdCoeffs c) {
+  // fp32 scratch blocks, as in fused_adamw_kernel.cpp (see kBlock in cpu_float.h)
+  alignas(64) float tp[kBlock], tg[kBlock], tb[kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    to_f32<P>(p + b, tp, len);
+    to_f32<G>(g + b, tg, len);
+    if constexpr (!std::is_same_v<B, none>) to_f32<B>(buf + b, tb, len);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    float pf = load(p[i]);
-    float bf = 0.0f;
-    if constexpr (!std::is_same_v<B, none>) bf = load(buf[i]);
-    sgd_element(pf, load(g[i]) * coef, bf, c);
-    p[i] = store<P>(pf);
-    if constexpr (!std::is_same_v<B, none>) buf[i] = store<B>(bf);
-    if constexpr (!std::is_same_v<M, none>) copy[i] = store<M>(pf);
+    for (int64_t i = 0; i < len; ++i) sgd_element(tp[i], tg[i] * coef, tb[i], c);
+    from_f32<P>(tp, p + b, len);
+    if constexpr (!std::is_same_v<B, none>) from_f32<B>(tb, buf + b, len);
+    if constexpr (!std::is_same_v<M, none>) from_f32<M>(tp, copy + b, len);
   }
 }
 
+// f(T{}, pointer) for tensor j of ts, or f(none{}, nullptr) when ts is empty.
 template <class F>
 void with_optional_type(at::TensorList ts, int64_t j, const char* what, F&& f) {
-  if (ts.empty()) return f(static_cast<none*>(nullptr));
-  with_float_type(ts[j].scalar_type(), what, [&](auto t0) { f(ptr<decltype(t0)>(ts[j])); });
+  if (ts.empty()) return f(none{}, static_cast<raw_t<none>*>(nullptr));
+  with_float_type(ts[j].scalar_type(), what, [&](auto t0) { f(t0, ptr<decltype(t0)>(ts[j])); });
 }
 
 void sgd_dispatch(const Span& s, at::TensorList params, at::TensorList grads, at::TensorList bufs,
@@ -40,11 +44,11 @@ void sgd_dispatch(const Span& s, at::TensorList params, at::TensorList grads, at
     using P = decltype(p0);
     with_float_type(grads[j].scalar_type(), "fused_sgd_: grads", [&](auto g0) {
       using G = decltype(g0);
-      with_optional_type(bufs, j, "fused_sgd_: momentum_buffers", [&](auto* buf) {
-        using B = std::remove_pointer_t<decltype(buf)>;
-        with_optional_type(copies, j, "fused_sgd_: model_copies", [&](auto* copy) {
-          using M = std::remove_pointer_t<decltype(copy)>;
-          sgd_span<P, G, B, M>(ptr<P>(params[j]) + s.begin, ptr<const G>(grads[j]) + s.begin,
+      with_optional_type(bufs, j, "fused_sgd_: momentum_buffers", [&](auto b0, auto* buf) {
+        using B = decltype(b0);
+        with_optional_type(copies, j, "fused_sgd_: model_copies", [&](auto m0, auto* copy) {
+          using M = decltype(m0);
+          sgd_span<P, G, B, M>(ptr<P>(params[j]) + s.begin, ptr<G>(grads[j]) + s.begin,
                                buf == nullptr ? nullptr : buf + s.begin,
                                copy == nullptr ? nullptr : copy + s.begin, s.count, coef, c);
         });

@@ -4,9 +4,9 @@
 //
 // No host sync: found_inf, step and grad_coef are read by every block from device memory. On an
 // overflow step every block returns after reading 4 bytes, so nothing changes and nothing waits.
+#include "llmkern/launch.cuh"  // first: under emulation it brings the cuda_runtime.h stand-in
 #include "../fused_adamw.h"
 #include "llmkern/cuda_float.cuh"
-#include "llmkern/launch.cuh"
 #include "llmkern/multi_tensor_apply.cuh"
 #include "llmkern/optim_math.h"
 #include "llmkern/registration.h"

@@ -2,9 +2,9 @@
 // scheme: multi_tensor_apply.cuh). Also compiled for the CPU under csrc/emu. No host sync: the
 // overflow flag, the step (step 1 initialises the momentum buffer) and grad_coef are read on the
 // device.
+#include "llmkern/launch.cuh"  // first: under emulation it brings the cuda_runtime.h stand-in
 #include "../fused_sgd.h"
 #include "llmkern/cuda_float.cuh"
-#include "llmkern/launch.cuh"
 #include "llmkern/multi_tensor_apply.cuh"
 #include "llmkern/optim_math.h"
 #include "llmkern/registration.h"
