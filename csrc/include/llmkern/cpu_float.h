@@ -99,6 +99,31 @@ inline void from_f32(const float* __restrict in, raw_t<T>* __restrict out, int64
   for (int64_t i = 0; i < n; ++i) out[i] = store<T>(in[i]);
 }
 
+// The fp32 view of block [b, b + len) of an array: the array itself when it is fp32 (no copy), else
+// `scratch` filled by to_f32. Only 16-bit arrays pay a conversion pass through L1.
+template <class T>
+inline float* f32_view(raw_t<T>* a, int64_t b, int64_t len, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return a + b;
+  } else {
+    to_f32<T>(a + b, scratch, len);
+    return scratch;
+  }
+}
+template <class T>
+inline const float* f32_view(const raw_t<T>* a, int64_t b, int64_t len, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return a + b;
+  } else {
+    to_f32<T>(a + b, scratch, len);
+    return scratch;
+  }
+}
+template <class T>
+inline void f32_writeback(raw_t<T>* a, int64_t b, int64_t len, const float* scratch) {
+  if constexpr (!std::is_same_v<T, float>) from_f32<T>(scratch, a + b, len);
+}
+
 // Calls f(T{}) with T the storage type of dtype d.
 template <class F>
 inline void with_float_type(at::ScalarType d, const char* what, F&& f) {

@@ -29,22 +29,22 @@ void adam_span(raw_t<P>* __restrict p, const raw_t<G>* __restrict g, raw_t<S>* _
   alignas(64) float tp[kBlock], tg[kBlock], tm[kBlock], tv[kBlock], tx[kBlock];
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(kBlock, n - b);
-    to_f32<P>(p + b, tp, len);
-    to_f32<G>(g + b, tg, len);
-    to_f32<S>(m + b, tm, len);
-    to_f32<S>(v + b, tv, len);
+    float* __restrict fp = f32_view<P>(p, b, len, tp);
+    const float* __restrict fg = f32_view<G>(g, b, len, tg);
+    float* __restrict fm = f32_view<S>(m, b, len, tm);
+    float* __restrict fv = f32_view<S>(v, b, len, tv);
     if (vmax != nullptr) {  // AMSGrad
-      to_f32<S>(vmax + b, tx, len);
-      for (int64_t i = 0; i < len; ++i) adam_element(tp[i], tg[i] * coef, tm[i], tv[i], &tx[i], c);
-      from_f32<S>(tx, vmax + b, len);
+      float* __restrict fx = f32_view<S>(vmax, b, len, tx);
+      for (int64_t i = 0; i < len; ++i) adam_element(fp[i], fg[i] * coef, fm[i], fv[i], &fx[i], c);
+      f32_writeback<S>(vmax, b, len, fx);
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) adam_element(tp[i], tg[i] * coef, tm[i], tv[i], nullptr, c);
+      for (int64_t i = 0; i < len; ++i) adam_element(fp[i], fg[i] * coef, fm[i], fv[i], nullptr, c);
     }
-    from_f32<P>(tp, p + b, len);
-    from_f32<S>(tm, m + b, len);
-    from_f32<S>(tv, v + b, len);
-    if constexpr (!std::is_same_v<M, none>) from_f32<M>(tp, copy + b, len);
+    f32_writeback<P>(p, b, len, fp);
+    f32_writeback<S>(m, b, len, fm);
+    f32_writeback<S>(v, b, len, fv);
+    if constexpr (!std::is_same_v<M, none>) from_f32<M>(fp, copy + b, len);
   }
 }
 

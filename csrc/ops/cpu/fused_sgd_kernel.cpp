@@ -19,14 +19,15 @@ void sgd_span(raw_t<P>* __restrict p, const raw_t<G>* __restrict g, raw_t<B>* __
   alignas(64) float tp[kBlock], tg[kBlock], tb[kBlock];
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(kBlock, n - b);
-    to_f32<P>(p + b, tp, len);
-    to_f32<G>(g + b, tg, len);
-    if constexpr (!std::is_same_v<B, none>) to_f32<B>(buf + b, tb, len);
+    float* __restrict fp = f32_view<P>(p, b, len, tp);
+    const float* __restrict fg = f32_view<G>(g, b, len, tg);
+    float* __restrict fb = tb;
+    if constexpr (!std::is_same_v<B, none>) fb = f32_view<B>(buf, b, len, tb);
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) sgd_element(tp[i], tg[i] * coef, tb[i], c);
-    from_f32<P>(tp, p + b, len);
-    if constexpr (!std::is_same_v<B, none>) from_f32<B>(tb, buf + b, len);
-    if constexpr (!std::is_same_v<M, none>) from_f32<M>(tp, copy + b, len);
+    for (int64_t i = 0; i < len; ++i) sgd_element(fp[i], fg[i] * coef, fb[i], c);
+    f32_writeback<P>(p, b, len, fp);
+    if constexpr (!std::is_same_v<B, none>) f32_writeback<B>(buf, b, len, fb);
+    if constexpr (!std::is_same_v<M, none>) from_f32<M>(fp, copy + b, len);
   }
 }
 
