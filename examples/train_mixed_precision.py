@@ -4,9 +4,9 @@
 
 A small MLP is trained with fp16 (or bf16) weights and gradients. FusedAdamW keeps fp32 master
 weights and, in one fused pass per step, unscales, checks for overflow, clips, updates the masters
-and moments and writes the 16-bit weights. With fp16 the DynamicLossScaler starts at 2^16; the
-first steps overflow and are skipped (nothing changes, not even the lr schedule) until the scale
-settles. The script prints the loss, the loss scale and the number of skipped steps.
+and moments and writes the 16-bit weights. With fp16 the DynamicLossScaler starts at 2^16 and
+doubles after every 50 clean steps; a step whose gradients overflow is skipped (nothing changes,
+not even the lr schedule) and halves the scale. The script prints the loss, the loss scale and the number of skipped steps.
 """
 from __future__ import annotations
 
