@@ -58,7 +58,10 @@ include = [str(ROOT / "csrc" / "include")]
 opt = ["-O0", "-g"] if DEBUG else ["-O3"]
 # -march=native: the package is built from source on the machine that runs it (as DeepSpeed's
 # cpu_adam is), so AVX2/AVX-512 are used where present. -ffp-contract=fast lets g++ form FMAs.
-cxx = opt + ["-std=c++20", "-fopenmp", "-march=native", "-ffp-contract=fast", "-Wall", "-Wno-unused-function"]
+# -fno-math-errno: with errno semantics g++ cannot vectorize a loop that calls sqrtf (the fused
+# AdamW CPU step stayed scalar and ran 3.3x slower than torch's fused AdamW). No llmkern code reads errno.
+cxx = opt + ["-std=c++20", "-fopenmp", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-Wall",
+             "-Wno-unused-function"]
 schemas = glob.glob(str(ROOT / "csrc/ops/*.cpp"))
 module = [str(ROOT / "csrc/module.cpp")]  # PyInit_<name>, compiled into each extension
 

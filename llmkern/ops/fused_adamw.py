@@ -1,0 +1,140 @@
+"""fused_adamw_: one multi-tensor AdamW (or Adam) step, in place, with the loss-scale unscale, the
+gradient clip, the overflow skip and the 16-bit model-copy write fused into the same pass.
+
+    fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf,
+                 grad_coef, lr=, beta1=, beta2=, eps=, weight_decay=, decoupled_weight_decay=True,
+                 backend=None)
+
+Lists hold one tensor per parameter (any shapes; tensor j of every list has the shape and strides of
+params[j]); max_exp_avg_sqs is empty, or AMSGrad's running max. `step`, `found_inf` and `grad_coef` are float32 one-element tensors on the parameters'
+device, so a GPU step never waits for the host:
+  step       the 1-based number t of this update (the caller counts it only for clean steps)
+  found_inf  nonzero: the gradients overflowed and nothing is changed
+  grad_coef  every gradient is multiplied by it; = clip_coef / loss_scale
+Schema and per-dtype rules: csrc/ops/fused_adamw.cpp. Element math: csrc/include/llmkern/optim_math.h.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from llmkern import _ext
+from llmkern.ops._backends import Backend, choose
+
+Tensors = Sequence[torch.Tensor]
+_HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+# fp64 only for the reference, which is also the fp64 test oracle.
+DTYPES = {"cpu": _HALF_AND_FLOAT, "cuda": _HALF_AND_FLOAT, "emu": _HALF_AND_FLOAT, "triton": _HALF_AND_FLOAT,
+          "ref": _HALF_AND_FLOAT + (torch.float64,)}
+SUPPORTED: tuple[Backend, ...] = ("cpu", "cuda", "triton", "emu", "ref")
+
+def _fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr, beta1,
+              beta2, eps, weight_decay, decoupled_weight_decay):
+    return None  # in place on its inputs, nothing new is allocated
+
+
+# The same schema is defined by _C (namespace llmkern, CPU and CUDA kernels) and by _C_emu
+# (namespace llmkern_emu: the CUDA kernel compiled for the CPU).
+# A backend whose extension is missing, or was built without this op, is refused with the reason.
+UNAVAILABLE: dict[str, str] = {}
+for _backend, _ns, _name in (("cpu", "llmkern", "_C"), ("emu", "llmkern_emu", "_C_emu")):
+    if not _ext.available(_name):
+        UNAVAILABLE[_backend] = f"llmkern.{_name}: {_ext.status(_name)}"
+    elif not hasattr(getattr(torch.ops, _ns), "fused_adamw_"):
+        UNAVAILABLE[_backend] = f"llmkern.{_name} was built without {_ns}::fused_adamw_ (rebuild it)"
+    else:
+        torch.library.register_fake(f"{_ns}::fused_adamw_")(_fake)
+if "cpu" in UNAVAILABLE:  # the CUDA kernels attach to the schema that _C defines
+    UNAVAILABLE["cuda"] = UNAVAILABLE["cpu"]
+
+
+def check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """Raise ValueError naming the first bad hyper-parameter."""
+    if not (isinstance(lr, (int, float)) and 0.0 <= lr < math.inf):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {b!r}")
+    if not 0.0 < eps < math.inf:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if not 0.0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+
+def check_devices(op: str, lists, scalars) -> None:
+    """Every tensor of one call on one device; the message names the first one that is not."""
+    device = scalars[0].device
+    names = ("step", "found_inf", "grad_coef")
+    for name, t in zip(names, scalars):
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but step is on {device}")
+    for k, lst in enumerate(lists):
+        for j, t in enumerate(lst):
+            if t.device != device:
+                raise ValueError(f"{op}: tensor {j} of list {k} is on {t.device} but step is on {device}; "
+                                 f"one call takes tensors on one device")
+
+
+def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                 max_exp_avg_sqs: Tensors, model_copies: Tensors, step: torch.Tensor, found_inf: torch.Tensor,
+                 grad_coef: torch.Tensor, *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = True,
+                 backend: Backend | None = None) -> None:
+    check_hyperparameters(lr, beta1, beta2, eps, weight_decay)
+    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
+            list(model_copies), step,
+            found_inf, grad_coef, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            bool(decoupled_weight_decay))
+    check_devices("fused_adamw_", args[:6], (step, found_inf, grad_coef))
+    probe = [step] + [lst[0] for lst in args[:6] if lst]
+    b = choose("fused_adamw_", probe, DTYPES, backend, SUPPORTED, UNAVAILABLE)
+    if b == "cpu" or b == "cuda":
+        torch.ops.llmkern.fused_adamw_(*args)
+    elif b == "emu":
+        torch.ops.llmkern_emu.fused_adamw_(*args)
+    elif b == "triton":
+        from llmkern.triton_kernels.fused_adamw import fused_adamw_triton_
+        fused_adamw_triton_(*args)
+    else:
+        fused_adamw_ref(*args)
+
+
+def fused_adam_(*args, **kwargs) -> None:
+    """Adam with L2 weight decay (g += wd * p before the moments): fused_adamw_ with
+    decoupled_weight_decay=False."""
+    fused_adamw_(*args, decoupled_weight_decay=False, **kwargs)
+
+
+@torch.no_grad()
+def fused_adamw_ref(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr,
+                    beta1, beta2, eps, weight_decay, decoupled_weight_decay=True) -> None:
+    """Pure-PyTorch twin of fused_adamw_ on any device. It computes in fp32, or in fp64 when given fp64
+    tensors (the test oracle). It reads found_inf and step on the host, so on a GPU it synchronises."""
+    if float(found_inf) != 0.0:
+        return
+    t = float(step)
+    bc1 = 1.0 - beta1 ** t
+    bc2 = 1.0 - beta2 ** t
+    coef = grad_coef.item()
+    for j, p in enumerate(params):
+        ct = torch.promote_types(p.dtype, torch.float32)
+        pf, m, v = p.to(ct), exp_avgs[j].to(ct), exp_avg_sqs[j].to(ct)
+        g = grads[j].to(ct) * coef
+        if decoupled_weight_decay:
+            pf = pf * (1.0 - lr * weight_decay)
+        else:
+            g = g + weight_decay * pf
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        vhat = v
+        if max_exp_avg_sqs:
+            vhat = torch.maximum(max_exp_avg_sqs[j].to(ct), v)
+            max_exp_avg_sqs[j].copy_(vhat)
+        pf = pf - (lr / bc1) * m / (vhat.sqrt() / math.sqrt(bc2) + eps)
+        p.copy_(pf)
+        exp_avgs[j].copy_(m)
+        exp_avg_sqs[j].copy_(v)
+        if model_copies:
+            model_copies[j].copy_(pf)

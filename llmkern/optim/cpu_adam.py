@@ -1,0 +1,56 @@
+"""CPUAdam: the AdamW step of ZeRO-Offload. fp32 master weights, moments and gradients live in CPU
+memory; the step runs in the C++ kernel (OpenMP, AVX-512/AVX2 via -march=native, see `llmkern
+info`) and can write a bf16/fp16 copy of every updated parameter into a (pinned) buffer in the same
+pass, ready for a non_blocking upload to the GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from llmkern.optim.adamw import FusedAdamW
+
+
+class CPUAdam(FusedAdamW):
+    """FusedAdamW restricted to CPU fp32 parameters, on the C++ kernel.
+
+    copy_dtype: None, torch.bfloat16 or torch.float16: after each clean step, model_copy(p) holds
+        the updated p in that dtype (written by the kernel, not by a second pass).
+    pin_memory: pin the copy buffers (page-locked, for async H2D). None pins when CUDA is usable;
+        pinning needs a CUDA driver.
+    adamw_mode: True for AdamW (decoupled decay), False for Adam with L2 decay.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, adamw_mode: bool = True,
+                 copy_dtype: torch.dtype | None = None, pin_memory: bool | None = None,
+                 state_dtype: torch.dtype = torch.float32, backend="cpu"):
+        super().__init__(params, lr, betas, eps, weight_decay, master_weights=False,
+                         state_dtype=state_dtype, backend=backend)
+        self._decoupled = adamw_mode
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.device.type != "cpu" or p.dtype != torch.float32:
+                    raise ValueError(f"CPUAdam needs CPU float32 parameters (the fp32 masters), got "
+                                     f"{p.dtype} on {p.device}")
+        if copy_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"copy_dtype must be None, torch.bfloat16 or torch.float16, got {copy_dtype}")
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        self.copy_dtype = copy_dtype
+        self._copies: dict[torch.Tensor, torch.Tensor] = {}
+        if copy_dtype is not None:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    self._copies[p] = torch.empty(p.shape, dtype=copy_dtype, pin_memory=pin_memory)
+                    self._copies[p].copy_(p.detach())
+
+    def model_copy(self, p: torch.Tensor) -> torch.Tensor:
+        """The copy_dtype buffer of parameter p."""
+        if self.copy_dtype is None:
+            raise RuntimeError("CPUAdam was built without copy_dtype; there are no model copies")
+        return self._copies[p]
+
+    def _launch(self, group, params, grads, states, copies, step, found_inf, grad_coef) -> None:
+        if self._copies:
+            copies = [self._copies[p] for p in params]
+        super()._launch(group, params, grads, states, copies, step, found_inf, grad_coef)

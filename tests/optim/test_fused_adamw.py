@@ -1,0 +1,202 @@
+"""llmkern.ops.fused_adamw_ on every backend this machine runs, against the fp64 reference: dtype
+combinations, odd / non-contiguous / empty shapes, the overflow skip, the grad coefficient, opcheck,
+torch.compile and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmkern.ops import fused_adamw as F
+from llmkern.ops._backends import BackendRefused
+from llmkern.testing import assert_close_to_ref
+
+HP = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+# (param, grad, state, model copy): fp32 training, fp16/bf16 mixed precision with fp32 masters,
+# pure 16-bit params, and bf16 moments.
+COMBOS = [
+    (torch.float32, torch.float32, torch.float32, None),
+    (torch.float32, torch.float16, torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16, torch.float32, None),
+    (torch.float16, torch.float16, torch.float32, None),
+    (torch.float32, torch.float32, torch.bfloat16, None),
+]
+# odd sizes, a transposed (dense, non-contiguous) matrix, an empty tensor, a scalar
+SHAPES = [(97,), (1025, 3), "t(33, 17)", (0,), ()]
+
+
+def _tensor(shape, dtype, gen, scale=1.0):
+    if isinstance(shape, str):  # "t(a, b)": a transposed (b, a) tensor
+        a, b = eval(shape[1:])
+        return (torch.randn(b, a, generator=gen) * scale).to(dtype).t()
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+def make_case(combo, shapes=SHAPES, seed=0, amsgrad=False):
+    pd, gd, sd, cd = combo
+    gen = torch.Generator().manual_seed(seed)
+    params = [_tensor(s, pd, gen) for s in shapes]
+    grads = [_tensor(s, gd, gen, 0.5) for s in shapes]
+    # moments as after a few steps: m ~ g, v ~ g^2 (positive)
+    exp_avgs = [_tensor(s, sd, gen, 0.05) for s in shapes]
+    exp_avg_sqs = [(_tensor(s, torch.float32, gen, 0.05) ** 2).to(sd) for s in shapes]
+    # AMSGrad's max: above v for some elements, below for others
+    vmax = [(v.float() * (0.5 + torch.rand(v.shape, generator=gen))).to(sd) for v in exp_avg_sqs] if amsgrad else []
+    copies = [p.to(cd) for p in params] if cd is not None else []
+    return [params, grads, exp_avgs, exp_avg_sqs, vmax, copies]
+
+
+def scalars(step=3.0, found_inf=0.0, coef=1.0):
+    return (torch.tensor([step]), torch.tensor([found_inf]), torch.tensor([coef]))
+
+
+def clone(case, dtype=None):
+    return [[t.clone() if dtype is None else t.to(dtype) for t in lst] for lst in case]
+
+
+def flat(lst):
+    return torch.cat([t.reshape(-1).double() for t in lst]).to(lst[0].dtype) if lst else torch.zeros(0)
+
+
+def run(backend, case, steps=3, coef=0.5, decoupled=True):
+    for t in range(1, steps + 1):
+        F.fused_adamw_(*case, *scalars(float(t), 0.0, coef), **HP, decoupled_weight_decay=decoupled,
+                       backend=backend)
+    return case
+
+
+def backends():
+    out = ["cpu", "ref"]
+    out.append(pytest.param("emu", marks=pytest.mark.skipif("emu" in F.UNAVAILABLE,
+                                                             reason=F.UNAVAILABLE.get("emu", ""))))
+    out.append("triton")
+    return out
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(str(d).replace("torch.", "") for d in c))
+@pytest.mark.parametrize("decoupled,amsgrad", [(True, False), (False, False), (True, True)],
+                         ids=["adamw", "adam", "adamw-amsgrad"])
+def test_matches_fp64_reference(backend, combo, decoupled, amsgrad, request):
+    if backend == "triton":
+        request.getfixturevalue("triton_interpret")
+    case = make_case(combo, amsgrad=amsgrad)
+    ref = run("ref", clone(case, torch.float64), decoupled=decoupled)       # the oracle
+    base = run("ref", clone(case), decoupled=decoupled)                     # plain PyTorch, same dtypes
+    out = run(backend, clone(case), decoupled=decoupled)
+    for k, name in enumerate(["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "model_copies"]):
+        for a, r, b in zip(out[k], ref[k], base[k]):
+            assert a.dtype == b.dtype and a.stride() == b.stride()
+        # One multi-tensor op, one output per list: the error rule is applied over all its elements
+        # (a 1-element tensor alone would make "2x PyTorch's max error" a coin toss).
+        if out[k]:
+            assert_close_to_ref(flat(out[k]), flat(ref[k]), flat(base[k]), name=f"{backend} {name}")
+
+
+def test_fp32_matches_torch_fused_adamw_elementwise():
+    """Several tensors, sizes that are not multiples of the SIMD width or of the 64Ki span."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(70001,), (1025, 3), (7,)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    theirs = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, fused=True)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for t in range(1, 6):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        opt.step()
+        F.fused_adamw_(params, grads, m, v, [], [], *scalars(float(t)), lr=1e-2, weight_decay=0.1, backend="cpu")
+    for a, b in zip(params, theirs):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "ref"])
+@pytest.mark.parametrize("combo", COMBOS[:3], ids=["fp32", "fp16-master", "bf16-master"])
+def test_overflow_step_changes_nothing(backend, combo):
+    case = make_case(combo, amsgrad=True)
+    case[1][0][3] = float("inf")
+    before = clone(case)
+    F.fused_adamw_(*case, *scalars(5.0, found_inf=1.0), **HP, backend=backend)
+    for lb, la in zip(before, case):
+        for b, a in zip(lb, la):
+            assert torch.equal(b.reshape(-1).view(torch.uint8), a.reshape(-1).view(torch.uint8))  # bits
+
+
+def test_grad_coef_is_unscale_times_clip():
+    """grad_coef multiplies every gradient: scaled grads with coef 1/S give the unscaled update."""
+    case = make_case(COMBOS[0])
+    scaled = clone(case)
+    scaled[1] = [g * 1024.0 for g in scaled[1]]
+    F.fused_adamw_(*case, *scalars(2.0, 0.0, 0.25), **HP, backend="cpu")
+    F.fused_adamw_(*scaled, *scalars(2.0, 0.0, 0.25 / 1024.0), **HP, backend="cpu")
+    for a, b in zip(case[0], scaled[0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_opcheck():
+    case = make_case(COMBOS[1], shapes=[(97,), "t(33, 17)"], amsgrad=True)
+    args = (*case, *scalars(2.0), 1e-2, 0.9, 0.999, 1e-8, 0.01, True)
+    torch.library.opcheck(torch.ops.llmkern.fused_adamw_.default, args)
+
+
+def test_torch_compile_fullgraph():
+    case = make_case(COMBOS[1], shapes=[(97,), (33, 5)])
+    expect = clone(case)
+    F.fused_adamw_(*expect, *scalars(), **HP, backend="cpu")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(params, grads, m, v, vmax, copies, s, fi, c):
+        torch.ops.llmkern.fused_adamw_(params, grads, m, v, vmax, copies, s, fi, c, 3e-2, 0.9, 0.99, 1e-8, 0.1, True)
+
+    step(*case, *scalars())
+    for la, lb in zip(case, expect):
+        for a, b in zip(la, lb):
+            assert torch.equal(a, b)
+
+
+def test_bad_input_errors():
+    case = make_case(COMBOS[0], shapes=[(5,)])
+    with pytest.raises(ValueError, match="lr must be"):
+        F.fused_adamw_(*clone(case), *scalars(), **{**HP, "lr": -1.0})
+    with pytest.raises(ValueError, match=r"beta1 must be in \[0, 1\)"):
+        F.fused_adamw_(*clone(case), *scalars(), **{**HP, "beta1": 1.0})
+    with pytest.raises(ValueError, match=r"beta2 must be in \[0, 1\)"):
+        F.fused_adamw_(*clone(case), *scalars(), **{**HP, "beta2": -0.1})
+    bad = clone(case)
+    bad[1][0] = bad[1][0].to("meta")
+    with pytest.raises(ValueError, match="on meta but step is on cpu"):
+        F.fused_adamw_(*bad, *scalars(), **HP)
+    bad = clone(case)
+    bad[3][0] = bad[3][0].bfloat16()
+    with pytest.raises(RuntimeError, match="must both be float32 or both bfloat16"):
+        F.fused_adamw_(*bad, *scalars(), **HP, backend="cpu")
+    bad = clone(case)
+    bad[1][0] = bad[1][0].double()
+    with pytest.raises(BackendRefused, match="dtype torch.float64"):
+        F.fused_adamw_(*bad, *scalars(), **HP, backend="cpu")
+    bad = clone(case)
+    bad[2] = []
+    with pytest.raises(RuntimeError, match="exp_avgs has 0 tensors but params has 1"):
+        F.fused_adamw_(*bad, *scalars(), **HP, backend="cpu")
+    bad = clone(case)
+    bad[1][0] = torch.randn(10)[::2]
+    with pytest.raises(RuntimeError, match="must be dense with the same strides"):
+        F.fused_adamw_(*bad, *scalars(), **HP, backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_multi_tensor_sumsq(dtype):
+    from llmkern.ops.multi_tensor_sumsq import multi_tensor_sumsq
+    ts = [(torch.randn(s) * 30).to(dtype) for s in [(70001,), (33, 17), (0,), ()]] + [torch.randn(9, 4).to(dtype).t()]
+    ref = sum(t.double().pow(2).sum() for t in ts)
+    out = multi_tensor_sumsq(ts, backend="cpu")
+    assert out.dtype == torch.float32 and out.shape == (1,)
+    torch.testing.assert_close(out.double(), ref.reshape(1), rtol=1e-5, atol=0)
+    ts[1][3, 4] = float("inf")
+    assert torch.isinf(multi_tensor_sumsq(ts, backend="cpu")).all()
+    ts[1][3, 4] = float("nan")
+    assert torch.isnan(multi_tensor_sumsq(ts, backend="cpu")).all()
+    finite = [torch.randn(97).to(dtype), torch.randn(33, 17).to(dtype)]
+    torch.library.opcheck(torch.ops.llmkern.multi_tensor_sumsq.default, (finite,))
