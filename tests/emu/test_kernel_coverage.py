@@ -15,9 +15,10 @@ EMULATED_TESTS = {
     "lora_rows_dot_kernel": ("tests/ops/test_lora_linear.py", "test_backends"),
     "lora_add_lowrank_kernel": ("tests/ops/test_lora_linear.py", "test_backends"),
     "lora_wgrad_kernel": ("tests/ops/test_lora_linear.py", "test_backends"),
+    "fused_adamw_kernel": ("tests/optim/test_fused_adamw.py", "test_matches_fp64_reference"),
+    "fused_sgd_kernel": ("tests/optim/test_fused_sgd.py", "test_matches_fp64_reference"),
 }
-# The emulator's own test kernels are exercised by tests/emu/test_emu_*.py directly.
-EXEMPT_DIRS = ("tests/",)
+# Only csrc/ is scanned: the emulator's own test kernels (tests/emu/kernels) are run by tests/emu directly.
 
 
 def kernels_in_sources():
