@@ -30,8 +30,12 @@ build: $(VENV)/.deps
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The LoRA fine-tune (FusedAdamW on the adapters), then mixed precision: fp16 weights with fp32
+# masters and the dynamic loss scaler (prints the scale and skipped steps), and bf16.
 demo: build
 	$(PY) -m llmkern train $(DEMO_ARGS)
+	$(PY) examples/train_mixed_precision.py --dtype float16 --steps 200
+	$(PY) examples/train_mixed_precision.py --dtype bfloat16 --steps 100
 
 bench: build
 	$(PY) bench/run_all.py
