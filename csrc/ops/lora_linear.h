@@ -55,4 +55,18 @@ inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
+// The backward's own inputs: grad_y (..., C_out) and xa (..., R) in the accumulation dtype.
+inline void check_lora_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& xa,
+                                       const LoraShapes& sh) {
+  const auto acc_t = lora_acc_dtype(x);
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(with_last(x.sizes(), sh.c_out)), "_lora_linear_backward: grad_y has shape ",
+              grad_y.sizes(), "; expected ", with_last(x.sizes(), sh.c_out));
+  TORCH_CHECK(xa.sizes() == at::IntArrayRef(with_last(x.sizes(), sh.r)) && xa.scalar_type() == acc_t,
+              "_lora_linear_backward: xa has shape ", xa.sizes(), " and dtype ", xa.scalar_type(), "; expected ",
+              with_last(x.sizes(), sh.r), " and ", acc_t);
+  llmkern::detail::check_same_dtype(x, "x", grad_y, "grad_y");
+  llmkern::detail::check_same_device(x, "x", grad_y, "grad_y");
+  llmkern::detail::check_same_device(x, "x", xa, "xa");
+}
+
 }  // namespace llmkern::ops::detail

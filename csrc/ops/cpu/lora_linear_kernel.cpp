@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../lora_linear.h"
+#include "llmkern/cpu_float.h"
 #include "llmkern/registration.h"
 #include "llmkern/rng.h"
 
@@ -60,32 +61,42 @@ Dropout make_dropout(double p, int64_t seed, int64_t offset) {
 // Threads for a pass touching `work` multiply-adds: below ~64K the OpenMP fork costs more than it saves.
 int threads_for(int64_t work) { return work < (1 << 16) ? 1 : at::get_num_threads(); }
 
-// Row conversions. bf16 gets bit-level versions (widen = shift; narrow = round to nearest even,
-// NaN kept quiet) because c10::BFloat16's scalar conversions did not vectorize: the bf16 passes
-// ran at 1-1.6 GB/s, 2-3x below ATen's own bf16 thin GEMMs.
+// Row conversions. The 16-bit types go through llmkern/cpu_float.h's integer-only converters
+// because c10::BFloat16/c10::Half scalar conversions did not vectorize: the bf16 passes ran at
+// 1-1.6 GB/s, 2-3x below ATen's own bf16 thin GEMMs.
+template <typename T>
+struct Tag16;
+template <>
+struct Tag16<c10::BFloat16> {
+  using type = cpu::bf16;
+};
+template <>
+struct Tag16<c10::Half> {
+  using type = cpu::half;
+};
+template <typename T>
+constexpr bool is16 = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
 template <typename T, typename A>
 inline void load_cvt(const T* src, A* dst, int64_t n) {
+  if constexpr (is16<T>) {
+    cpu::to_f32<typename Tag16<T>::type>(reinterpret_cast<const uint16_t*>(src), dst, n);
+  } else {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(src[i]);
-}
-inline void load_cvt(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(s[i]) << 16);
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(src[i]);
+  }
 }
 // dst[i] = T(A(dst[i]) + add[i]): one rounding to T.
 template <typename T, typename A>
 inline void add_store(T* dst, const A* add, int64_t n) {
+  if constexpr (is16<T>) {
+    using Tag = typename Tag16<T>::type;
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<A>(dst[i]) + add[i]);
-}
-inline void add_store(c10::BFloat16* dst, const float* add, int64_t n) {
-  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = cpu::store<Tag>(cpu::load<Tag>(d[i]) + add[i]);
+  } else {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = std::bit_cast<uint32_t>(std::bit_cast<float>(static_cast<uint32_t>(d[i]) << 16) + add[i]);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    d[i] = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<A>(dst[i]) + add[i]);
   }
 }
 
@@ -319,12 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
   using namespace detail;
   const auto sh = check_lora_inputs(x, weight, std::nullopt, lora_a, lora_b, dropout_p);
   const auto acc_t = lora_acc_dtype(x);
-  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(with_last(x.sizes(), sh.c_out)),
-              "_lora_linear_backward: grad_y has shape ", grad_y.sizes(), "; expected ", with_last(x.sizes(), sh.c_out));
-  TORCH_CHECK(xa.sizes() == at::IntArrayRef(with_last(x.sizes(), sh.r)) && xa.scalar_type() == acc_t,
-              "_lora_linear_backward: xa has shape ", xa.sizes(), " and dtype ", xa.scalar_type(), "; expected ",
-              with_last(x.sizes(), sh.r), " and ", acc_t);
-  llmkern::detail::check_same_dtype(x, "x", grad_y, "grad_y");
+  check_lora_backward_inputs(grad_y, x, xa, sh);
   at::Tensor gy2 = grad_y.reshape({sh.n, sh.c_out}).contiguous();
   at::Tensor x2 = x.reshape({sh.n, sh.c_in}).contiguous();
   at::Tensor xa2 = xa.reshape({sh.n, sh.r}).contiguous();

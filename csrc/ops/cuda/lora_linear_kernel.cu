@@ -202,13 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_device(
   const auto sh = check_lora_inputs(x, weight, std::nullopt, lora_a, lora_b, dropout_p);
   LLMKERN_DEVICE_GUARD(x);
   const auto acc_t = lora_acc_dtype(x);
-  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(with_last(x.sizes(), sh.c_out)), "_lora_linear_backward: grad_y has shape ",
-              grad_y.sizes(), "; expected ", with_last(x.sizes(), sh.c_out));
-  TORCH_CHECK(xa.sizes() == at::IntArrayRef(with_last(x.sizes(), sh.r)) && xa.scalar_type() == acc_t,
-              "_lora_linear_backward: xa has shape ", xa.sizes(), " and dtype ", xa.scalar_type(), "; expected ",
-              with_last(x.sizes(), sh.r), " and ", acc_t);
-  llmkern::detail::check_same_dtype(x, "x", grad_y, "grad_y");
-  llmkern::detail::check_same_device(x, "x", grad_y, "grad_y");
+  check_lora_backward_inputs(grad_y, x, xa, sh);
   at::Tensor gy2 = grad_y.reshape({sh.n, sh.c_out}).contiguous();
   at::Tensor x2 = x.reshape({sh.n, sh.c_in}).contiguous();
   at::Tensor xa2 = xa.reshape({sh.n, sh.r}).contiguous();
