@@ -85,3 +85,18 @@ def test_bad_input():
         S.fused_sgd_(*case, *scalars(1), lr=-0.1, momentum=0.9)
     with pytest.raises(RuntimeError, match="momentum_buffers must be given exactly when momentum > 0"):
         S.fused_sgd_(case[0], case[1], [], case[3], *scalars(1), lr=0.1, momentum=0.9, backend="cpu")
+
+
+@pytest.mark.skipif("emu" in S.UNAVAILABLE, reason=S.UNAVAILABLE.get("emu", ""))
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "random:5"])
+def test_emulated_kernel_under_each_schedule(schedule, monkeypatch):
+    """The CUDA kernel under each of the emulator's thread schedules, against the fp64 reference."""
+    monkeypatch.setenv("LLMKERN_EMU_SCHEDULE", schedule)
+    hp = HPS[1]
+    case = make_case(COMBOS[1], hp["momentum"])
+    ref = run("ref", [[t.double() for t in lst] for lst in case], hp)
+    base = run("ref", [[t.clone() for t in lst] for lst in case], hp)
+    out = run("emu", [[t.clone() for t in lst] for lst in case], hp)
+    for k in range(4):
+        if out[k]:
+            assert_close_to_ref(flat(out[k]), flat(ref[k]), flat(base[k]), name=f"emu {schedule} list {k}")
