@@ -69,4 +69,62 @@ inline void check_lora_backward_inputs(const at::Tensor& grad_y, const at::Tenso
   llmkern::detail::check_same_device(x, "x", xa, "xa");
 }
 
+// What both backends work on. The base GEMMs (x·Wᵀ + b, gy·W) go to ATen (MKL/oneDNN on the CPU,
+// cuBLAS on CUDA); the kernels then add the LoRA terms in place. Factors are cast once to the
+// accumulation dtype (R×C, small); Bᵀ is stored R×C so every kernel reads factor rows contiguously.
+struct LoraForward {
+  LoraShapes sh;
+  at::Tensor x2, y2, xa, a, bt;
+
+  std::tuple<at::Tensor, at::Tensor> outputs(const at::Tensor& x) const {
+    return {y2.view(with_last(x.sizes(), sh.c_out)), xa.view(with_last(x.sizes(), sh.r))};
+  }
+};
+
+inline LoraForward prepare_lora_forward(const at::Tensor& x, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                        const at::Tensor& lora_b, double dropout_p) {
+  LoraForward f;
+  f.sh = check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p);
+  const auto acc_t = lora_acc_dtype(x);
+  f.x2 = x.reshape({f.sh.n, f.sh.c_in}).contiguous();
+  f.y2 = bias.has_value() ? at::addmm(*bias, f.x2, weight.t()) : at::mm(f.x2, weight.t());
+  TORCH_INTERNAL_ASSERT(f.y2.is_contiguous());
+  f.xa = at::zeros({f.sh.n, f.sh.r}, x.options().dtype(acc_t));
+  f.a = lora_a.to(acc_t).contiguous();
+  f.bt = lora_b.t().to(acc_t).contiguous();
+  return f;
+}
+
+// gu = s·gy·B (N×R); gbt = Bᵀ's gradient (R×C_out) and ga = A's (R×C_in), zeroed for accumulation.
+struct LoraBackward {
+  LoraShapes sh;
+  at::Tensor gy2, x2, xa2, gx2, a, bt, gu, gbt, ga;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs(const at::Tensor& x) const {
+    return {gx2.view(x.sizes()), ga.to(x.scalar_type()), gbt.t().to(x.scalar_type()).contiguous()};
+  }
+};
+
+inline LoraBackward prepare_lora_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                          const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& xa,
+                                          double dropout_p) {
+  LoraBackward b;
+  b.sh = check_lora_inputs(x, weight, std::nullopt, lora_a, lora_b, dropout_p);
+  check_lora_backward_inputs(grad_y, x, xa, b.sh);
+  const auto acc_t = lora_acc_dtype(x);
+  const auto& sh = b.sh;
+  b.gy2 = grad_y.reshape({sh.n, sh.c_out}).contiguous();
+  b.x2 = x.reshape({sh.n, sh.c_in}).contiguous();
+  b.xa2 = xa.reshape({sh.n, sh.r}).contiguous();
+  b.gx2 = at::mm(b.gy2, weight);
+  TORCH_INTERNAL_ASSERT(b.gx2.is_contiguous());
+  b.a = lora_a.to(acc_t).contiguous();
+  b.bt = lora_b.t().to(acc_t).contiguous();
+  b.gu = at::zeros({sh.n, sh.r}, x.options().dtype(acc_t));
+  b.gbt = at::zeros({sh.r, sh.c_out}, x.options().dtype(acc_t));
+  b.ga = at::zeros({sh.r, sh.c_in}, x.options().dtype(acc_t));
+  return b;
+}
+
 }  // namespace llmkern::ops::detail

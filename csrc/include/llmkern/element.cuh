@@ -55,19 +55,6 @@ struct Elem<__nv_bfloat16> {
   static LLMKERN_HD __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
 };
 
-// Dropout parameters passed to kernels by value (see rng.h for the mask definition).
-struct DropoutParams {
-  uint64_t offset;
-  uint32_t key;
-  uint32_t threshold;
-  double inv_keep;
-  bool on;
-};
-
-inline DropoutParams make_dropout_params(double p, int64_t seed, int64_t offset) {
-  return {static_cast<uint64_t>(offset), dropout_key(seed), dropout_threshold(p), 1.0 / (1.0 - p), p > 0.0};
-}
-
 // The dropout multiplier of element `counter`: 0 when dropped, 1/(1-p) when kept, 1 without dropout.
 template <typename A>
 LLMKERN_HD A dropout_mult(const DropoutParams& d, uint64_t counter) {

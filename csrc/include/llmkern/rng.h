@@ -44,4 +44,17 @@ LLMKERN_HD bool dropout_keep(uint32_t key, uint64_t counter, uint32_t threshold)
   return (h >> 8) >= threshold;
 }
 
+// Everything a kernel needs to regenerate a mask, passed by value (CPU and CUDA kernels alike).
+struct DropoutParams {
+  uint64_t offset;
+  uint32_t key;
+  uint32_t threshold;
+  double inv_keep;  // 1/(1-p)
+  bool on;          // p > 0
+};
+
+inline DropoutParams make_dropout_params(double p, int64_t seed, int64_t offset) {
+  return {static_cast<uint64_t>(offset), dropout_key(seed), dropout_threshold(p), 1.0 / (1.0 - p), p > 0.0};
+}
+
 }  // namespace llmkern

@@ -41,23 +41,6 @@ struct AccOf<double> {
   using type = double;
 };
 
-struct Dropout {
-  bool on = false;
-  uint32_t key = 0, threshold = 0;
-  uint64_t offset = 0;
-  double inv_keep = 1.0;
-};
-
-Dropout make_dropout(double p, int64_t seed, int64_t offset) {
-  Dropout d;
-  d.on = p > 0.0;
-  d.key = dropout_key(seed);
-  d.threshold = dropout_threshold(p);
-  d.offset = static_cast<uint64_t>(offset);
-  d.inv_keep = 1.0 / (1.0 - p);
-  return d;
-}
-
 // Threads for a pass touching `work` multiply-adds: below ~64K the OpenMP fork costs more than it saves.
 int threads_for(int64_t work) { return work < (1 << 16) ? 1 : at::get_num_threads(); }
 
@@ -103,7 +86,7 @@ inline void add_store(T* dst, const A* add, int64_t n) {
 // buf (RB, CB) = rows [n0, n0+nr) × columns [k0, k0+kc) of src (N, K) as A, times the dropout
 // multiplier (0 or 1/(1-p)), which is also kept in mult (RB, CB). Rows past nr are zero.
 template <typename T, typename A>
-inline void load_tile(const T* src, int64_t K, int64_t n0, int64_t nr, int64_t k0, int64_t kc, const Dropout& d,
+inline void load_tile(const T* src, int64_t K, int64_t n0, int64_t nr, int64_t k0, int64_t kc, const DropoutParams& d,
                       A* buf, A* mult) {
   const A s = static_cast<A>(d.inv_keep);
   for (int64_t j = 0; j < RB; ++j) {
@@ -201,7 +184,7 @@ inline void add_partial(A* G, const std::vector<A>& part) {
 
 // Pass F1: xa = dropout(x)·Aᵀ.
 template <typename T, typename A>
-void forward_down(const T* x, int64_t N, int64_t K, const A* a, int64_t R, const Dropout& d, A* xa) {
+void forward_down(const T* x, int64_t N, int64_t K, const A* a, int64_t R, const DropoutParams& d, A* xa) {
   const int64_t blocks = (N + RB - 1) / RB;
 #pragma omp parallel num_threads(threads_for(N * K * R))
   {
@@ -244,7 +227,7 @@ void forward_up(T* y, int64_t N, int64_t C, const A* xa, const A* bt, int64_t R,
 template <typename T, typename A>
 void backward_gy(const T* gy, int64_t N, int64_t C, const A* bt, int64_t R, A scale, const A* xa, A* gu, A* gbt) {
   const int64_t blocks = (N + RB - 1) / RB;
-  const Dropout none;
+  const DropoutParams none = make_dropout_params(0.0, 0, 0);
 #pragma omp parallel num_threads(threads_for(N * C * R))
   {
     std::vector<A> buf(RB * CB), part(RB * R), coef(RB * R), gpart(R * C, A(0));
@@ -268,7 +251,7 @@ void backward_gy(const T* gy, int64_t N, int64_t C, const A* bt, int64_t R, A sc
 
 // Pass B2 over x (N, K): ga += guᵀ·dropout(x) and gx += mask·(gu·A)/(1-p), gx in place.
 template <typename T, typename A>
-void backward_x(const T* x, int64_t N, int64_t K, const A* a, int64_t R, const Dropout& d, const A* gu, A* ga,
+void backward_x(const T* x, int64_t N, int64_t K, const A* a, int64_t R, const DropoutParams& d, const A* gu, A* ga,
                 T* gx) {
   const int64_t blocks = (N + RB - 1) / RB;
 #pragma omp parallel num_threads(threads_for(N * K * R))
@@ -306,52 +289,35 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
                                                    const at::Tensor& lora_b, double scale, double dropout_p,
                                                    int64_t seed, int64_t offset) {
   using namespace detail;
-  const auto sh = check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p);
-  const auto acc_t = lora_acc_dtype(x);
-  at::Tensor x2 = x.reshape({sh.n, sh.c_in}).contiguous();
-  at::Tensor y2 = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  TORCH_INTERNAL_ASSERT(y2.is_contiguous());
-  at::Tensor xa = at::empty({sh.n, sh.r}, x.options().dtype(acc_t));
-  at::Tensor a = lora_a.to(acc_t).contiguous();
-  at::Tensor bt = lora_b.t().to(acc_t).contiguous();
-  const Dropout d = make_dropout(dropout_p, seed, offset);
+  LoraForward f = prepare_lora_forward(x, weight, bias, lora_a, lora_b, dropout_p);
+  const auto& sh = f.sh;
+  const DropoutParams d = make_dropout_params(dropout_p, seed, offset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_cpu", [&] {
     using A = typename AccOf<scalar_t>::type;
-    forward_down(x2.data_ptr<scalar_t>(), sh.n, sh.c_in, a.data_ptr<A>(), sh.r, d, xa.data_ptr<A>());
-    forward_up(y2.data_ptr<scalar_t>(), sh.n, sh.c_out, xa.data_ptr<A>(), bt.data_ptr<A>(), sh.r,
+    forward_down(f.x2.data_ptr<scalar_t>(), sh.n, sh.c_in, f.a.data_ptr<A>(), sh.r, d, f.xa.data_ptr<A>());
+    forward_up(f.y2.data_ptr<scalar_t>(), sh.n, sh.c_out, f.xa.data_ptr<A>(), f.bt.data_ptr<A>(), sh.r,
                static_cast<A>(scale));
   });
-  return {y2.view(with_last(x.sizes(), sh.c_out)), xa.view(with_last(x.sizes(), sh.r))};
+  return f.outputs(x);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& xa, double scale, double dropout_p, int64_t seed, int64_t offset) {
   using namespace detail;
-  const auto sh = check_lora_inputs(x, weight, std::nullopt, lora_a, lora_b, dropout_p);
-  const auto acc_t = lora_acc_dtype(x);
-  check_lora_backward_inputs(grad_y, x, xa, sh);
-  at::Tensor gy2 = grad_y.reshape({sh.n, sh.c_out}).contiguous();
-  at::Tensor x2 = x.reshape({sh.n, sh.c_in}).contiguous();
-  at::Tensor xa2 = xa.reshape({sh.n, sh.r}).contiguous();
-  at::Tensor gx2 = at::mm(gy2, weight);
-  TORCH_INTERNAL_ASSERT(gx2.is_contiguous());
-  at::Tensor a = lora_a.to(acc_t).contiguous();
-  at::Tensor bt = lora_b.t().to(acc_t).contiguous();
-  at::Tensor gu = at::empty({sh.n, sh.r}, x.options().dtype(acc_t));
-  at::Tensor gbt = at::zeros({sh.r, sh.c_out}, x.options().dtype(acc_t));
-  at::Tensor ga = at::zeros({sh.r, sh.c_in}, x.options().dtype(acc_t));
-  const Dropout d = make_dropout(dropout_p, seed, offset);
+  LoraBackward b = prepare_lora_backward(grad_y, x, weight, lora_a, lora_b, xa, dropout_p);
+  const auto& sh = b.sh;
+  const DropoutParams d = make_dropout_params(dropout_p, seed, offset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_backward_cpu", [&] {
     using A = typename AccOf<scalar_t>::type;
     const A s = static_cast<A>(scale);
-    backward_gy(gy2.data_ptr<scalar_t>(), sh.n, sh.c_out, bt.data_ptr<A>(), sh.r, s, xa2.data_ptr<A>(),
-                gu.data_ptr<A>(), gbt.data_ptr<A>());
-    backward_x(x2.data_ptr<scalar_t>(), sh.n, sh.c_in, a.data_ptr<A>(), sh.r, d, gu.data_ptr<A>(),
-               ga.data_ptr<A>(), gx2.data_ptr<scalar_t>());
+    backward_gy(b.gy2.data_ptr<scalar_t>(), sh.n, sh.c_out, b.bt.data_ptr<A>(), sh.r, s, b.xa2.data_ptr<A>(),
+                b.gu.data_ptr<A>(), b.gbt.data_ptr<A>());
+    backward_x(b.x2.data_ptr<scalar_t>(), sh.n, sh.c_in, b.a.data_ptr<A>(), sh.r, d, b.gu.data_ptr<A>(),
+               b.ga.data_ptr<A>(), b.gx2.data_ptr<scalar_t>());
   });
-  gbt.mul_(scale);
-  return {gx2.view(x.sizes()), ga.to(x.scalar_type()), gbt.t().to(x.scalar_type()).contiguous()};
+  b.gbt.mul_(scale);  // backward_gy accumulates xaᵀ·gy; the scale is applied once here
+  return b.outputs(x);
 }
 
 LLMKERN_CPU_IMPL(m) {

@@ -175,56 +175,37 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_device(const at::Tensor& x, const
                                                       const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                       double scale, double dropout_p, int64_t seed, int64_t offset) {
   using namespace detail;
-  const auto sh = check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p);
   LLMKERN_DEVICE_GUARD(x);
-  const auto acc_t = lora_acc_dtype(x);
-  at::Tensor x2 = x.reshape({sh.n, sh.c_in}).contiguous();
-  at::Tensor y2 = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  TORCH_INTERNAL_ASSERT(y2.is_contiguous());
-  at::Tensor xa = at::zeros({sh.n, sh.r}, x.options().dtype(acc_t));
-  at::Tensor a = lora_a.to(acc_t).contiguous();
-  at::Tensor bt = lora_b.t().to(acc_t).contiguous();
+  LoraForward f = prepare_lora_forward(x, weight, bias, lora_a, lora_b, dropout_p);
   const DropoutParams d = make_dropout_params(dropout_p, seed, offset);
   const DropoutParams none = make_dropout_params(0.0, 0, 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_device", [&] {
     using T = typename CudaType<scalar_t>::type;
     using A = typename Elem<T>::acc;
-    rows_dot<T, A>(x2, a, 1.0, d, xa);
-    add_lowrank<T, A>(y2, xa, bt, scale, none);
+    rows_dot<T, A>(f.x2, f.a, 1.0, d, f.xa);
+    add_lowrank<T, A>(f.y2, f.xa, f.bt, scale, none);
   });
-  return {y2.view(with_last(x.sizes(), sh.c_out)), xa.view(with_last(x.sizes(), sh.r))};
+  return f.outputs(x);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_device(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& xa, double scale, double dropout_p, int64_t seed, int64_t offset) {
   using namespace detail;
-  const auto sh = check_lora_inputs(x, weight, std::nullopt, lora_a, lora_b, dropout_p);
   LLMKERN_DEVICE_GUARD(x);
-  const auto acc_t = lora_acc_dtype(x);
-  check_lora_backward_inputs(grad_y, x, xa, sh);
-  at::Tensor gy2 = grad_y.reshape({sh.n, sh.c_out}).contiguous();
-  at::Tensor x2 = x.reshape({sh.n, sh.c_in}).contiguous();
-  at::Tensor xa2 = xa.reshape({sh.n, sh.r}).contiguous();
-  at::Tensor gx2 = at::mm(gy2, weight);
-  TORCH_INTERNAL_ASSERT(gx2.is_contiguous());
-  at::Tensor a = lora_a.to(acc_t).contiguous();
-  at::Tensor bt = lora_b.t().to(acc_t).contiguous();
-  at::Tensor gu = at::zeros({sh.n, sh.r}, x.options().dtype(acc_t));
-  // wgrad accumulates with atomics in the accumulation dtype (fp64 atomicAdd needs sm_60+).
-  at::Tensor gbt = at::zeros({sh.r, sh.c_out}, x.options().dtype(acc_t));
-  at::Tensor ga = at::zeros({sh.r, sh.c_in}, x.options().dtype(acc_t));
+  // wgrad accumulates into the zeroed gbt/ga with atomics in the accumulation dtype (fp64 atomicAdd: sm_60+).
+  LoraBackward b = prepare_lora_backward(grad_y, x, weight, lora_a, lora_b, xa, dropout_p);
   const DropoutParams d = make_dropout_params(dropout_p, seed, offset);
   const DropoutParams none = make_dropout_params(0.0, 0, 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_backward_device", [&] {
     using T = typename CudaType<scalar_t>::type;
     using A = typename Elem<T>::acc;
-    rows_dot<T, A>(gy2, bt, scale, none, gu);
-    wgrad<T, A>(xa2, gy2, scale, none, gbt);
-    wgrad<T, A>(gu, x2, 1.0, d, ga);
-    add_lowrank<T, A>(gx2, gu, a, 1.0, d);
+    rows_dot<T, A>(b.gy2, b.bt, scale, none, b.gu);
+    wgrad<T, A>(b.xa2, b.gy2, scale, none, b.gbt);
+    wgrad<T, A>(b.gu, b.x2, 1.0, d, b.ga);
+    add_lowrank<T, A>(b.gx2, b.gu, b.a, 1.0, d);
   });
-  return {gx2.view(x.sizes()), ga.to(x.scalar_type()), gbt.t().to(x.scalar_type()).contiguous()};
+  return b.outputs(x);
 }
 
 LLMKERN_DEVICE_IMPL(m) {
