@@ -119,6 +119,28 @@ def choose(op: str, tensors: Sequence[torch.Tensor], dtypes: DTypes, backend: Ba
                          "; ".join(f"{b}: {', '.join(r)}" for b, r in skipped))
 
 
+# The extension that carries each compiled backend's kernels, and the op namespace it registers.
+_COMPILED: dict[str, tuple[str, str]] = {"cpu": ("_C", "llmkern"), "emu": ("_C_emu", "llmkern_emu")}
+
+
+def register_compiled_op(name: str, fake, backends: Sequence[Backend] = ("cpu", "emu")) -> dict[str, str]:
+    """Registers `fake` for ``<ns>::<name>`` in every compiled namespace that defines the op, and
+    returns, per backend, why its kernels are unavailable (the `unavailable` of :func:`choose`).
+    The CUDA kernels attach to the schema that _C defines, so "cuda" is unavailable when "cpu" is."""
+    unavailable: dict[str, str] = {}
+    for b in backends:
+        ext, ns = _COMPILED[b]
+        if not _ext.available(ext):
+            unavailable[b] = f"llmkern.{ext}: {_ext.status(ext)}"
+        elif not hasattr(getattr(torch.ops, ns), name):
+            unavailable[b] = f"llmkern.{ext} was built without {ns}::{name} (rebuild it)"
+        else:
+            torch.library.register_fake(f"{ns}::{name}")(fake)
+    if "cpu" in unavailable:
+        unavailable["cuda"] = unavailable["cpu"]
+    return unavailable
+
+
 _warned: set[tuple[str, str, str]] = set()
 
 

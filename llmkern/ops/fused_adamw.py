@@ -20,8 +20,7 @@ from typing import Sequence
 
 import torch
 
-from llmkern import _ext
-from llmkern.ops._backends import Backend, choose
+from llmkern.ops._backends import Backend, choose, register_compiled_op
 
 Tensors = Sequence[torch.Tensor]
 _HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,17 +36,7 @@ def _fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, s
 
 # The same schema is defined by _C (namespace llmkern, CPU and CUDA kernels) and by _C_emu
 # (namespace llmkern_emu: the CUDA kernel compiled for the CPU).
-# A backend whose extension is missing, or was built without this op, is refused with the reason.
-UNAVAILABLE: dict[str, str] = {}
-for _backend, _ns, _name in (("cpu", "llmkern", "_C"), ("emu", "llmkern_emu", "_C_emu")):
-    if not _ext.available(_name):
-        UNAVAILABLE[_backend] = f"llmkern.{_name}: {_ext.status(_name)}"
-    elif not hasattr(getattr(torch.ops, _ns), "fused_adamw_"):
-        UNAVAILABLE[_backend] = f"llmkern.{_name} was built without {_ns}::fused_adamw_ (rebuild it)"
-    else:
-        torch.library.register_fake(f"{_ns}::fused_adamw_")(_fake)
-if "cpu" in UNAVAILABLE:  # the CUDA kernels attach to the schema that _C defines
-    UNAVAILABLE["cuda"] = UNAVAILABLE["cpu"]
+UNAVAILABLE: dict[str, str] = register_compiled_op("fused_adamw_", _fake)
 
 
 def check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:

@@ -14,8 +14,7 @@ import math
 
 import torch
 
-from llmkern import _ext
-from llmkern.ops._backends import Backend, choose
+from llmkern.ops._backends import Backend, choose, register_compiled_op
 from llmkern.ops.fused_adamw import DTYPES, Tensors, check_devices
 
 SUPPORTED: tuple[Backend, ...] = ("cpu", "cuda", "emu", "ref")  # no Triton kernel for SGD yet
@@ -27,17 +26,7 @@ def _fake(params, grads, momentum_buffers, model_copies, step, found_inf, grad_c
 
 # The same schema is defined by _C (namespace llmkern, CPU and CUDA kernels) and by _C_emu
 # (namespace llmkern_emu: the CUDA kernel compiled for the CPU).
-# A backend whose extension is missing, or was built without this op, is refused with the reason.
-UNAVAILABLE: dict[str, str] = {}
-for _backend, _ns, _name in (("cpu", "llmkern", "_C"), ("emu", "llmkern_emu", "_C_emu")):
-    if not _ext.available(_name):
-        UNAVAILABLE[_backend] = f"llmkern.{_name}: {_ext.status(_name)}"
-    elif not hasattr(getattr(torch.ops, _ns), "fused_sgd_"):
-        UNAVAILABLE[_backend] = f"llmkern.{_name} was built without {_ns}::fused_sgd_ (rebuild it)"
-    else:
-        torch.library.register_fake(f"{_ns}::fused_sgd_")(_fake)
-if "cpu" in UNAVAILABLE:  # the CUDA kernels attach to the schema that _C defines
-    UNAVAILABLE["cuda"] = UNAVAILABLE["cpu"]
+UNAVAILABLE: dict[str, str] = register_compiled_op("fused_sgd_", _fake)
 
 
 def check_hyperparameters(lr: float, momentum: float, dampening: float, weight_decay: float,

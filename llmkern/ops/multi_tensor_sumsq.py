@@ -11,8 +11,7 @@ from typing import Sequence
 
 import torch
 
-from llmkern import _ext
-from llmkern.ops._backends import Backend, choose
+from llmkern.ops._backends import Backend, choose, register_compiled_op
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 DTYPES = {"cpu": _FLOATS, "ref": _FLOATS + (torch.float64,)}
@@ -23,13 +22,7 @@ def _fake(tensors):
     return tensors[0].new_empty(1, dtype=torch.float32) if tensors else torch.empty(1)
 
 
-UNAVAILABLE: dict[str, str] = {}
-if not _ext.available("_C"):
-    UNAVAILABLE["cpu"] = f"llmkern._C: {_ext.status('_C')}"
-elif not hasattr(torch.ops.llmkern, "multi_tensor_sumsq"):
-    UNAVAILABLE["cpu"] = "llmkern._C was built without llmkern::multi_tensor_sumsq (rebuild it)"
-else:
-    torch.library.register_fake("llmkern::multi_tensor_sumsq")(_fake)
+UNAVAILABLE: dict[str, str] = register_compiled_op("multi_tensor_sumsq", _fake, backends=("cpu",))
 
 
 def multi_tensor_sumsq(tensors: Sequence[torch.Tensor], *, backend: Backend | None = None) -> torch.Tensor:
