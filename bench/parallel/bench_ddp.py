@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,12 +25,14 @@ import torch.distributed as dist
 
 from llmkern.parallel import DDPConfig, DistributedDataParallel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _harness import environment, write_results  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--buckets-mb", default="1,5,25")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
@@ -91,14 +92,7 @@ def main() -> None:
                   f"{fmt(r['buckets'], '7d')} {fmt(r['overlap_fraction'], '7.2f')} "
                   f"{fmt(r['comm_ms_per_step'], '8.1f')} "
                   f"{fmt(r['mb_sent_per_step'], '8.1f')}")
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"ddp_w{world}"
-        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-        with stem.with_suffix(".csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_results(f"ddp_w{world}", rows, environment(world_size=world))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -13,10 +13,9 @@ bench/parallel/results/ring_all_reduce_w<n>.{csv,json}.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +23,9 @@ import torch
 import torch.distributed as dist
 
 from llmkern.parallel import comm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _harness import environment, write_results  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -41,7 +43,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--segment-kib", type=int, default=comm.SEGMENT_BYTES // 1024,
                     help="ring pipeline segment")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
@@ -90,14 +91,7 @@ def main() -> None:
         for r in rows:
             print(f"{r['op']:<16} {r['world']:>5} {r['mib']:>4} {r['ms']:8.2f} {r['busbw_gbs']:10.3f} "
                   f"{r['busbw_ratio_vs_all_reduce']:22.2f}")
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"ring_all_reduce_w{world}"
-        stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-        with stem.with_suffix(".csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_results(f"ring_all_reduce_w{world}", rows, environment(world_size=world))
     dist.barrier()
     dist.destroy_process_group()
 
