@@ -1,6 +1,7 @@
 # The two commands of the README, each doing all of its own setup on a fresh machine:
 #   make test   venv + pinned dependencies + build (CPU, emulated CUDA and nvcc extensions) + the whole suite
-#   make demo   venv + build + the main job (a LoRA fine-tune of a tiny Llama on a synthetic task)
+#   make demo   venv + build + the main job: a fine-tune of a tiny Llama (LoRA by default) in fp16 with
+#               FusedAdamW and the loss scaler, on 2 ranks under torchrun with llmkern DDP
 # Other targets: build, bench, info, lint, clean.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,6 +13,9 @@ export CUDA_HOME ?= $(or $(wildcard /usr/local/cuda),$(patsubst %/bin/nvcc,%,$(s
 export MAX_JOBS ?= $(shell nproc)
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+# make demo METHOD=adapter|prefix|prompt|ptuning picks the method; NPROC=1 runs it in one process.
+METHOD ?= lora
+NPROC ?= 2
 
 .PHONY: all build test demo bench info lint clean
 
@@ -30,12 +34,10 @@ build: $(VENV)/.deps
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The LoRA fine-tune (FusedAdamW on the adapters), then mixed precision: fp16 weights with fp32
-# masters and the dynamic loss scaler (prints the scale and skipped steps), and bf16.
+# The fine-tune relaunches itself under torchrun with NPROC ranks (llmkern DDP over gloo); extra
+# flags go through DEMO_ARGS, e.g. make demo DEMO_ARGS="--dtype bfloat16 --steps 600".
 demo: build
-	$(PY) -m llmkern train $(DEMO_ARGS)
-	$(PY) examples/train_mixed_precision.py --dtype float16 --steps 200
-	$(PY) examples/train_mixed_precision.py --dtype bfloat16 --steps 100
+	$(PY) -m llmkern train --method $(METHOD) --nproc $(NPROC) $(DEMO_ARGS)
 
 bench: build
 	$(PY) bench/run_all.py

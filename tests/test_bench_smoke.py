@@ -29,3 +29,22 @@ def test_bench_lora_quick_writes_results(tmp_path):
     for key in ("torch", "cpu", "torch_threads", "contention", "timestamp", "git_commit"):
         assert key in data["env"]
     assert len(data["rows"]) == len(rows)
+
+
+def test_bench_peft_methods_quick_writes_results(tmp_path):
+    pytest.importorskip("peft")
+    env = dict(os.environ, LLMKERN_BENCH_RESULTS=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/peft/bench_methods.py"), "--quick"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["candidate"]: r for r in csv.DictReader(open(tmp_path / "peft_methods_quick.csv"))}
+    assert set(rows) == {"full", "lora_llmkern", "lora_peft", "adapter", "prefix", "prompt", "ptuning"}
+    assert all(float(r["median_ms"]) > 0 for r in rows.values())
+    # The same LoRA config trains the same parameters through llmkern and PEFT; every method trains fewer
+    # parameters than full fine-tuning, and prompt tuning the fewest (16 tokens x hidden 64).
+    assert rows["lora_llmkern"]["trainable_params"] == rows["lora_peft"]["trainable_params"]
+    assert int(rows["prompt"]["trainable_params"]) == 16 * 64
+    full = int(rows["full"]["trainable_params"])
+    assert all(int(r["trainable_params"]) < full for k, r in rows.items() if k != "full")
+    assert "LoRA step time llmkern / PEFT" in proc.stdout
