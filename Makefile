@@ -39,8 +39,15 @@ test: build
 demo: build
 	$(PY) -m llmkern train --method $(METHOD) --nproc $(NPROC) $(DEMO_ARGS)
 
-bench: build
-	$(PY) bench/run_all.py
+# DeepSpeed (the CPU Adam peer of bench/optim) goes into build/bench-deps, not .venv; it JIT-builds
+# its CPU Adam with ninja on first use. Its dependencies are pinned too, so --no-deps.
+BENCH_DEPS := build/bench-deps
+$(BENCH_DEPS)/.deps: requirements-bench.txt | $(VENV)/.deps
+	$(PIP) install --disable-pip-version-check -q --no-deps --target $(BENCH_DEPS) -r requirements-bench.txt
+	touch $@
+
+bench: build $(BENCH_DEPS)/.deps
+	LLMKERN_DEEPSPEED_PATH=$(CURDIR)/$(BENCH_DEPS) $(PY) bench/run_all.py
 
 info: build
 	$(PY) -m llmkern info
