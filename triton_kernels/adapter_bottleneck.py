@@ -466,7 +466,8 @@ def _signature(kernel: str, t: str) -> tuple[object, dict]:
     if kernel == "wgrad":
         return _adapter_bottleneck_wgrad_kernel, {
             "u_ptr": "*fp32", "a_ptr": f"*{t}", "m_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-            "lnw_ptr": f"*{t}", "lnb_ptr": f"*{t}", "g_ptr": "*fp32", "colsum_ptr": "*fp32", "lng_ptr": "*fp32",
+            "lnw_ptr": f"*{t}", "lnb_ptr": f"*{t}",
+            "g_ptr": "*fp32", "colsum_ptr": "*fp32", "lng_ptr": "*fp32",
             "T": i32, "C": i32, "R": i32, "rows_per_split": i32, "stride_mr": i32, "stride_mc": i32,
             "alpha": f32, "act": i32, "has_ln_bias": i32, "has_colsum": i32}
     if kernel == "ln_bwd":
@@ -546,8 +547,9 @@ def _check_x(x) -> tuple[int, int]:
 def _check_params(x, down_weight, down_bias, up_weight, activation, ln_weight, ln_bias) -> int:
     t, c = _check_x(x)
     if not isinstance(down_weight, torch.Tensor) or down_weight.dim() != 2 or down_weight.shape[1] != c:
-        _fail(f"down_weight must be (R, C={c}), got "
-              f"{tuple(down_weight.shape) if isinstance(down_weight, torch.Tensor) else type(down_weight).__name__}")
+        dw = down_weight
+        got = tuple(dw.shape) if isinstance(dw, torch.Tensor) else type(dw).__name__
+        _fail(f"down_weight must be (R, C={c}), got {got}")
     r = down_weight.shape[0]
     if not 1 <= r <= _MAX_R:
         _fail(f"rank R={r} is outside [1, {_MAX_R}]")
@@ -647,19 +649,20 @@ def adapter_bottleneck_bwd(grad_out, x, down_weight, down_bias, up_weight, scale
         float(scale), 0.0, act, 0, 0, **cfg)
 
     # grad_U = s·grad_outᵀ·act(z), grad_u = s·Σ_t grad_out.
-    g_up, colsum, _ = _wgrad(z, grad_out, up_weight, stats, lnw, lnb, alpha=float(scale), act=act, colsum=True,
-                             has_ln=False, has_ln_bias=False)
+    g_up, colsum, _ = _wgrad(z, grad_out, up_weight, stats, lnw, lnb, alpha=float(scale), act=act,
+                             colsum=True, has_ln=False, has_ln_bias=False)
     # grad_D = g_zᵀ·LN?(x) and, with LN, grad_ln_w = Σ_t g_h·x̂, grad_ln_b = Σ_t g_h (g_h = g_z·D).
-    g_down, _, lng = _wgrad(g_z, x, down_weight, stats, lnw, lnb, alpha=1.0, act=0, colsum=False, has_ln=has_ln,
-                            has_ln_bias=ln_bias is not None)
+    g_down, _, lng = _wgrad(g_z, x, down_weight, stats, lnw, lnb, alpha=1.0, act=0, colsum=False,
+                            has_ln=has_ln, has_ln_bias=ln_bias is not None)
 
     grad_x = torch.empty_like(x)
     if has_ln:
-        cfg = _config("ln_bwd", dtype, r, _is_aligned(c, grad_x, grad_out, x, g_z, down_weight, mean, rstd, lnw))
+        aligned = _is_aligned(c, grad_x, grad_out, x, g_z, down_weight, mean, rstd, lnw)
+        cfg = _config("ln_bwd", dtype, r, aligned)
         _adapter_bottleneck_ln_bwd_kernel[(triton.cdiv(t, cfg["BLOCK_T"]),)](
             grad_x, grad_out, x, g_z, down_weight, mean, rstd, lnw, t, c, r,
             down_weight.stride(0), down_weight.stride(1), int(residual_is_x), **cfg)
-        grad_ln_w, grad_ln_b = lng[0].to(dtype), lng[1].to(dtype)
+        grad_ln_w, grad_ln_b = _own(lng[0], dtype), _own(lng[1], dtype)
     else:
         # grad_x = grad_out? + g_z·D: the up kernel with m = Dᵀ, no activation, no bias.
         cfg = _config("up", dtype, r, _is_aligned(c, grad_x, grad_out, g_z, down_weight))
@@ -667,13 +670,19 @@ def adapter_bottleneck_bwd(grad_out, x, down_weight, down_bias, up_weight, scale
         _adapter_bottleneck_up_kernel[grid](
             grad_x, grad_out, g_z, down_weight, x, t, c, r, down_weight.stride(0), down_weight.stride(1),
             1.0, 0, 0, int(residual_is_x), **cfg)
-        grad_ln_w = grad_ln_b = torch.zeros((0,), dtype=dtype, device=dev)
-    return (grad_x, g_down.to(dtype), g_z.sum(0).to(dtype), g_up.t().contiguous().to(dtype), colsum.to(dtype),
+        grad_ln_w, grad_ln_b = (torch.zeros((0,), dtype=dtype, device=dev) for _ in range(2))
+    return (grad_x, _own(g_down, dtype), g_z.sum(0).to(dtype), _own(g_up.t(), dtype), _own(colsum, dtype),
             grad_ln_w, grad_ln_b)
 
 
 def _or(t, default):
     return default if t is None else t
+
+
+def _own(t, dtype):
+    """A fresh contiguous copy in `dtype`: outputs never alias each other or the split buffers
+    (fp32 .to() would return a view; a registered op's outputs must not share storage)."""
+    return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def _wgrad(u, a, m, stats, lnw, lnb, *, alpha, act, colsum, has_ln, has_ln_bias):

@@ -1,4 +1,4 @@
-"""Triton adapter kernels (triton_kernels/adapter_bottleneck.py) against fp64 PyTorch, under TRITON_INTERPRET=1.
+"""Triton adapter kernels (triton_kernels/adapter_bottleneck.py) vs fp64 PyTorch, under TRITON_INTERPRET=1.
 
 Error rule (STYLE.md): the kernel's max error against an fp64 reference is at most 2× the error of
 the same computation in plain PyTorch in the same dtype (3× for gradients). The reference is
@@ -76,11 +76,10 @@ def _torch(p, residual, grad_out, activation, dtype):
 
 
 def _run(p, residual, grad_out, activation):
-    out, z, mean, rstd = K.adapter_bottleneck_fwd(p["x"], p["down_weight"], p["down_bias"], p["up_weight"],
-                                                  p["up_bias"], SCALE, activation, p["ln_weight"], p["ln_bias"],
-                                                  EPS, residual)
-    grads = K.adapter_bottleneck_bwd(grad_out, p["x"], p["down_weight"], p["down_bias"], p["up_weight"], SCALE,
-                                     activation, p["ln_weight"], p["ln_bias"], z, mean, rstd, residual is None)
+    x, dw, db, uw, ub, lw, lb = (p[k] for k in NAMES)
+    out, z, mean, rstd = K.adapter_bottleneck_fwd(x, dw, db, uw, ub, SCALE, activation, lw, lb, EPS, residual)
+    grads = K.adapter_bottleneck_bwd(grad_out, x, dw, db, uw, SCALE, activation, lw, lb, z, mean, rstd,
+                                     residual is None)
     return out, z, mean, rstd, grads
 
 
@@ -94,7 +93,8 @@ def _check(t, c, r, dtype, activation, *, ln, parallel, **kw):
     shapes = dict(x=(t, c), down_weight=(r, c), down_bias=(r,), up_weight=(c, r), up_bias=(c,),
                   ln_weight=(c,) if ln else (0,), ln_bias=(c,) if ln else (0,))
     for g, name in zip(got, NAMES):
-        assert g.dtype == dtype and tuple(g.shape) == shapes[name] and g.is_contiguous(), (name, g.dtype, g.shape)
+        assert g.dtype == dtype and tuple(g.shape) == shapes[name] and g.is_contiguous(), \
+            (name, g.dtype, g.shape)
 
     ref = _torch(p, residual, grad_out, activation, torch.float64)
     base = _torch(p, residual, grad_out, activation, dtype)
@@ -218,7 +218,8 @@ def test_input_checks():
         (dict(down_weight=p["down_weight"][:, :16]), r"down_weight must be \(R, C=32\)"),
         (dict(down_weight=torch.randn(257, c)), r"rank R=257 is outside \[1, 256\]"),
         (dict(up_weight=p["up_weight"][:, :2]), r"up_weight must have shape \(32, 4\)"),
-        (dict(up_weight=p["up_weight"].half()), r"up_weight has dtype torch.float16 but must be torch.float32"),
+        (dict(up_weight=p["up_weight"].half()), r"up_weight has dtype torch.float16 but must be "
+                                                r"torch.float32"),
         (dict(down_bias=torch.randn(5)), r"down_bias must have shape \(4,\)"),
         (dict(up_bias=torch.randn(2 * c)[::2]), r"up_bias must be contiguous"),
         (dict(ln_weight=p["ln_weight"].bfloat16()), r"ln_weight has dtype torch.bfloat16"),
@@ -262,3 +263,14 @@ def test_aot_configs_cover_launcher_choices():
                     for has_ln in (False, True):
                         c = K._aot_config(kernel, dtype, r, aligned, has_ln)
                         assert (c.kernel.__name__, c.name) in shipped, c.name
+
+
+@pytest.mark.parametrize("ln", [False, True], ids=["no_ln", "ln"])
+def test_outputs_own_their_storage(ln):
+    """No output shares storage with another or with an input (what a registered op must guarantee);
+    fp32 is the dtype where a .to(dtype) of an fp32 partial would be a view."""
+    p, _ = _inputs(5, 40, 3, torch.float32, ln=ln, parallel=False)
+    outs = _run(p, None, _rand(5, 40, dtype=torch.float32), "relu")
+    tensors = [*outs[:4], *outs[4]] + [v for v in p.values() if v is not None]
+    ptrs = [t.untyped_storage().data_ptr() for t in tensors if t.numel()]
+    assert len(ptrs) == len(set(ptrs))
