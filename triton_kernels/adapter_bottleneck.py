@@ -393,16 +393,20 @@ def _config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, has_ln: bool
     small = block_r >= 64 or fp32 or not aligned
     block_t = (16 if fp32 and kernel == "wgrad" else 32) if small else 64
     block_c = 32 if small else 64
-    if kernel == "wgrad":
-        # With LN the row loop also forms g_h = u·m (BLOCK_T, BLOCK_C): a 64×64 tile spilled (fp16 on
-        # sm_90: 16 B), 32×64 fit in 142-168 registers.
-        if has_ln and not small:
+    # fp32 at R = 256 spilled with 32 channels per program (wgrad: 188 B on sm_90, down: 36 B on
+    # sm_80); 16 fit in ≤ 236 registers.
+    if fp32 and block_r >= 256:
+        block_c = 16
+    warps = 8 if block_r >= 128 or (fp32 and block_r >= 64) else 4
+    if kernel == "wgrad" and has_ln:
+        # The row loop also forms g_h = u·m (BLOCK_T, BLOCK_C): a 64×64 tile spilled (fp16 on sm_90:
+        # 16 B), 32×64 fit in 142-168 registers. fp32 at R ≤ 32 spilled 8-16 B on sm_80 with 4 warps
+        # and fits in ≤ 128 registers with 8.
+        if not small:
             block_t = 32
-        # fp32 at R = 256 spilled 188 B (sm_90) with 32 channels per program; 16 fit.
-        if fp32 and block_r >= 256:
-            block_c = 16
-    cfg = dict(BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_R=block_r,
-               num_warps=8 if block_r >= 128 or (fp32 and block_r >= 64) else 4,
+        if fp32:
+            warps = 8
+    cfg = dict(BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
                num_stages=2 if fp32 else 3)
     if kernel == "wgrad":
         cfg["BLOCK_RG"] = 16 if fp32 else min(block_r, 32)
