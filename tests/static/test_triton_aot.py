@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from llmkern import kernel_report as kr
-from llmkern.triton_kernels import lora_linear
+from llmkern.triton_kernels import adapter_bottleneck, lora_linear
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ def rows():
 
 def test_every_shipped_variant_is_reported(rows):
     got = {(r["kernel"], r["config"], r["arch"]) for r in rows}
-    for c in lora_linear.AOT_CONFIGS:
+    for c in lora_linear.AOT_CONFIGS + adapter_bottleneck.AOT_CONFIGS:
         for arch in ("sm_80", "sm_90a"):
             assert (c.kernel.__name__, c.name, arch) in got
     assert all(r["registers"] and r["registers"] <= 255 for r in rows)
