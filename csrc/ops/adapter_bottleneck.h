@@ -140,7 +140,7 @@ struct AdapterBackward {
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
     const auto dt = x.scalar_type();
-    const auto empty = at::empty({0}, x.options());
+    const auto empty = [&] { return at::empty({0}, x.options()); };  // one each: outputs must not alias
     // copy=true: the fp32 sums may be views of one scratch buffer; outputs must not alias.
     const auto cast = [&](const at::Tensor& t) { return t.to(dt, /*non_blocking=*/false, /*copy=*/true); };
     return {gx,
@@ -148,8 +148,8 @@ struct AdapterBackward {
             cast(gdb),
             cast(gut.t().contiguous()),
             cast(gub),
-            sh.ln ? cast(glnw) : empty,
-            sh.ln ? cast(glnb) : empty};
+            sh.ln ? cast(glnw) : empty(),
+            sh.ln ? cast(glnb) : empty()};
   }
 };
 

@@ -90,18 +90,23 @@ def test_modules():
 
 @pytest.mark.parametrize("cls", [Adapter, ParallelAdapter])
 def test_module_backends_agree(cls):
-    """The modules run the fused op (default: automatic, the CPU kernel here) and the reference alike."""
+    """The modules run the fused op (default: automatic, the CPU kernel here); output and every
+    parameter gradient within the 2x/3x rule of the eager (``ref``) module, against fp64."""
     torch.manual_seed(0)
-    a = cls(24, 6, "gelu", scale=0.5, layer_norm=True)
-    torch.nn.init.normal_(a.up.weight)
-    b = cls(24, 6, "gelu", scale=0.5, layer_norm=True, backend="ref")
-    b.load_state_dict(a.state_dict())
-    assert a.backend is None and "backend=auto" in repr(a)
+    mods = {"fused": cls(24, 6, "gelu", scale=0.5, layer_norm=True),
+            "eager": cls(24, 6, "gelu", scale=0.5, layer_norm=True, backend="ref"),
+            "fp64": cls(24, 6, "gelu", scale=0.5, layer_norm=True, backend="ref", dtype=torch.float64)}
+    torch.nn.init.normal_(mods["fused"].up.weight)
+    for m in ("eager", "fp64"):
+        mods[m].load_state_dict(mods["fused"].state_dict())
+    assert mods["fused"].backend is None and "backend=auto" in repr(mods["fused"])
     h = torch.randn(2, 9, 24)
     args = (h,) if cls is Adapter else (h, torch.randn_like(h))
-    ya, yb = a(*args), b(*args)
-    torch.testing.assert_close(ya, yb)
-    ya.square().sum().backward()
-    yb.square().sum().backward()
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+    ys = {}
+    for n, m in mods.items():
+        ys[n] = m(*(a.double() if n == "fp64" else a for a in args))
+        ys[n].square().sum().backward()
+    assert_close_to_ref(ys["fused"], ys["fp64"].detach(), ys["eager"], name="y")
+    for (n, pf), pe, pr in zip(mods["fused"].named_parameters(), mods["eager"].parameters(),
+                               mods["fp64"].parameters()):
+        assert_close_to_ref(pf.grad, pr.grad, pe.grad, grad=True, name=n)
