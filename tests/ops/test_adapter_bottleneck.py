@@ -197,7 +197,8 @@ def test_saves_only_z_and_row_stats(parallel, ln):
 
 
 @pytest.mark.parametrize("ns", ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif(
-    "emu" in UNAVAILABLE, reason="emulated build missing"))])
+    "emu" in UNAVAILABLE, reason="emulated build missing")), pytest.param("llmkern_triton", marks=pytest.mark.skipif(
+        "triton" in UNAVAILABLE, reason=UNAVAILABLE.get("triton", "")))])
 @pytest.mark.parametrize("ln,parallel", [(True, False), (False, True)])
 def test_opcheck(ns, ln, parallel):
     x, dw, db, uw, ub, lw, lb, res = make_inputs((9,), 12, 4, torch.float32, ln=ln, parallel=parallel)
