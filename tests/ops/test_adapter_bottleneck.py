@@ -87,6 +87,13 @@ def test_cpu_grid(dtype, parallel, ln, act):
     check_against_ref("cpu", (97,), 515, 16, dtype, act, ln=ln, parallel=parallel)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_weight_grad_chunks(dtype):
+    """T = 1030: the CPU backward's weight-gradient GEMMs run over 512-row chunks (the last one of 6
+    rows, not a multiple of the 8-row block)."""
+    check_against_ref("cpu", (2, 515), 40, 3, dtype, "silu", ln=True)
+
+
 @pytest.mark.parametrize("backend", backend_params(("cpu", "triton", "cuda")))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,c,r", [((3, 33), 100, 1), ((97,), 100, 64), ((2, 5), 1025, 7)])
