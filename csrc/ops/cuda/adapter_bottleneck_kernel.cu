@@ -9,10 +9,14 @@
 //   colgrad     Q[b, :, c] = (s·Σ g, Σ gh·x̂, Σ gh) over row block b, gh recomputed from gz and D
 // The weight gradients are per-row-block partials summed by one ATen reduction afterwards: no
 // atomics, so the result is deterministic (the LoRA kernels use atomics; here determinism costs
-// row_blocks × R × C × 4 bytes of scratch, 4 MiB at T=2048, C=4096, R=64).
+// row_blocks × R × C × 4 bytes of scratch per weight, 4 MiB at T=2048, C=4096, R=64).
 // act(z) and LN(x) are recomputed in the backward from z, mean and rstd, never stored. bwd_rows
 // computes gh = gz·D twice with LN (once for the two row sums, once for gx) instead of keeping a
 // (T, C) fp32 scratch: R multiply-adds per element against 4 bytes of traffic each way.
+// Not timed yet (no GPU on the dev machines): the row kernels read all of D and Uᵀ (1 MiB each in
+// fp32 at R=64, C=4096) from L2 for every row, ~4 GiB of L2 reads per forward at T=2048, so they
+// are L2-bound where cuBLAS GEMMs would be compute-bound; a tiled (tensor-core) version that
+// reuses each weight tile over many rows is the next step if the GPU numbers call for it.
 // The same file is compiled by g++ against csrc/emu and tested on CPU tensors (llmkern_emu::).
 #include <ATen/ATen.h>
 
