@@ -1,4 +1,4 @@
-"""bench_lora.py --quick runs and writes its CSV and JSON in the harness's schema."""
+"""bench_lora.py and bench_adapter.py --quick run and write their CSV and JSON in the harness's schema."""
 import csv
 import json
 import os
@@ -48,3 +48,23 @@ def test_bench_peft_methods_quick_writes_results(tmp_path):
     full = int(rows["full"]["trainable_params"])
     assert all(int(r["trainable_params"]) < full for k, r in rows.items() if k != "full")
     assert "LoRA step time llmkern / PEFT" in proc.stdout
+
+
+def test_bench_adapter_quick_writes_results(tmp_path):
+    env = dict(os.environ, LLMKERN_BENCH_RESULTS=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/ops/bench_adapter.py"), "--quick"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "llmkern vs eager" in proc.stdout
+    rows = list(csv.DictReader(open(tmp_path / "adapter_quick.csv")))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _harness import SCHEMA
+    assert list(rows[0])[:len(SCHEMA)] == list(SCHEMA)
+    assert {r["candidate"] for r in rows} == {"eager", "llmkern"}
+    assert {(r["dtype"], r["mode"]) for r in rows} == {(d, m) for d in ("fp32", "bf16") for m in ("fwd", "fwd+bwd")}
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    saved = {r["candidate"]: int(r["saved_bytes"]) for r in rows if r["mode"] == "fwd+bwd" and r["dtype"] == "fp32"}
+    assert saved["llmkern"] < saved["eager"]
+    data = json.loads((tmp_path / "adapter_quick.json").read_text())
+    assert len(data["rows"]) == len(rows) and len(data["env"]["summary"]) == 4

@@ -1,13 +1,19 @@
-"""Bottleneck adapter: ``y = r + s·up(act(down(LN?(x))))``, with ``r = x`` (series) or the wrapped
-sublayer's output (parallel).
+"""Fused bottleneck adapter: ``y = r + s·(act(LN?(x)·Dᵀ + d)·Uᵀ + u)``, with ``r = x`` (series,
+Houlsby) or the wrapped sublayer's output (parallel, He et al.).
 
-Shapes: x (..., C), down_weight (R, C), down_bias (R), up_weight (C, R), up_bias (C), optional
-LayerNorm weight/bias (C), residual like x.
+Shapes: x (..., C), down_weight D (R, C), down_bias d (R), up_weight U (C, R), up_bias u (C),
+optional LayerNorm weight/bias (C) (LayerNorm iff ln_weight is given), residual like x.
+fp32, fp16 and bf16 on the compiled backends, accumulating in fp32; fp64 runs on ``ref`` only.
 
-Status: only the pure-PyTorch reference exists. :func:`adapter_bottleneck` validates its inputs and
-runs :func:`adapter_bottleneck_ref`; the fused kernels of ``llmkern::adapter_bottleneck`` (CPU C++,
-CUDA, Triton, with the activation recomputed in backward instead of stored) are not written yet, so
-there is no schema, no backend choice and no ``backend=`` argument today.
+Eager PyTorch stores, per token, LN(x), the pre-activation z, act(z) and (for the up projection)
+act(z) again as its input: the kernels store only z (T, R) in fp32 and the LayerNorm row statistics
+mean/rstd (T) besides x, and recompute LN(x) and act(z) in the backward.
+
+Backends (see ``_backends``): ``cpu`` (llmkern._C), ``cuda`` (llmkern._C_cuda), ``triton``
+(``llmkern.triton_kernels.adapter_bottleneck``), ``emu`` (the CUDA kernels compiled for the CPU)
+and ``ref`` (:func:`adapter_bottleneck_ref`). Each compiled backend is a dispatcher op
+``<ns>::adapter_bottleneck`` with the schema of csrc/ops/adapter_bottleneck.cpp, and the same fake
+function and autograd formula, registered below.
 """
 from __future__ import annotations
 
@@ -16,10 +22,17 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["adapter_bottleneck", "adapter_bottleneck_ref", "ACTIVATIONS"]
+from llmkern import _ext
+from llmkern.ops import _backends
+
+__all__ = ["adapter_bottleneck", "adapter_bottleneck_ref", "check_adapter_inputs", "ACTIVATIONS", "UNAVAILABLE"]
 
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")  # the order of llmkern::Act (csrc/include/llmkern/activation.h)
+
+_LOW = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = {"cpu": _LOW, "cuda": _LOW, "emu": _LOW, "triton": _LOW, "ref": _LOW + (torch.float64,)}
+NAMESPACES = {"cpu": "llmkern", "cuda": "llmkern", "emu": "llmkern_emu", "triton": "llmkern_triton"}
 
 
 def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -36,16 +49,20 @@ def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
 
 def adapter_bottleneck_ref(x, down_weight, down_bias, up_weight, up_bias, scale=1.0, activation: Activation = "relu",
                            ln_weight=None, ln_bias=None, eps=1e-5, residual=None):
-    """The oracle, in plain PyTorch autograd (which stores the activation; the kernels will not)."""
+    """The oracle and fallback, in plain PyTorch autograd (which stores every intermediate)."""
     h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps) if ln_weight is not None else x
     out = F.linear(_act(F.linear(h, down_weight, down_bias), activation), up_weight, up_bias)
     return (x if residual is None else residual) + scale * out
 
 
-def _check(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight, ln_bias, residual):
+def check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight, ln_bias, residual):
+    """Shape, dtype, device and value checks with messages that name what was expected. The C++ ops
+    check the same things; this keeps the ``ref`` and ``triton`` paths as strict."""
     if x.dim() < 1:
         raise ValueError("adapter_bottleneck: x must have shape (..., C), got a 0-d tensor")
     c = x.shape[-1]
+    if c < 1:
+        raise ValueError(f"adapter_bottleneck: x must have C >= 1 channels, got shape {tuple(x.shape)}")
     if down_weight.dim() != 2 or down_weight.shape[1] != c or down_weight.shape[0] < 1:
         raise ValueError(f"adapter_bottleneck: down_weight must be (R, {c}) with R >= 1, got "
                          f"{tuple(down_weight.shape)}")
@@ -56,19 +73,167 @@ def _check(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight,
                        ("ln_bias", ln_bias, c)):
         if t is not None and tuple(t.shape) != (n,):
             raise ValueError(f"adapter_bottleneck: {name} must be ({n},), got {tuple(t.shape)}")
+    if ln_bias is not None and ln_weight is None:
+        raise ValueError("adapter_bottleneck: ln_bias is given without ln_weight; LayerNorm is applied iff "
+                         "ln_weight is given")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"adapter_bottleneck: residual must have x's shape {tuple(x.shape)}, got "
                          f"{tuple(residual.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"adapter_bottleneck: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    for name, t in (("down_weight", down_weight), ("up_weight", up_weight), ("residual", residual)):
-        if t is not None and t.dtype != x.dtype:
+    if x.dtype not in DTYPES["ref"]:
+        raise TypeError(f"adapter_bottleneck: dtype must be one of float32, float16, bfloat16, float64; got {x.dtype}")
+    for name, t in (("down_weight", down_weight), ("down_bias", down_bias), ("up_weight", up_weight),
+                    ("up_bias", up_bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias), ("residual", residual)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
             raise TypeError(f"adapter_bottleneck: x and {name} must have the same dtype, got {x.dtype} and {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"adapter_bottleneck: x and {name} must be on the same device, got {x.device} and "
+                             f"{t.device}")
 
 
-def adapter_bottleneck(x, down_weight, down_bias, up_weight, up_bias, scale=1.0, activation: Activation = "relu",
-                       ln_weight=None, ln_bias=None, eps=1e-5, residual=None):
-    """The op's entry point. Today it checks its inputs and runs the reference (see the module doc)."""
-    _check(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight, ln_bias, residual)
-    return adapter_bottleneck_ref(x, down_weight, down_bias, up_weight, up_bias, scale, activation, ln_weight,
-                                  ln_bias, eps, residual)
+# ---------------------------------------------------------------------------------------------
+# Fake functions and autograd, shared by every namespace that carries the op.
+
+def _fake_forward(x, down_weight, down_bias, up_weight, up_bias, scale, activation, ln_weight, ln_bias, eps,
+                  residual):
+    t, r = x.shape[0], down_weight.shape[0]
+    nstat = t if ln_weight is not None else 0
+    f32 = torch.float32
+    return (x.new_empty(x.shape), x.new_empty((t, r), dtype=f32), x.new_empty((nstat,), dtype=f32),
+            x.new_empty((nstat,), dtype=f32))
+
+
+def _fake_backward(grad_out, x, down_weight, down_bias, up_weight, scale, activation, ln_weight, ln_bias, z, mean,
+                   rstd, residual_is_x):
+    c, r = x.shape[1], down_weight.shape[0]
+    nln = c if ln_weight is not None else 0
+    return (x.new_empty(x.shape), x.new_empty((r, c)), x.new_empty((r,)), x.new_empty((c, r)), x.new_empty((c,)),
+            x.new_empty((nln,)), x.new_empty((nln,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, down_weight, down_bias, up_weight, up_bias, scale, activation, ln_weight, ln_bias, eps, residual = inputs
+    _, z, mean, rstd = output
+    # The only activations kept: x, z (T, R) fp32 and mean/rstd (T) fp32. The parameters are saved
+    # too (they are not activations: no extra memory).
+    ctx.save_for_backward(x, down_weight, down_bias, up_weight, ln_weight, ln_bias, z, mean, rstd)
+    ctx.hparams = (float(scale), activation)
+    ctx.has = (down_bias is not None, up_bias is not None, ln_weight is not None, ln_bias is not None,
+               residual is not None)
+
+
+def _make_backward(ns: str):
+    def backward(ctx, grad_out, _gz, _gmean, _grstd):
+        x, down_weight, down_bias, up_weight, ln_weight, ln_bias, z, mean, rstd = ctx.saved_tensors
+        scale, activation = ctx.hparams
+        has_db, has_ub, has_lnw, has_lnb, has_res = ctx.has
+        need = ctx.needs_input_grad
+        gx, gdw, gdb, guw, gub, glnw, glnb = getattr(torch.ops, ns)._adapter_bottleneck_backward(
+            grad_out.contiguous(), x, down_weight, down_bias, up_weight, scale, activation, ln_weight, ln_bias, z,
+            mean, rstd, not has_res)
+        return (gx if need[0] else None, gdw if need[1] else None, gdb if has_db and need[2] else None,
+                guw if need[3] else None, gub if has_ub and need[4] else None, None, None,
+                glnw if has_lnw and need[7] else None, glnb if has_lnb and need[8] else None, None,
+                grad_out if has_res and need[10] else None)
+    return backward
+
+
+_SCHEMA_FWD = ("(Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, Tensor? up_bias, float scale, "
+               "str activation, Tensor? ln_weight, Tensor? ln_bias, float eps, Tensor? residual) "
+               "-> (Tensor out, Tensor z, Tensor mean, Tensor rstd)")
+_SCHEMA_BWD = ("(Tensor grad_out, Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, float scale, "
+               "str activation, Tensor? ln_weight, Tensor? ln_bias, Tensor z, Tensor mean, Tensor rstd, "
+               "bool residual_is_x) -> (Tensor grad_x, Tensor grad_down_weight, Tensor grad_down_bias, "
+               "Tensor grad_up_weight, Tensor grad_up_bias, Tensor grad_ln_weight, Tensor grad_ln_bias)")
+_registered: set[str] = set()
+
+
+def _register(ns: str) -> None:
+    if ns in _registered:
+        return
+    torch.library.register_fake(f"{ns}::adapter_bottleneck")(_fake_forward)
+    torch.library.register_fake(f"{ns}::_adapter_bottleneck_backward")(_fake_backward)
+    torch.library.register_autograd(f"{ns}::adapter_bottleneck", _make_backward(ns), setup_context=_setup_context)
+    _registered.add(ns)
+
+
+def _define_triton_ops() -> None:
+    """The Triton backend as dispatcher ops under ``llmkern_triton``, so it gets the same fake,
+    autograd and torch.compile treatment as the C++ ops. The launchers take the schema's
+    positional arguments and return its tuples."""
+    from llmkern.triton_kernels import adapter_bottleneck as tk  # first: nothing is defined if it fails
+
+    lib = torch.library.Library("llmkern_triton", "FRAGMENT")
+    lib.define("adapter_bottleneck" + _SCHEMA_FWD)
+    lib.define("_adapter_bottleneck_backward" + _SCHEMA_BWD)
+
+    def fwd(x, down_weight, down_bias, up_weight, up_bias, scale, activation, ln_weight, ln_bias, eps, residual):
+        res = residual.contiguous() if residual is not None else None
+        return tuple(tk.adapter_bottleneck_fwd(x.contiguous(), down_weight.contiguous(), down_bias,
+                                               up_weight.contiguous(), up_bias, scale, activation, ln_weight,
+                                               ln_bias, eps, res))
+
+    def bwd(grad_out, x, down_weight, down_bias, up_weight, scale, activation, ln_weight, ln_bias, z, mean, rstd,
+            residual_is_x):
+        return tuple(tk.adapter_bottleneck_bwd(grad_out.contiguous(), x.contiguous(), down_weight.contiguous(),
+                                               down_bias, up_weight.contiguous(), scale, activation, ln_weight,
+                                               ln_bias, z.contiguous(), mean, rstd, residual_is_x))
+
+    for key in ("CPU", "CUDA"):
+        lib.impl("adapter_bottleneck", fwd, key)
+        lib.impl("_adapter_bottleneck_backward", bwd, key)
+    _define_triton_ops.lib = lib  # keep the Library alive
+
+
+def _init() -> dict[str, str]:
+    """Registers fake/autograd for every namespace whose kernels are present; returns why others are not."""
+    missing = {}
+    for backend, ext in (("cpu", "_C"), ("emu", "_C_emu")):
+        ns = NAMESPACES[backend]
+        if not _ext.available(ext):
+            missing[backend] = _ext.status(ext)
+        elif not hasattr(getattr(torch.ops, ns), "adapter_bottleneck"):
+            missing[backend] = f"llmkern.{ext} was built without {ns}::adapter_bottleneck (rebuild it)"
+        else:
+            _register(ns)
+    if "cpu" in missing:  # the CUDA kernels attach to the llmkern ops that _C defines
+        missing["cuda"] = missing["cpu"]
+    else:
+        _ext.available("_C_cuda")
+    try:
+        _define_triton_ops()
+        _register("llmkern_triton")
+    except Exception as e:  # triton missing or its kernels not written/importable: say so, never crash
+        missing["triton"] = f"{type(e).__name__}: {e}"
+    return missing
+
+
+UNAVAILABLE = _init()
+
+
+def adapter_bottleneck(x, down_weight, down_bias, up_weight, up_bias, scale: float = 1.0,
+                       activation: Activation = "relu", ln_weight=None, ln_bias=None, eps: float = 1e-5,
+                       residual=None, *, backend: _backends.Backend | None = None) -> torch.Tensor:
+    """Fused ``r + scale·up(act(down(LN?(x))))`` (see the module docstring). x: (..., C).
+
+    ``residual=None`` is the series form (r = x); a tensor shaped like x is the parallel form.
+    ``backend`` (or ``LLMKERN_BACKEND``) forces a backend; a refused one raises
+    :class:`~llmkern.ops._backends.BackendRefused` with the reason.
+    """
+    check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight, ln_bias, residual)
+    tensors = [t for t in (x, down_weight, down_bias, up_weight, up_bias, ln_weight, ln_bias, residual)
+               if t is not None]
+    chosen = _backends.choose("adapter_bottleneck", tensors, DTYPES, backend, unavailable=UNAVAILABLE)
+    if chosen == "ref":
+        return adapter_bottleneck_ref(x, down_weight, down_bias, up_weight, up_bias, scale, activation, ln_weight,
+                                      ln_bias, eps, residual)
+    c = x.shape[-1]
+    x2 = x.reshape(-1, c)
+    res2 = residual.reshape(-1, c) if residual is not None else None
+    op = getattr(torch.ops, NAMESPACES[chosen]).adapter_bottleneck
+    out = op(x2, down_weight, down_bias, up_weight, up_bias, float(scale), activation, ln_weight, ln_bias,
+             float(eps), res2)[0]
+    return out.reshape(x.shape)

@@ -15,6 +15,10 @@ EMULATED_TESTS = {
     "lora_rows_dot_kernel": ("tests/ops/test_lora_linear.py", "test_backends"),
     "lora_add_lowrank_kernel": ("tests/ops/test_lora_linear.py", "test_backends"),
     "lora_wgrad_kernel": ("tests/ops/test_lora_linear.py", "test_backends"),
+    "adapter_fwd_rows_kernel": ("tests/ops/test_adapter_bottleneck.py", "test_emu"),
+    "adapter_bwd_rows_kernel": ("tests/ops/test_adapter_bottleneck.py", "test_emu"),
+    "adapter_wgrad_kernel": ("tests/ops/test_adapter_bottleneck.py", "test_emu"),
+    "adapter_colgrad_kernel": ("tests/ops/test_adapter_bottleneck.py", "test_emu"),
     "fused_adamw_kernel": ("tests/optim/test_fused_adamw.py", "test_matches_fp64_reference"),
     "fused_sgd_kernel": ("tests/optim/test_fused_sgd.py", "test_matches_fp64_reference"),
 }
