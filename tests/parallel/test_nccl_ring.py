@@ -136,11 +136,12 @@ def test_ring_matches_fp64_reference(world, algo, op, dtype):
 
 def test_storage_offset_and_multidimensional_buffers():
     # A contiguous view that starts one element into its storage (no chunk is 16-byte aligned where the
-    # kernel expects it) and a 2-D buffer: both are reduced as flat memory.
-    base = make_inputs(2, 1 + 6 * 41, torch.bfloat16, integer=True, seed=3)
-    views = [b[1:].view(6, 41) for b in base]
-    expected = (base[0][1:].double() + base[1][1:].double()).to(torch.bfloat16)
-    firsts = [b[0].clone() for b in base]
+    # kernel expects it) and a 2-D buffer: both are reduced as flat memory; the elements just outside
+    # the view are left alone.
+    base = make_inputs(2, 1 + 6 * 41 + 1, torch.bfloat16, integer=True, seed=3)
+    views = [b[1:-1].view(6, 41) for b in base]
+    expected = (base[0][1:-1].double() + base[1][1:-1].double()).to(torch.bfloat16)
+    guards = [b[[0, -1]].clone() for b in base]
 
     def fn(rank, comm):
         comm.all_reduce_(views[rank])
@@ -148,8 +149,8 @@ def test_storage_offset_and_multidimensional_buffers():
 
     results, errors = run_ranks(2, fn)
     assert errors == [None, None]
-    for r, first in zip(results, firsts):
-        assert torch.equal(r[1:], expected) and torch.equal(r[0], first)  # the element before is untouched
+    for r, guard in zip(results, guards):
+        assert torch.equal(r[1:-1], expected) and torch.equal(r[[0, -1]], guard)
 
 
 # --- fp32 accumulation of 16-bit buffers --------------------------------------------------------------
