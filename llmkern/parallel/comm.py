@@ -230,7 +230,8 @@ def ring_all_reduce_flat(flat: torch.Tensor, group=None, *, op: Literal["sum", "
         raise ValueError(f"ring_all_reduce: tensors must be on the CPU (gloo ring) or a CUDA device (NCCL "
                          f"ring), got {flat.device}")
     if algo != "ring":
-        raise ValueError(f"ring_all_reduce: algo={algo!r} is for CUDA tensors; CPU tensors take the gloo ring")
+        raise ValueError(f"ring_all_reduce: algo={algo!r} is for CUDA tensors; CPU tensors take the gloo "
+                         f"ring")
     rank, world = _group_rank_world(group)
     if accumulate_dtype is not None and accumulate_dtype != flat.dtype:
         wide = flat.to(accumulate_dtype)

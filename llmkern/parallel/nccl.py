@@ -62,9 +62,11 @@ class NcclCommunicator:
             raise ValueError(f"NcclCommunicator: rank must be in [0, {world}), got {rank}")
         self.backend, self.rank, self.world, self.key = backend, rank, world, key
         if backend == "cuda":
-            device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+            device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(
+                device)
             if device.type != "cuda" or device.index is None:
-                raise ValueError(f"NcclCommunicator: device must be a CUDA device with an index, got {device}")
+                raise ValueError(f"NcclCommunicator: device must be a CUDA device with an index, "
+                                 f"got {device}")
             self.device = device
         else:
             self.device = torch.device("cpu")
@@ -76,10 +78,11 @@ class NcclCommunicator:
                 raw = store.get(key)
             except Exception as e:  # torch raises DistStoreError (a RuntimeError) on timeout
                 timeout = getattr(store, "timeout", None)
-                waited = f"{timeout.total_seconds():g} s" if isinstance(timeout, datetime.timedelta) else "the store's timeout"
-                raise RuntimeError(f"NcclCommunicator: rank {rank} of {world} waited {waited} for rank 0's NCCL "
-                                   f"unique id under store key {key!r} and gave up; did rank 0 create its "
-                                   f"communicator? ({type(e).__name__}: {e})") from e
+                waited = (f"{timeout.total_seconds():g} s" if isinstance(timeout, datetime.timedelta)
+                          else "the store's timeout")
+                raise RuntimeError(f"NcclCommunicator: rank {rank} of {world} waited {waited} for rank 0's "
+                                   f"NCCL unique id under store key {key!r} and gave up; did rank 0 create "
+                                   f"its communicator? ({type(e).__name__}: {e})") from e
             uid = torch.tensor(list(raw), dtype=torch.uint8)
         self._comm = cls(uid, rank, world, self.device.index if self.device.index is not None else -1)
 

@@ -19,7 +19,8 @@ from llmkern.parallel import comm as C
 from llmkern.parallel.nccl import NcclCommunicator
 from llmkern.testing import assert_close_to_ref, run_distributed
 
-pytestmark = pytest.mark.skipif(not _ext.available("_C_emu"), reason=f"llmkern._C_emu: {_ext.status('_C_emu')}")
+pytestmark = pytest.mark.skipif(not _ext.available("_C_emu"),
+                                reason=f"llmkern._C_emu: {_ext.status('_C_emu')}")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SCHEDULES = ["forward", "reverse", "random:7"]
