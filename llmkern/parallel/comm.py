@@ -2,9 +2,13 @@
 
 `ring_all_reduce(tensors, group)` sums (or averages) a list of tensors across the ranks of
 `group`. Tensors are packed into flat buckets of at most `bucket_bytes`, one dtype per bucket, and
-each bucket goes round the ring: reduce-scatter, then all-gather, with `isend`/`irecv` to the
-neighbours. That is the path for CPU tensors on gloo. CUDA tensors will go through the NCCL
-extension in csrc/comm; until it is built they are refused with that reason (no silent fallback).
+each bucket goes round the ring: reduce-scatter, then all-gather. CPU tensors take a ring of
+`isend`/`irecv` to the neighbours over the group (gloo). CUDA tensors take the NCCL extension
+(csrc/comm/nccl_comm.cu, llmkern.parallel.nccl): the same schedule over ncclSend/ncclRecv with our
+reduction kernel, through one NCCL communicator per (group, device), bootstrapped from the group's
+own store (the PrefixStore torch keeps for every group, the default one included). The group itself
+may be gloo: only its store is used. Without llmkern._C_cuda a CUDA tensor is refused with the
+reason (no silent fallback to the group's backend).
 
 Why a ring of point-to-point messages on gloo: measured here (research/baselines.md §3, 64 MiB fp32)
 gloo's own all_reduce reaches 1.26 GB/s bus bandwidth at 2 ranks and 0.75 GB/s at 4, while a ring of
@@ -186,20 +190,48 @@ def _ring_flat(flat: torch.Tensor, group, rank: int, world: int, average: bool,
     return sent
 
 
+def _nccl_flat(flat: torch.Tensor, group, op: str, accumulate_dtype: torch.dtype | None, algo: str) -> int:
+    from llmkern.parallel import nccl
+
+    if flat.dtype not in nccl.DTYPES:
+        raise ValueError(f"ring_all_reduce: CUDA tensors must be one of {[str(d) for d in nccl.DTYPES]} "
+                         f"(the NCCL ring's reduction kernel), got {flat.dtype}")
+    comm = nccl.communicator_for(group, flat.device)
+    if accumulate_dtype is None or accumulate_dtype == flat.dtype:
+        return comm.all_reduce_(flat, op=op, algo=algo)
+    if accumulate_dtype == torch.float32 and algo == "ring" and flat.dtype in (torch.float16, torch.bfloat16):
+        # fp32 partial sums on the wire, one rounding at the end, 16-bit all-gather (nccl_comm.cu).
+        return comm.all_reduce_(flat, op=op, algo=algo, accumulate_fp32=True)
+    wide = flat.to(accumulate_dtype)
+    sent = comm.all_reduce_(wide, op=op, algo=algo)
+    flat.copy_(wide)
+    return sent
+
+
 def ring_all_reduce_flat(flat: torch.Tensor, group=None, *, op: Literal["sum", "avg"] = "sum",
-                         accumulate_dtype: torch.dtype | None = None) -> int:
+                         accumulate_dtype: torch.dtype | None = None,
+                         algo: Literal["ring", "nccl"] = "ring") -> int:
     """All-reduce one contiguous 1-D tensor in place; returns the bytes this rank sent.
 
-    accumulate_dtype: reduce in this dtype (e.g. torch.float32 for bf16/fp16 buffers): the buffer is
-    cast up, reduced and averaged there, and cast back once, so partial sums never round to 16 bits.
-    Twice the bytes go over the wire for 16-bit inputs.
+    accumulate_dtype: reduce in this dtype (e.g. torch.float32 for bf16/fp16 buffers), so partial
+    sums never round to 16 bits. On gloo the buffer is cast up, reduced there and cast back once
+    (twice the bytes on the wire). On NCCL with the ring, fp32 partial sums travel only inside the
+    reduce-scatter and are rounded once (1.33x the bytes at 4 ranks, 1x at 2).
+    algo: CUDA tensors only: "ring" is llmkern's ring with its own reduction kernel, "nccl" calls
+    ncclAllReduce (the baseline; NCCL picks its algorithm, bytes are reported as the ring's).
     """
     if flat.dim() != 1 or not flat.is_contiguous():
         raise ValueError("ring_all_reduce_flat: expects a contiguous 1-D tensor")
+    if algo not in ("ring", "nccl"):
+        raise ValueError(f"ring_all_reduce: algo must be 'ring' or 'nccl', got {algo!r}")
+    if flat.device.type == "cuda":
+        return _nccl_flat(flat, group, op, accumulate_dtype, algo)
     if flat.device.type != "cpu":
-        raise NotImplementedError(f"ring_all_reduce: {flat.device.type} tensors need the NCCL ring of "
-                                  f"llmkern._C_cuda, which is not built yet; only CPU tensors (gloo) are "
-                                  f"supported")
+        raise ValueError(f"ring_all_reduce: tensors must be on the CPU (gloo ring) or a CUDA device (NCCL "
+                         f"ring), got {flat.device}")
+    if algo != "ring":
+        raise ValueError(f"ring_all_reduce: algo={algo!r} is for CUDA tensors; CPU tensors take the gloo "
+                         f"ring")
     rank, world = _group_rank_world(group)
     if accumulate_dtype is not None and accumulate_dtype != flat.dtype:
         wide = flat.to(accumulate_dtype)
@@ -250,12 +282,15 @@ def check_same_device(tensors: Sequence[torch.Tensor], what: str = "ring_all_red
 
 def ring_all_reduce(tensors: Sequence[torch.Tensor], group=None, *, bucket_bytes: int = 25 * 2**20,
                     op: Literal["sum", "avg"] = "sum",
-                    accumulate_dtype: torch.dtype | None = None) -> CommStats:
+                    accumulate_dtype: torch.dtype | None = None,
+                    algo: Literal["ring", "nccl"] = "ring") -> CommStats:
     """Sums (op="sum") or averages (op="avg") `tensors` in place across the ranks of `group`.
 
     Tensors are packed into buckets of at most `bucket_bytes` (one dtype each). Tensors that already
     lie back to back in one storage are reduced through a view, without copies; others are copied
     into a flat buffer and back. Returns this rank's `CommStats` (bytes sent, buckets, copies, time).
+    CPU tensors go round a gloo ring, CUDA tensors round the NCCL ring (`algo`: see
+    `ring_all_reduce_flat`); `seconds` of a CUDA call covers the enqueueing, not the GPU's work.
     """
     t0 = time.perf_counter()
     stats = CommStats()
@@ -274,13 +309,15 @@ def ring_all_reduce(tensors: Sequence[torch.Tensor], group=None, *, bucket_bytes
         if flat is None:
             flat = torch.cat([t.reshape(-1) for t in members])
             stats.copied_bytes += 2 * flat.numel() * flat.element_size()
-            stats.bytes_sent += ring_all_reduce_flat(flat, group, op=op, accumulate_dtype=accumulate_dtype)
+            stats.bytes_sent += ring_all_reduce_flat(flat, group, op=op, accumulate_dtype=accumulate_dtype,
+                                                      algo=algo)
             pos = 0
             for t in members:
                 t.copy_(flat[pos:pos + t.numel()].view_as(t))
                 pos += t.numel()
         else:
-            stats.bytes_sent += ring_all_reduce_flat(flat, group, op=op, accumulate_dtype=accumulate_dtype)
+            stats.bytes_sent += ring_all_reduce_flat(flat, group, op=op, accumulate_dtype=accumulate_dtype,
+                                                      algo=algo)
         stats.buckets += 1
     stats.seconds = time.perf_counter() - t0
     return stats

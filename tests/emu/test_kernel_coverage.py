@@ -21,13 +21,15 @@ EMULATED_TESTS = {
     "adapter_colgrad_kernel": ("tests/ops/test_adapter_bottleneck.py", "test_emu"),
     "fused_adamw_kernel": ("tests/optim/test_fused_adamw.py", "test_matches_fp64_reference"),
     "fused_sgd_kernel": ("tests/optim/test_fused_sgd.py", "test_matches_fp64_reference"),
+    "ring_reduce_kernel": ("tests/parallel/test_nccl_ring.py", "test_ring_matches_fp64_reference"),
 }
 # Only csrc/ is scanned: the emulator's own test kernels (tests/emu/kernels) are run by tests/emu directly.
 
 
 def kernels_in_sources():
     found = {}
-    for cu in sorted(ROOT.glob("csrc/**/*.cu")):
+    # .cuh too: a kernel defined in a header (csrc/comm/ring_reduce.cuh) is compiled wherever it is included.
+    for cu in sorted([*ROOT.glob("csrc/**/*.cu"), *ROOT.glob("csrc/**/*.cuh")]):
         for name in re.findall(r"__global__\s+(?:__launch_bounds__\([^)]*\)\s+)?void\s+(\w+)", cu.read_text()):
             found[name] = cu.relative_to(ROOT).as_posix()
     return found
