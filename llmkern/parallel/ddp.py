@@ -13,7 +13,9 @@ are launched strictly in index order, so every rank runs the same sequence of co
 queued on the autograd engine waits for all buckets at the end of backward, so the gradients are
 averaged when `backward()` returns, before `optimizer.step()`.
 
-Not here yet: CUDA tensors (the NCCL ring of csrc/comm is not built; CUDA parameters are refused).
+Not here yet: CUDA parameters are refused. `comm.ring_all_reduce` has an NCCL path for CUDA tensors,
+but overlapping it with backward needs its own CUDA stream and events per bucket, which have not
+been written or run on a GPU.
 """
 from __future__ import annotations
 
@@ -114,8 +116,10 @@ class DistributedDataParallel(nn.Module):
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         comm.check_same_device([p for _, p in named] or [torch.empty(0)], "DistributedDataParallel")
         if named and named[0][1].device.type != "cpu":
-            raise NotImplementedError("DistributedDataParallel: only CPU parameters (gloo) for now; the NCCL "
-                                      "ring for CUDA tensors in csrc/comm is not built yet")
+            raise NotImplementedError("DistributedDataParallel: only CPU parameters (gloo) for now; reducing CUDA "
+                                      "buckets during backward needs per-bucket CUDA streams and events, not "
+                                      "written yet (llmkern.parallel.comm.ring_all_reduce itself takes CUDA "
+                                      "tensors through NCCL)")
         self._check_replicas(named)
         self._broadcast_state()
 

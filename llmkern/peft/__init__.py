@@ -1,8 +1,8 @@
 """Parameter-efficient fine-tuning: configs, ``apply_*(model, config)``, merge/unmerge, PEFT interop.
 
 Every ``apply_*`` freezes the base model, returns an :class:`InjectionReport`, and raises when its
-config selects nothing. ``apply_adapters`` runs the adapter op's PyTorch reference: the fused
-kernels of ``llmkern::adapter_bottleneck`` are not written yet.
+config selects nothing. ``apply_adapters`` attaches :class:`llmkern.nn.Adapter` /
+:class:`~llmkern.nn.ParallelAdapter`, which run the fused op ``llmkern::adapter_bottleneck``.
 """
 from llmkern.peft.adapters import apply_adapters
 from llmkern.peft.config import AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
