@@ -118,8 +118,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
     def _sumsq(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """fp32 sum of squares of all gradients (inf/nan if any element is): one read of the
         gradients, accumulated in fp32 (the norm of fp16 gradients routinely exceeds 65504)."""
-        return multi_tensor_sumsq(grads, backend=None if self.backend in (None, "cuda", "triton", "emu")
-                                  else self.backend)
+        return multi_tensor_sumsq(grads, backend=self.backend)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, *, loss_scaler=None) -> torch.Tensor:

@@ -17,6 +17,8 @@ EMULATED_TESTS = {
     "lora_wgrad_kernel": ("tests/ops/test_lora_linear.py", "test_backends"),
     "fused_adamw_kernel": ("tests/optim/test_fused_adamw.py", "test_matches_fp64_reference"),
     "fused_sgd_kernel": ("tests/optim/test_fused_sgd.py", "test_matches_fp64_reference"),
+    "multi_tensor_sumsq_kernel": ("tests/optim/test_multi_tensor_sumsq.py", "test_emulated_kernel_is_schedule_independent"),
+    "sumsq_finalize_kernel": ("tests/optim/test_multi_tensor_sumsq.py", "test_emulated_kernel_is_schedule_independent"),
 }
 # Only csrc/ is scanned: the emulator's own test kernels (tests/emu/kernels) are run by tests/emu directly.
 

@@ -186,22 +186,6 @@ def test_bad_input_errors():
         F.fused_adamw_(*bad, *scalars(), **HP, backend="cpu")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_multi_tensor_sumsq(dtype):
-    from llmkern.ops.multi_tensor_sumsq import multi_tensor_sumsq
-    ts = [(torch.randn(s) * 30).to(dtype) for s in [(70001,), (33, 17), (0,), ()]] + [torch.randn(9, 4).to(dtype).t()]
-    ref = sum(t.double().pow(2).sum() for t in ts)
-    out = multi_tensor_sumsq(ts, backend="cpu")
-    assert out.dtype == torch.float32 and out.shape == (1,)
-    torch.testing.assert_close(out.double(), ref.reshape(1), rtol=1e-5, atol=0)
-    ts[1][3, 4] = float("inf")
-    assert torch.isinf(multi_tensor_sumsq(ts, backend="cpu")).all()
-    ts[1][3, 4] = float("nan")
-    assert torch.isnan(multi_tensor_sumsq(ts, backend="cpu")).all()
-    finite = [torch.randn(97).to(dtype), torch.randn(33, 17).to(dtype)]
-    torch.library.opcheck(torch.ops.llmkern.multi_tensor_sumsq.default, (finite,))
-
-
 @pytest.mark.skipif("emu" in F.UNAVAILABLE, reason=F.UNAVAILABLE.get("emu", ""))
 @pytest.mark.parametrize("combo", [COMBOS[0], COMBOS[1]], ids=["fp32", "fp16-master"])
 def test_emulated_kernel_schedules_agree(combo, monkeypatch):
