@@ -17,9 +17,8 @@ from types import SimpleNamespace
 import torch
 import triton
 import triton.language as tl
-from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 
-from llmkern.triton_kernels.fused_adamw import _TL, _to_storage
+from llmkern.triton_kernels.fused_adamw import _TL, _to_storage, check_lists
 
 # BLOCK=1024 elements, 4 warps, as fused_adamw: SGD moves 16-20 B/param (fp32 p, g, buf, and a
 # 16-bit copy), so it is bandwidth-bound by a wider margin than AdamW (28 B/param, a sqrt and a
@@ -88,34 +87,11 @@ AOT_CONFIGS = _aot_configs()
 
 def _check(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, momentum) -> None:
     """The C++ op's checks (csrc/ops/fused_sgd.h) that the kernel relies on, with the same wording."""
-    for name, t in (("step", step), ("found_inf", found_inf), ("grad_coef", grad_coef)):
-        if t.dtype != torch.float32 or t.numel() != 1:
-            raise RuntimeError(f"{name} must be a float32 tensor with one element, got {t.dtype} with shape "
-                               f"{tuple(t.shape)}")
     if (momentum == 0.0) != (len(momentum_buffers) == 0):
         raise RuntimeError(f"momentum_buffers must be given exactly when momentum > 0 (momentum {momentum}, "
                            f"{len(momentum_buffers)} buffers)")
-    for name, lst in (("grads", grads), ("momentum_buffers", momentum_buffers), ("model_copies", model_copies)):
-        if lst and len(lst) != len(params):
-            raise RuntimeError(f"{name} has {len(lst)} tensors but params has {len(params)}")
-    for j, p in enumerate(params):
-        for name, lst in (("params", params), ("grads", grads), ("momentum_buffers", momentum_buffers),
-                          ("model_copies", model_copies)):
-            if not lst:
-                continue
-            t = lst[j]
-            if t.dtype not in _TL:
-                raise RuntimeError(f"{name}[{j}] must be float32, float16 or bfloat16, got {t.dtype}")
-            if t.shape != p.shape:
-                raise RuntimeError(f"{name}[{j}] has shape {tuple(t.shape)} but params[{j}] has shape "
-                                   f"{tuple(p.shape)}")
-            if p.numel() > 1 and (t.stride() != p.stride() or not is_non_overlapping_and_dense(t)):
-                raise RuntimeError(f"{name}[{j}] must be dense with the same strides as params[{j}] (strides "
-                                   f"{t.stride()} vs {p.stride()}); pass .contiguous() tensors or tensors "
-                                   f"created with torch.zeros_like(param)")
-        if model_copies and (p.dtype != torch.float32 or model_copies[j].dtype == torch.float32):
-            raise RuntimeError(f"with model_copies, params[{j}] must be the float32 master and model_copies[{j}] "
-                               f"float16 or bfloat16, got {p.dtype} and {model_copies[j].dtype}")
+    check_lists({"params": params, "grads": grads, "momentum_buffers": momentum_buffers,
+                 "model_copies": model_copies}, (step, found_inf, grad_coef))
 
 
 def fused_sgd_triton_(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, lr, momentum,
