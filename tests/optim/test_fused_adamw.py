@@ -190,14 +190,16 @@ def test_bad_input_errors():
 
 
 @pytest.mark.skipif("emu" in F.UNAVAILABLE, reason=F.UNAVAILABLE.get("emu", ""))
-@pytest.mark.parametrize("combo", [COMBOS[0], COMBOS[1]], ids=["fp32", "fp16-master"])
-def test_emulated_kernel_schedules_agree(combo, monkeypatch):
-    """The CUDA kernel under the emulator's forward, reverse and random thread schedules: each run
-    matches the reference rule, and the three runs are bit-identical (no thread-order dependence)."""
+@pytest.mark.parametrize("combo,rounding", [(COMBOS[0], "nearest"), (COMBOS[1], "nearest"),
+                                            ((torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                                             "stochastic")], ids=["fp32", "fp16-master", "bf16-states-stochastic"])
+def test_emulated_kernel_schedules_agree(combo, rounding, monkeypatch):
+    """The CUDA kernel under the emulator's forward, reverse and random thread schedules: the three
+    runs are bit-identical (no thread-order dependence, also of the stochastic rounding's draws)."""
     outs = []
     for sched in ("forward", "reverse", "random:11"):
         monkeypatch.setenv("LLMKERN_EMU_SCHEDULE", sched)
-        outs.append(run("emu", clone(make_case(combo))))
+        outs.append(run_sr("emu", clone(make_case(combo, shapes=SR_SHAPES)), HP, rounding=rounding))
     for out in outs[1:]:
         for lst0, lst in zip(outs[0], out):
             assert all(torch.equal(a, b) for a, b in zip(lst0, lst))

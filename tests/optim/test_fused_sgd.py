@@ -84,9 +84,25 @@ def test_overflow_step_changes_nothing(backend, request):
             assert torch.equal(b, a)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("ns", ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif(
+    "emu" in S.UNAVAILABLE, reason=S.UNAVAILABLE.get("emu", "")))])
+def test_opcheck(ns):
     case = make_case(COMBOS[1], 0.9)
-    torch.library.opcheck(torch.ops.llmkern.fused_sgd_.default, (*case, *scalars(2), 0.05, 0.9, 0.1, 0.01, False))
+    torch.library.opcheck(getattr(torch.ops, ns).fused_sgd_.default, (*case, *scalars(2), 0.05, 0.9, 0.1, 0.01, False))
+
+
+def test_torch_compile_fullgraph():
+    case = make_case(COMBOS[1], 0.9)
+    expect = [[t.clone() for t in lst] for lst in case]
+    S.fused_sgd_(*expect, *scalars(2), **HPS[0], backend="cpu")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(params, grads, bufs, copies, st, fi, c):
+        torch.ops.llmkern.fused_sgd_(params, grads, bufs, copies, st, fi, c, 0.05, 0.9, 0.1, 0.01, False)
+
+    step(*case, *scalars(2))
+    for la, lb in zip(case, expect):
+        assert all(torch.equal(a, b) for a, b in zip(la, lb))
 
 
 def test_bad_input():
