@@ -29,7 +29,9 @@ class FusedAdamW(MixedPrecisionOptimizer):
             on every backend, so runs are reproducible and a resumed run continues the stream.
             Costs one 32-bit hash per element (memory-bound kernels: no measurable time on GPUs).
     rounding_seed: the seed of stochastic rounding (an int64); 0 by default, so two runs with the
-        same data are bit-identical. Use different seeds for independent repeats.
+        same data are bit-identical. Use different seeds for independent repeats. It is a
+        constructor argument, not part of state_dict: pass the same seed when resuming (the step
+        count, which is saved, then continues the stream exactly).
     backend: "cpu", "cuda", "triton", "emu" or "ref" (see llmkern.ops._backends); None chooses.
     process_group: the group the gradients are sharded over; clip_grad_norm_ sums over it.
     """
