@@ -152,7 +152,9 @@ def check_lists(lists: dict, scalars) -> None:
 def _aot_configs() -> list[SimpleNamespace]:
     """The variants the static check (tests/static, llmkern.kernel_report) compiles for sm_80/sm_90:
     (param, grad, state, model copy) dtypes as the optimizers use them, with and without AMSGrad.
-    ptxas -v measured 56 registers (72 with AMSGrad) and no spills for fp32 master + fp16 copy."""
+    ptxas -v measured 56 registers (72 with AMSGrad) and no spills for fp32 master + fp16 copy;
+    with stochastic rounding of bf16 states 64-96 (96: fp32 master, 16-bit copy and AMSGrad), no
+    spills (255 is the limit at 4 warps)."""
     combos = [(torch.float32, torch.float32, torch.float32, None),
               (torch.float32, torch.float16, torch.float32, torch.float16),
               (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16),
