@@ -6,6 +6,8 @@ reported by `llmkern info` and by the backend that needs it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -26,6 +28,16 @@ def load(name: str):
             # it anyway so that `llmkern info` can say it was built.
             pass
         try:
+            # An editable install of another checkout (its import finder maps `llmkern` to that
+            # tree) can resolve llmkern.<name> to a binary built from other sources. Its op
+            # registrations run at load time and abort the process (a C++ error, not an exception)
+            # when its kernel signatures differ from this tree's schemas, so it is never imported.
+            spec = importlib.util.find_spec(f"llmkern.{name}")
+            here = Path(__file__).resolve().parent
+            if spec is not None and spec.origin and Path(spec.origin).resolve().parent != here:
+                _status[name] = (None, f"not built in this source tree ({here}); the copy at {spec.origin} "
+                                       f"belongs to another checkout and is not loaded")
+                return None
             mod = importlib.import_module(f"llmkern.{name}")
             _status[name] = (mod, "built and imported")
         except ImportError as e:

@@ -11,7 +11,8 @@ Rows (bytes moved per parameter in brackets; GB/s = bytes / time):
                   torch: grad.float() + GradScaler-style unscale_ + AdamW(fused) + copy_  [48]
                   llmkern: FusedAdamW(master_weights) + DynamicLossScaler (overflow pass [2] + fused step [28]) [30]
                   DeepSpeedCPUAdam with fp16 params and fp32 states (no fp32 master) [22]
-  bf16 states     torch AdamW(fused) on bf16 params and states · llmkern bf16 params, state_dtype=bf16 [14]
+  bf16 states     torch AdamW(fused) on bf16 params and states · llmkern bf16 params, state_dtype=bf16,
+                  rounded to nearest and stochastically [14]
 Ratios are printed against the peers measured in this run; results go to CSV and JSON.
 DeepSpeed is imported from $LLMKERN_DEEPSPEED_PATH (a pip --target folder) when set, else from the
 environment; when it is missing its rows say so and are skipped.
@@ -150,6 +151,10 @@ def main() -> None:
     del opt
     opt = FusedAdamW([pb], master_weights=False, state_dtype=torch.bfloat16, **hp)
     t_obf = record("bf16", "llmkern FusedAdamW bf16 params, bf16 states", timeit(opt.step, args.reps), 14)
+    del opt
+    opt = FusedAdamW([pb], master_weights=False, state_dtype=torch.bfloat16, state_rounding="stochastic", **hp)
+    t_obf_sr = record("bf16", "llmkern FusedAdamW bf16 params, bf16 states, stochastic rounding",
+                      timeit(opt.step, args.reps), 14)
     del opt, pb
 
     # ---- ratios ---------------------------------------------------------------------------------
@@ -160,6 +165,8 @@ def main() -> None:
         "fp32 CPUAdam vs torch fused (speed-up)": t_torch / t_ours,
         "mixed llmkern vs torch composition (speed-up)": t_tmix / t_omix,
         "bf16 states llmkern vs torch fused bf16 (speed-up)": t_tbf / t_obf,
+        "bf16 states stochastic rounding vs torch fused bf16 (speed-up)": t_tbf / t_obf_sr,
+        "bf16 states stochastic rounding / nearest (time, the hash's cost)": t_obf_sr / t_obf,
     }
     if t_ds is not None:
         ratios["fp32 CPUAdam vs DeepSpeedCPUAdam (speed-up)"] = t_ds / t_ours

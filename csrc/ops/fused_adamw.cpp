@@ -9,6 +9,10 @@
 //   step          float32[1]: the 1-based step t of this update (the caller has already counted it)
 //   found_inf     float32[1]: nonzero means the gradients overflowed; the op then changes nothing
 //   grad_coef     float32[1]: every gradient is multiplied by it (= clip_coef / loss_scale)
+//   stochastic_rounding  bf16 moments are rounded stochastically instead of to nearest (fp32 states
+//                 are unaffected): unbiased, so small updates of v accumulate in expectation
+//   rounding_seed the random bits are a function of (rounding_seed, step, element index) only
+//                 (csrc/include/llmkern/rng.h), identical on every backend
 // step, found_inf and grad_coef are tensors so that a GPU step never waits for the host.
 #include "llmkern/registration.h"
 
@@ -16,5 +20,6 @@ LLMKERN_LIBRARY_FRAGMENT(m) {
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(d!)[] model_copies, Tensor step, Tensor found_inf, Tensor grad_coef, float lr, float beta1, "
-      "float beta2, float eps, float weight_decay, bool decoupled_weight_decay) -> ()");
+      "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool stochastic_rounding=False, "
+      "int rounding_seed=0) -> ()");
 }

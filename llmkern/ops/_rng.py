@@ -1,4 +1,5 @@
-"""The dropout RNG in pure PyTorch: the bit-exact twin of csrc/include/llmkern/rng.h.
+"""The dropout RNG and the optimizers' stochastic rounding in pure PyTorch: the bit-exact twin of
+csrc/include/llmkern/rng.h.
 
 The mask of element i of a row-major (N, C) view is a function of (seed, offset + i) only, so every
 backend (C++, CUDA, Triton, this reference) draws the same mask, and backward regenerates it
@@ -22,10 +23,13 @@ def _fmix32_int(h: int) -> int:
     return h
 
 
-def dropout_key(seed: int) -> int:
-    """32-bit key for a 64-bit seed (rng.h: dropout_key)."""
+def seed_key(seed: int) -> int:
+    """32-bit key for a 64-bit seed (rng.h: seed_key)."""
     s = seed & 0xFFFFFFFFFFFFFFFF
     return _fmix32_int((s & _M32) ^ _fmix32_int((s >> 32) ^ 0x9E3779B9))
+
+
+dropout_key = seed_key  # rng.h: dropout_key
 
 
 def dropout_threshold(p: float) -> int:
@@ -46,9 +50,36 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def counter_hash(key: int, counter: torch.Tensor) -> torch.Tensor:
+    """rng.h counter_hash: 32 random bits (in int64) for each int64 counter."""
+    lo, hi = counter & _M32, (counter >> 32) & _M32
+    return _fmix32(_fmix32(lo ^ key) ^ hi ^ 0x85EBCA6B)
+
+
 def dropout_keep_mask(seed: int, offset: int, p: float, rows: int, cols: int, device=None) -> torch.Tensor:
     """Boolean keep-mask of a (rows, cols) row-major view: True where the element is kept."""
     counter = torch.arange(rows * cols, dtype=torch.int64, device=device) + offset
-    lo, hi = counter & _M32, (counter >> 32) & _M32
-    h = _fmix32(_fmix32(lo ^ dropout_key(seed)) ^ hi ^ 0x85EBCA6B)
+    h = counter_hash(dropout_key(seed), counter)
     return ((h >> 8) >= dropout_threshold(p)).reshape(rows, cols)
+
+
+def rounding_key(seed: int, step: int) -> int:
+    """rng.h rounding_key(seed_key(seed), step): the stochastic-rounding key of one step."""
+    return _fmix32_int(seed_key(seed) ^ _fmix32_int((step & _M32) ^ 0x9E3779B9))
+
+
+def storage_index(t: torch.Tensor) -> torch.Tensor:
+    """int64 tensor of t's shape: each element's position in t's (dense) storage, the order in which
+    the kernels walk it (a transposed matrix is walked column by column)."""
+    idx = torch.empty_like(t, dtype=torch.int64, memory_format=torch.preserve_format)
+    idx.as_strided((t.numel(),), (1,)).copy_(torch.arange(t.numel(), device=t.device))
+    return idx
+
+
+def bf16_round_stochastic(x: torch.Tensor, r16: torch.Tensor) -> torch.Tensor:
+    """rng.h bf16_bits_stochastic: fp32 x rounded to bf16 with the random bits r16 (int64, low 16
+    used): add them below bf16's last mantissa bit and truncate; NaN becomes 0x7FC0."""
+    u = x.float().view(torch.int32).to(torch.int64) & _M32
+    bits = (u + (r16 & 0xFFFF)) >> 16
+    bits = torch.where(torch.isnan(x), 0x7FC0, bits)
+    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(torch.bfloat16)

@@ -17,7 +17,7 @@ import torch
 from llmkern.ops._backends import Backend, choose, register_compiled_op
 from llmkern.ops.fused_adamw import DTYPES, Tensors, check_devices
 
-SUPPORTED: tuple[Backend, ...] = ("cpu", "cuda", "emu", "ref")  # no Triton kernel for SGD yet
+SUPPORTED: tuple[Backend, ...] = ("cpu", "cuda", "triton", "emu", "ref")
 
 def _fake(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, lr, momentum,
               dampening, weight_decay, nesterov):
@@ -57,6 +57,9 @@ def fused_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, model
         torch.ops.llmkern.fused_sgd_(*args)
     elif b == "emu":
         torch.ops.llmkern_emu.fused_sgd_(*args)
+    elif b == "triton":
+        from llmkern.triton_kernels.fused_sgd import fused_sgd_triton_
+        fused_sgd_triton_(*args)
     else:
         fused_sgd_ref(*args)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from llmkern.ops.fused_adamw import StateRounding
 from llmkern.optim.adamw import FusedAdamW
 
 
@@ -18,14 +19,18 @@ class CPUAdam(FusedAdamW):
     pin_memory: pin the copy buffers (page-locked, for async H2D). None pins when CUDA is usable;
         pinning needs a CUDA driver.
     adamw_mode: True for AdamW (decoupled decay), False for Adam with L2 decay.
+    state_dtype, state_rounding, rounding_seed: as FusedAdamW (bf16 moments, rounded to nearest or
+        stochastically; the C++ kernel draws the same bits as every other backend).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, adamw_mode: bool = True,
                  copy_dtype: torch.dtype | None = None, pin_memory: bool | None = None,
-                 state_dtype: torch.dtype = torch.float32, backend="cpu"):
+                 state_dtype: torch.dtype = torch.float32, state_rounding: StateRounding = "nearest",
+                 rounding_seed: int = 0, backend="cpu"):
         super().__init__(params, lr, betas, eps, weight_decay, master_weights=False,
-                         state_dtype=state_dtype, backend=backend)
+                         state_dtype=state_dtype, state_rounding=state_rounding, rounding_seed=rounding_seed,
+                         backend=backend)
         self._decoupled = adamw_mode
         for g in self.param_groups:
             for p in g["params"]:
@@ -50,7 +55,8 @@ class CPUAdam(FusedAdamW):
             raise RuntimeError("CPUAdam was built without copy_dtype; there are no model copies")
         return self._copies[p]
 
-    def _launch(self, group, params, grads, states, copies, step, found_inf, grad_coef) -> None:
+    def _launch(self, group, params, grads, states, copies, step, found_inf, grad_coef, *,
+                rounding_seed: int) -> None:
         if self._copies:
             copies = [self._copies[p] for p in params]
-        super()._launch(group, params, grads, states, copies, step, found_inf, grad_coef)
+        super()._launch(group, params, grads, states, copies, step, found_inf, grad_coef, rounding_seed=rounding_seed)

@@ -22,24 +22,54 @@ import torch
 import torch.distributed as dist
 
 from llmkern.ops._backends import Backend
+from llmkern.ops.fused_adamw import StateRounding
 from llmkern.ops.multi_tensor_sumsq import multi_tensor_sumsq
 
 _HALF = (torch.float16, torch.bfloat16)
+_M64 = (1 << 64) - 1
+
+
+def launch_seed(seed: int, group_index: int, has_master: bool) -> int:
+    """The rounding seed of one kernel call: the optimizer's seed, made distinct per param group and
+    per master/plain split, so that element 0 of two calls of one step draws different bits. Signed
+    int64 (the op schema's int)."""
+    s = (seed * 0x9E3779B97F4A7C15 + 2 * group_index + int(has_master)) & _M64
+    return s - (1 << 64) if s >= (1 << 63) else s
 
 
 class MixedPrecisionOptimizer(torch.optim.Optimizer):
-    """Subclasses set `_state_keys` (the moment buffers) and implement `_launch`."""
+    """Subclasses set `_state_keys` (the moment buffers) and implement `_launch`.
+
+    master_weights: fp16/bf16 parameters get an fp32 master in state["master_param"].
+    state_dtype: torch.float32 or torch.bfloat16 for the moment buffers.
+    state_rounding: "nearest" (default) or "stochastic": how bf16 states are rounded after each
+        fp32 update (see FusedAdamW); "stochastic" needs state_dtype=torch.bfloat16.
+    rounding_seed: int64 seed of stochastic rounding. Each kernel call draws from
+        launch_seed(rounding_seed, group index, master/plain split), the step and the element's index.
+    backend: "cpu", "cuda", "triton", "emu" or "ref" for every kernel of the step (the fused update
+        and the gradient sum of squares); None chooses per call.
+    process_group: the group the gradients are sharded over; clip_grad_norm_ sums over it.
+    """
 
     _state_keys: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, *, master_weights: bool = True,
-                 state_dtype: torch.dtype = torch.float32, backend: Backend | None = None,
-                 process_group=None):
+                 state_dtype: torch.dtype = torch.float32, state_rounding: StateRounding = "nearest",
+                 rounding_seed: int = 0, backend: Backend | None = None, process_group=None):
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        if state_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"state_rounding must be 'nearest' or 'stochastic', got {state_rounding!r}")
+        if state_rounding == "stochastic" and state_dtype != torch.bfloat16:
+            raise ValueError(f"state_rounding='stochastic' rounds bfloat16 states; with state_dtype={state_dtype} "
+                             f"nothing is rounded (pass state_dtype=torch.bfloat16)")
+        if not isinstance(rounding_seed, int):
+            raise TypeError(f"rounding_seed must be an int, got {type(rounding_seed).__name__}")
         super().__init__(params, defaults)
         self.master_weights = master_weights
         self.state_dtype = state_dtype
+        self.state_rounding = state_rounding
+        self.rounding_seed = rounding_seed
         self.backend = backend
         self.process_group = process_group   # gradients sharded over it: the clip norm is summed
         self._pending_clip: tuple[torch.Tensor, torch.Tensor] | None = None  # (sumsq, max_norm)
@@ -118,8 +148,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
     def _sumsq(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """fp32 sum of squares of all gradients (inf/nan if any element is): one read of the
         gradients, accumulated in fp32 (the norm of fp16 gradients routinely exceeds 65504)."""
-        return multi_tensor_sumsq(grads, backend=None if self.backend in (None, "cuda", "triton", "emu")
-                                  else self.backend)
+        return multi_tensor_sumsq(grads, backend=self.backend)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, *, loss_scaler=None) -> torch.Tensor:
@@ -173,8 +202,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
                 clip = (max_norm / (norm + 1e-6)).clamp(max=1.0)
                 grad_coef = grad_coef * torch.where(torch.isfinite(clip), clip, one)
         self._pending_clip = None
-        for group in self.param_groups:
-            self._step_group(group, found_inf, grad_coef)
+        for gi, group in enumerate(self.param_groups):
+            self._step_group(gi, group, found_inf, grad_coef)
         if loss_scaler is not None:
             loss_scaler.record_found_inf(found_inf)
         skipped = found_inf.bool().reshape(())
@@ -183,7 +212,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self._last_loss = loss
         return skipped
 
-    def _step_group(self, group, found_inf: torch.Tensor, grad_coef: torch.Tensor) -> None:
+    def _step_group(self, group_index: int, group, found_inf: torch.Tensor, grad_coef: torch.Tensor) -> None:
         with_master: list[tuple[torch.Tensor, dict]] = []
         plain: list[tuple[torch.Tensor, dict]] = []
         for p in group["params"]:
@@ -204,9 +233,11 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             copies = [p for p, _ in items] if has_master else []
             grads = [p.grad for p, _ in items]
             states = [[st[k] for _, st in items] for k in self._state_keys]
-            self._launch(group, params, grads, states, copies, step, found_inf, grad_coef)
+            self._launch(group, params, grads, states, copies, step, found_inf, grad_coef,
+                         rounding_seed=launch_seed(self.rounding_seed, group_index, has_master))
 
-    def _launch(self, group, params, grads, states, copies, step, found_inf, grad_coef) -> None:
+    def _launch(self, group, params, grads, states, copies, step, found_inf, grad_coef, *,
+                rounding_seed: int) -> None:
         raise NotImplementedError
 
 

@@ -1,5 +1,5 @@
-"""llmkern.ops.fused_sgd_ on the CPU kernel, the emulated CUDA kernel and the reference, against the
-fp64 reference; the overflow skip; opcheck; bad input."""
+"""llmkern.ops.fused_sgd_ on the CPU kernel, the emulated CUDA kernel, the Triton kernel (interpreter)
+and the reference, against the fp64 reference; the overflow skip; opcheck; bad input."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from llmkern.ops import fused_sgd as S
 from llmkern.testing import assert_close_to_ref
 
-SHAPES = [(97,), (1025, 3), (0,), ()]
+SHAPES = [(97,), (1025, 3), "t(33, 17)", (0,), ()]  # odd sizes, a transposed matrix, empty, a scalar
 COMBOS = [  # (param, grad, momentum buffer, model copy)
     (torch.float32, torch.float32, torch.float32, None),
     (torch.float32, torch.float16, torch.float32, torch.float16),
@@ -20,12 +20,19 @@ HPS = [dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=Fa
        dict(lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.1, nesterov=False)]
 
 
+def _tensor(shape, dtype, gen, scale=1.0):
+    if isinstance(shape, str):  # "t(a, b)": a transposed (b, a) tensor, dense but not contiguous
+        a, b = eval(shape[1:])
+        return (torch.randn(b, a, generator=gen) * scale).to(dtype).t()
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
 def make_case(combo, momentum, seed=0):
     pd, gd, bd, cd = combo
     g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=g).to(pd) for s in SHAPES]
-    grads = [(torch.randn(s, generator=g) * 0.5).to(gd) for s in SHAPES]
-    bufs = [torch.zeros(s, dtype=bd) for s in SHAPES] if momentum > 0 else []
+    params = [_tensor(s, pd, g) for s in SHAPES]
+    grads = [_tensor(s, gd, g, 0.5) for s in SHAPES]
+    bufs = [torch.zeros_like(p, dtype=bd) for p in params] if momentum > 0 else []
     copies = [p.to(cd) for p in params] if cd is not None else []
     return [params, grads, bufs, copies]
 
@@ -44,14 +51,16 @@ def flat(lst):
     return torch.cat([t.reshape(-1).double() for t in lst]).to(lst[0].dtype) if lst else torch.zeros(0)
 
 
-BACKENDS = ["cpu", "ref", pytest.param("emu", marks=pytest.mark.skipif("emu" in S.UNAVAILABLE,
-                                                                         reason=S.UNAVAILABLE.get("emu", "")))]
+BACKENDS = ["cpu", "ref", "triton", pytest.param("emu", marks=pytest.mark.skipif("emu" in S.UNAVAILABLE,
+                                                                                   reason=S.UNAVAILABLE.get("emu", "")))]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(str(d).replace("torch.", "") for d in c))
 @pytest.mark.parametrize("hp", HPS, ids=["momentum", "nesterov", "plain"])
-def test_matches_fp64_reference(backend, combo, hp):
+def test_matches_fp64_reference(backend, combo, hp, request):
+    if backend == "triton":
+        request.getfixturevalue("triton_interpret")
     case = make_case(combo, hp["momentum"])
     ref = run("ref", [[t.double() for t in lst] for lst in case], hp)
     base = run("ref", [[t.clone() for t in lst] for lst in case], hp)
@@ -59,10 +68,13 @@ def test_matches_fp64_reference(backend, combo, hp):
     for k in range(4):
         if out[k]:
             assert_close_to_ref(flat(out[k]), flat(ref[k]), flat(base[k]), name=f"{backend} list {k}")
+            assert all(a.stride() == b.stride() for a, b in zip(out[k], base[k]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_overflow_step_changes_nothing(backend):
+def test_overflow_step_changes_nothing(backend, request):
+    if backend == "triton":
+        request.getfixturevalue("triton_interpret")
     case = make_case(COMBOS[1], 0.9)
     run(backend, case, HPS[0], steps=2)
     before = [[t.clone() for t in lst] for lst in case]
@@ -72,9 +84,25 @@ def test_overflow_step_changes_nothing(backend):
             assert torch.equal(b, a)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("ns", ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif(
+    "emu" in S.UNAVAILABLE, reason=S.UNAVAILABLE.get("emu", "")))])
+def test_opcheck(ns):
     case = make_case(COMBOS[1], 0.9)
-    torch.library.opcheck(torch.ops.llmkern.fused_sgd_.default, (*case, *scalars(2), 0.05, 0.9, 0.1, 0.01, False))
+    torch.library.opcheck(getattr(torch.ops, ns).fused_sgd_.default, (*case, *scalars(2), 0.05, 0.9, 0.1, 0.01, False))
+
+
+def test_torch_compile_fullgraph():
+    case = make_case(COMBOS[1], 0.9)
+    expect = [[t.clone() for t in lst] for lst in case]
+    S.fused_sgd_(*expect, *scalars(2), **HPS[0], backend="cpu")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(params, grads, bufs, copies, st, fi, c):
+        torch.ops.llmkern.fused_sgd_(params, grads, bufs, copies, st, fi, c, 0.05, 0.9, 0.1, 0.01, False)
+
+    step(*case, *scalars(2))
+    for la, lb in zip(case, expect):
+        assert all(torch.equal(a, b) for a, b in zip(la, lb))
 
 
 def test_bad_input():
@@ -85,6 +113,38 @@ def test_bad_input():
         S.fused_sgd_(*case, *scalars(1), lr=-0.1, momentum=0.9)
     with pytest.raises(RuntimeError, match="momentum_buffers must be given exactly when momentum > 0"):
         S.fused_sgd_(case[0], case[1], [], case[3], *scalars(1), lr=0.1, momentum=0.9, backend="cpu")
+
+
+BAD = [  # (what to break in list k, tensor j, the error it must give)
+    ("strided", 1, 2, "must be dense with the same strides"),
+    ("shape", 2, 1, "has shape"),
+    ("dtype", 1, 1, "must be float32, float16 or bfloat16"),
+    ("fp32 copy", 3, 1, "must be the float32 master"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what,k,j,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_tensor_is_refused_before_anything_is_written(backend, what, k, j, message, request):
+    """A bad tensor behind good ones: a clear error, and no tensor of the call is half-updated."""
+    if backend == "triton":
+        request.getfixturevalue("triton_interpret")
+    if backend == "ref":
+        pytest.skip("the reference is the oracle and does not validate its input")
+    case = make_case(COMBOS[1], 0.9)
+    if what == "strided":
+        case[k][j] = torch.randn(case[0][j].numel() * 2).to(case[k][j].dtype)[::2].reshape(case[0][j].shape)
+    elif what == "shape":
+        case[k][j] = torch.zeros(case[0][j].numel() + 1, dtype=case[k][j].dtype)
+    elif what == "dtype":
+        case[k][j] = case[k][j].double()
+    else:
+        case[k][j] = case[k][j].float()
+    before = [[t.clone() for t in lst] for lst in case]
+    with pytest.raises(RuntimeError, match=message):
+        S.fused_sgd_(*case, *scalars(1), **HPS[0], backend=backend)
+    for lb, la in zip(before, case):
+        assert all(torch.equal(b, a) for b, a in zip(lb, la))
 
 
 @pytest.mark.skipif("emu" in S.UNAVAILABLE, reason=S.UNAVAILABLE.get("emu", ""))

@@ -9,6 +9,8 @@
 #include <cuda_fp16.h>
 #include <ATen/ATen.h>
 
+#include "llmkern/rng.h"
+
 namespace llmkern::cuda {
 
 struct None {};  // "no tensor here"
@@ -24,6 +26,19 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Stochastic rounding to bf16 with the random bits r16 (rng.h bf16_bits_stochastic); other storage
+// types are not rounded stochastically and never reach it.
+template <class T>
+__device__ __forceinline__ T from_float_stochastic(float x, uint32_t r16);
+template <>
+__device__ __forceinline__ float from_float_stochastic<float>(float x, uint32_t) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float_stochastic<__nv_bfloat16>(float x, uint32_t r16) {
+  __nv_bfloat16_raw raw;
+  raw.x = bf16_bits_stochastic(x, r16);
+  return __nv_bfloat16(raw);
+}
 
 template <class F>
 void with_type(at::ScalarType d, const char* what, F&& f) {

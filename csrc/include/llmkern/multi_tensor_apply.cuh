@@ -23,6 +23,8 @@ template <int kLists, int kMaxTensors>
 struct Table {
   void* ptr[kLists][kMaxTensors];  // null for an empty (optional) list
   int64_t n[kMaxTensors];
+  int64_t base[kMaxTensors];       // index of the tensor's first element in the concatenation of lists[0]
+                                   // (the stochastic-rounding counter, rng.h)
   unsigned char tensor_of_block[kMaxBlocks];
   int chunk_of_block[kMaxBlocks];
 };
@@ -35,6 +37,8 @@ void apply(const std::array<at::TensorList, kLists>& lists, Key&& key, Launch&& 
   static_assert(sizeof(T) <= 4096, "kernel parameter table over 4 KB");
   static_assert(kMaxTensors <= 256, "tensor_of_block is one byte");
   const size_t count = lists[0].size();
+  std::vector<int64_t> base(count + 1, 0);
+  for (size_t j = 0; j < count; ++j) base[j + 1] = base[j] + lists[0][j].numel();
   std::vector<bool> done(count, false);
   for (size_t first = 0; first < count; ++first) {
     if (done[first]) continue;
@@ -56,6 +60,7 @@ void apply(const std::array<at::TensorList, kLists>& lists, Key&& key, Launch&& 
           slot = nt++;
           for (int l = 0; l < kLists; ++l) table.ptr[l][slot] = lists[l].empty() ? nullptr : lists[l][j].data_ptr();
           table.n[slot] = n;
+          table.base[slot] = base[j];
         }
         table.tensor_of_block[nb] = static_cast<unsigned char>(slot);
         table.chunk_of_block[nb] = static_cast<int>(chunk);

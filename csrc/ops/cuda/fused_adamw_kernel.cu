@@ -10,6 +10,7 @@
 #include "llmkern/multi_tensor_apply.cuh"
 #include "llmkern/optim_math.h"
 #include "llmkern/registration.h"
+#include "llmkern/rng.h"
 
 #include <tuple>
 
@@ -18,19 +19,20 @@ namespace detail {
 
 using namespace llmkern::cuda;
 enum AdamList { kP, kG, kM, kV, kVmax, kCopy, kAdamLists };
-// 36 tensors: 6 lists x 36 x 8 B + sizes + block map = 3.9 KB of kernel parameters.
+// 36 tensors: 6 lists x 36 x 8 B + sizes + bases + block map = 3.9 KB of kernel parameters.
 using AdamTable = mta::Table<kAdamLists, 36>;
 
 template <class P, class G, class S, class M, bool kDecoupled>
 __global__ void fused_adamw_kernel(AdamTable table, const float* step, const float* found_inf,
                                    const float* grad_coef, double lr, double beta1, double beta2, double eps,
-                                   double weight_decay) {
+                                   double weight_decay, bool stochastic, uint32_t seed_key) {
   if (*found_inf != 0.0f) return;
   int t;
   int64_t begin, end;
   mta::block_range(table, t, begin, end);
   const AdamCoeffs c = adam_coeffs(static_cast<double>(*step), lr, beta1, beta2, eps, weight_decay, kDecoupled);
   const float coef = *grad_coef;
+  const uint32_t key = rounding_key(seed_key, static_cast<uint32_t>(*step));
   P* p = static_cast<P*>(table.ptr[kP][t]);
   const G* g = static_cast<const G*>(table.ptr[kG][t]);
   S* m = static_cast<S*>(table.ptr[kM][t]);
@@ -42,9 +44,18 @@ __global__ void fused_adamw_kernel(AdamTable table, const float* step, const flo
     float xf = vmax != nullptr ? to_float(vmax[i]) : 0.0f;
     adam_element(pf, to_float(g[i]) * coef, mf, vf, vmax != nullptr ? &xf : nullptr, c);
     p[i] = from_float<P>(pf);
-    m[i] = from_float<S>(mf);
-    v[i] = from_float<S>(vf);
-    if (vmax != nullptr) vmax[i] = from_float<S>(xf);
+    // stochastic is uniform across the launch (a kernel argument): no divergence. Only bf16
+    // states are rounded; the draw is rng.h's, bit-identical to the CPU and Triton kernels.
+    if (std::is_same_v<S, __nv_bfloat16> && stochastic) {
+      const uint32_t h = counter_hash(key, static_cast<uint64_t>(table.base[t] + i));
+      m[i] = from_float_stochastic<S>(mf, h);
+      v[i] = from_float_stochastic<S>(vf, h >> 16);
+      if (vmax != nullptr) vmax[i] = from_float_stochastic<S>(xf, h >> 16);  // v's bits: stored max >= stored v
+    } else {
+      m[i] = from_float<S>(mf);
+      v[i] = from_float<S>(vf);
+      if (vmax != nullptr) vmax[i] = from_float<S>(xf);
+    }
     if constexpr (!std::is_same_v<M, None>) copy[i] = from_float<M>(pf);
   }
 }
@@ -55,7 +66,7 @@ void fused_adamw_device(at::TensorList params, at::TensorList grads, at::TensorL
                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList model_copies,
                         const at::Tensor& step, const at::Tensor& found_inf, const at::Tensor& grad_coef,
                         double lr, double beta1, double beta2, double eps, double weight_decay,
-                        bool decoupled_weight_decay) {
+                        bool decoupled_weight_decay, bool stochastic_rounding, int64_t rounding_seed) {
   using namespace detail;
   check_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf,
                     grad_coef, lr, beta1, beta2, eps, weight_decay);
@@ -68,6 +79,8 @@ void fused_adamw_device(at::TensorList params, at::TensorList grads, at::TensorL
   const float* st = step.data_ptr<float>();
   const float* fi = found_inf.data_ptr<float>();
   const float* gc = grad_coef.data_ptr<float>();
+  const uint32_t sk = seed_key(rounding_seed);
+  const bool sr = stochastic_rounding;
   mta::apply<kAdamLists, 36>(
       {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies}, key,
       [&](const AdamTable& table, int blocks, size_t j) {
@@ -81,10 +94,10 @@ void fused_adamw_device(at::TensorList params, at::TensorList grads, at::TensorL
                 using M = decltype(m0);
                 if (decoupled_weight_decay) {
                   LAUNCH((fused_adamw_kernel<P, G, S, M, true>), blocks, mta::kThreads, 0,
-                         llmkern::current_stream())(table, st, fi, gc, lr, beta1, beta2, eps, weight_decay);
+                         llmkern::current_stream())(table, st, fi, gc, lr, beta1, beta2, eps, weight_decay, sr, sk);
                 } else {
                   LAUNCH((fused_adamw_kernel<P, G, S, M, false>), blocks, mta::kThreads, 0,
-                         llmkern::current_stream())(table, st, fi, gc, lr, beta1, beta2, eps, weight_decay);
+                         llmkern::current_stream())(table, st, fi, gc, lr, beta1, beta2, eps, weight_decay, sr, sk);
                 }
                 LLMKERN_CUDA_CHECK(cudaGetLastError());
               });

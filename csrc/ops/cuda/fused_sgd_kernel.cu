@@ -16,7 +16,7 @@ namespace detail {
 
 using namespace llmkern::cuda;
 enum SgdList { kSgdP, kSgdG, kSgdBuf, kSgdCopy, kSgdLists };
-using SgdTable = mta::Table<kSgdLists, 48>;  // 4 x 48 x 8 B + sizes + block map = 3.5 KB
+using SgdTable = mta::Table<kSgdLists, 48>;  // 4 x 48 x 8 B + sizes + bases + block map = 3.9 KB
 
 template <class P, class G, class B, class M>
 __global__ void fused_sgd_kernel(SgdTable table, const float* step, const float* found_inf, const float* grad_coef,
