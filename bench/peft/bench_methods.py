@@ -16,7 +16,7 @@ Columns: median step time and its ratio to ``full`` (all rows interleaved in one
 bench/_harness.py), trainable parameters, bytes of the tensors autograd saves for backward
 (``saved_tensors_hooks``; parameters excluded, each storage once), trainable-state bytes (parameter,
 gradient and two AdamW moments, fp32), and the peak resident memory of a fresh process that builds
-the model and runs 3 steps of that method alone (``ru_maxrss``; skipped with ``--quick``).
+the model and runs 3 steps of that method alone (``VmHWM``; skipped with ``--quick``).
 
     python bench/peft/bench_methods.py            # the sizes above (about 1-2 minutes)
     python bench/peft/bench_methods.py --quick    # a smaller model, seconds (the smoke test)
@@ -27,7 +27,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -126,13 +125,23 @@ def child(method: str, quick: bool) -> None:
     torch.set_num_threads(2)
     size = QUICK_SIZE if quick else FULL_SIZE
     base = build_base(size)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _hwm_kib()
     step = Step(method, base, size)
     del base
     for _ in range(3):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _hwm_kib()
     print(json.dumps({"method": method, "peak_rss_mib": peak / 1024, "step_rss_mib": (peak - before) / 1024}))
+
+
+def _hwm_kib() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
+    from the parent through fork and exec, so every child reported the parent's growing peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def peak_rss(method: str, quick: bool) -> dict:
