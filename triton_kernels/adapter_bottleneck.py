@@ -51,11 +51,11 @@ per SM. TODO(bench): time them against smaller tiles on an H100.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
+
+from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, is_aligned as _is_aligned
 
 __all__ = ["adapter_bottleneck_fwd", "adapter_bottleneck_bwd", "ACT_CODES", "AOT_CONFIGS"]
 
@@ -417,46 +417,6 @@ def _config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, has_ln: bool
     if kernel == "wgrad":
         cfg["BLOCK_RG"] = 16 if fp32 else min(block_r, 32)
     return {**cfg, "HAS_LN": has_ln, "DOT_PRECISION": prec}
-
-
-def _is_aligned(row_len: int, *tensors: torch.Tensor) -> bool:
-    """The JIT's view: every pointer 16-byte aligned and the row length divisible by 16."""
-    return row_len % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
-
-
-_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class AotConfig:
-    """One kernel variant the launchers can run, as the static check compiles it."""
-
-    kernel: object
-    """The @triton.jit function."""
-    signature: dict
-    """Argument name → Triton type ("*bf16", "i32", "fp32", "constexpr")."""
-    constexprs: dict
-    """Values of the constexpr arguments."""
-    num_warps: int
-    """Warps per program."""
-    num_stages: int
-    """Software-pipelining stages."""
-    dtype: str
-    """Input dtype it serves ("fp32", "fp16", "bf16"), for the report."""
-    divisible_by_16: tuple = ()
-    """Arguments the JIT marks tt.divisibility=16 in this variant (pointers and C when aligned)."""
-
-    @property
-    def attrs(self) -> dict:
-        """ASTSource attrs: {(argument index,): [["tt.divisibility", 16]]}."""
-        names = list(self.signature)
-        return {(names.index(a),): [["tt.divisibility", 16]] for a in self.divisible_by_16}
-
-    @property
-    def name(self) -> str:
-        c = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
-        align = "aligned" if self.divisible_by_16 else "any"
-        return f"{self.dtype},{align},{c},w{self.num_warps},s{self.num_stages}"
 
 
 def _signature(kernel: str, t: str) -> tuple[object, dict]:

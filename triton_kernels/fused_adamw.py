@@ -21,6 +21,7 @@ import triton.language as tl
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 
 from llmkern.ops._rng import seed_key
+from llmkern.triton_kernels._aot import TL_DTYPE
 
 # BLOCK=1024 elements, 4 warps: each thread moves 8 fp32 values per array (two 16-byte vectors), the
 # usual choice for a bandwidth-bound elementwise kernel on A100/H100.
@@ -109,7 +110,7 @@ def _fused_adamw_fwd_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, copy_ptr, n, f
         tl.store(copy_ptr + offs, _to_storage(p, copy_ptr), mask=mask)
 
 
-_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TL = TL_DTYPE
 
 
 _OPTIONAL_LISTS = ("max_exp_avg_sqs", "model_copies", "momentum_buffers")

@@ -41,13 +41,12 @@ Offsets that can pass 2^31 elements (row · row_stride) are formed in int64.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
 
 from llmkern.ops._rng import dropout_key, dropout_threshold
+from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, is_aligned as _is_aligned
 
 __all__ = ["lora_down", "lora_up_add_", "lora_wgrad", "lora_linear_fwd", "lora_linear_bwd", "AOT_CONFIGS"]
 
@@ -272,46 +271,6 @@ def _config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, dropout: boo
         raise KeyError(kernel)
     cfg.update(HAS_DROPOUT=dropout, DOT_PRECISION=prec)
     return cfg
-
-
-def _is_aligned(row_len: int, *tensors: torch.Tensor) -> bool:
-    """The JIT's view: every pointer 16-byte aligned and the row length divisible by 16."""
-    return row_len % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
-
-
-_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class AotConfig:
-    """One kernel variant the launchers can run, as the static check compiles it."""
-
-    kernel: object
-    """The @triton.jit function."""
-    signature: dict
-    """Argument name → Triton type ("*bf16", "i32", "fp32", "constexpr")."""
-    constexprs: dict
-    """Values of the constexpr arguments."""
-    num_warps: int
-    """Warps per program."""
-    num_stages: int
-    """Software-pipelining stages."""
-    dtype: str
-    """Input dtype it serves ("fp32", "fp16", "bf16"), for the report."""
-    divisible_by_16: tuple = ()
-    """Arguments the JIT marks tt.divisibility=16 in this variant (pointers, K or C when aligned)."""
-
-    @property
-    def attrs(self) -> dict:
-        """ASTSource attrs: {(argument index,): [["tt.divisibility", 16]]}."""
-        names = list(self.signature)
-        return {(names.index(a),): [["tt.divisibility", 16]] for a in self.divisible_by_16}
-
-    @property
-    def name(self) -> str:
-        c = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
-        align = "aligned" if self.divisible_by_16 else "any"
-        return f"{self.dtype},{align},{c},w{self.num_warps},s{self.num_stages}"
 
 
 _SIGNATURES = {
