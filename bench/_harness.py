@@ -162,6 +162,53 @@ def measure(candidates: dict[str, Callable[[], object]], *, warmup: int = 1, rep
 
 
 # ---------------------------------------------------------------------------------------------
+# Module calls and saved activations (the op benchmarks)
+
+def fwd_call(m, x) -> Callable[[], object]:
+    """A zero-argument call of ``m(x)`` under no_grad (train mode stays as set, so dropout runs)."""
+    import torch
+
+    def run():
+        with torch.no_grad():
+            return m(x)
+    return run
+
+
+def fwd_bwd_call(m, x0, gy) -> Callable[[], object]:
+    """A zero-argument forward + backward of ``m`` on a fresh leaf copy of ``x0`` that requires grad,
+    with the fixed grad output ``gy``; parameter grads are set to None after every call."""
+    params = [p for p in m.parameters() if p.requires_grad]
+
+    def run():
+        x = x0.detach().requires_grad_()
+        m(x).backward(gy)
+        for p in params:
+            p.grad = None
+        return x.grad
+    return run
+
+
+def saved_storages(fn: Callable[[], object], exclude=()) -> dict[int, int]:
+    """The storages autograd saves for backward while ``fn()`` runs, as {data_ptr: bytes}: each
+    storage once, those of the ``exclude`` tensors (the parameters) left out. ``fn``'s result is
+    dropped after the count."""
+    import torch
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------
 # Environment and results
 
 def _cpu_model() -> str:

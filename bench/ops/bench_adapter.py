@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _harness import environment, format_table, measure, wait_for_quiet_cpu, write_results  # noqa: E402
+from _harness import (environment, format_table, fwd_bwd_call, fwd_call, measure, saved_storages,  # noqa: E402
+                      wait_for_quiet_cpu, write_results)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -55,41 +56,11 @@ def build(C: int, R: int, dtype: torch.dtype, activation: str, compiled: bool, s
     return mods
 
 
-def fwd_call(m: nn.Module, h: torch.Tensor):
-    def run():
-        with torch.no_grad():
-            return m(h)
-    return run
-
-
-def fwd_bwd_call(m: nn.Module, h0: torch.Tensor, gy: torch.Tensor):
-    params = [p for p in m.parameters() if p.requires_grad]
-
-    def run():
-        h = h0.detach().requires_grad_()
-        m(h).backward(gy)
-        for p in params:
-            p.grad = None
-        return h.grad
-    return run
-
-
 def saved_bytes(m: nn.Module, h0: torch.Tensor) -> tuple[int, int]:
     """Bytes autograd saves for backward in one forward (parameters excluded, each storage once):
     in total, and beyond the input h itself (what the adapter adds to the activation memory)."""
-    param_storages = {p.untyped_storage().data_ptr() for p in m.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_storages:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
     h = h0.detach().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = m(h)
-    del y
+    seen = saved_storages(lambda: m(h), m.parameters())
     total = sum(seen.values())
     return total, total - seen.get(h.untyped_storage().data_ptr(), 0)
 

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _harness import environment, format_table, measure, wait_for_quiet_cpu, write_results  # noqa: E402
+from _harness import (environment, format_table, fwd_bwd_call, fwd_call, measure, saved_storages,  # noqa: E402
+                      wait_for_quiet_cpu, write_results)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DROPOUTS = (0.0, 0.05)
@@ -65,42 +66,11 @@ def build(C: int, R: int, dtype: torch.dtype, p_values, seed: int = 0) -> dict[s
     return mods
 
 
-def fwd_call(m: nn.Module, x: torch.Tensor):
-    def run():
-        with torch.no_grad():
-            return m(x)
-    return run
-
-
-def fwd_bwd_call(m: nn.Module, x0: torch.Tensor, gy: torch.Tensor):
-    params = [p for p in m.parameters() if p.requires_grad]
-
-    def run():
-        x = x0.detach().requires_grad_()
-        m(x).backward(gy)
-        for p in params:
-            p.grad = None
-        return x.grad
-    return run
-
-
 def saved_bytes(m: nn.Module, x0: torch.Tensor, calls: int = 1) -> int:
     """Bytes autograd saves for backward in `calls` forwards of `m` on the same input (parameters
     excluded, each storage once). calls=3 stands for q, k and v projections reading one x."""
-    param_storages = {p.untyped_storage().data_ptr() for p in m.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        if s.data_ptr() not in param_storages:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
     x = x0.detach().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ys = [m(x) for _ in range(calls)]
-    del ys
-    return sum(seen.values())
+    return sum(saved_storages(lambda: [m(x) for _ in range(calls)], m.parameters()).values())
 
 
 def flops(T: int, C: int, R: int, mode: str, lora: bool) -> float:

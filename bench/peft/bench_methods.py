@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _harness import environment, format_table, measure, wait_for_quiet_cpu, write_results  # noqa: E402
+from _harness import (environment, format_table, measure, saved_storages, wait_for_quiet_cpu,  # noqa: E402
+                      write_results)
 
 METHODS = ("full", "lora_llmkern", "lora_peft", "adapter", "prefix", "prompt", "ptuning")
 FULL_SIZE = dict(hidden=256, layers=4, heads=4, intermediate=688, vocab=1024, batch=8, seq=128)
@@ -98,22 +99,7 @@ class Step:
         return loss
 
     def saved_bytes(self) -> int:
-        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        seen: set[int] = set()
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            s = t.untyped_storage()
-            if s.data_ptr() not in params and s.data_ptr() not in seen:
-                seen.add(s.data_ptr())
-                total += s.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.loss()
-        del loss
-        return total
+        return sum(saved_storages(self.loss, self.model.parameters()).values())
 
     def state_bytes(self) -> int:
         # parameter + gradient + AdamW's exp_avg and exp_avg_sq, all fp32 here
