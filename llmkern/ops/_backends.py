@@ -127,6 +127,36 @@ def register_compiled_op(name: str, fake, backends: Sequence[Backend] = ("cpu", 
     """Registers `fake` for ``<ns>::<name>`` in every compiled namespace that defines the op, and
     returns, per backend, why its kernels are unavailable (the `unavailable` of :func:`choose`).
     The CUDA kernels attach to the schema that _C defines, so "cuda" is unavailable when "cpu" is."""
+    return _for_compiled(name, backends, lambda ns: torch.library.register_fake(f"{ns}::{name}")(fake))
+
+
+def register_autograd_op(name: str, fake, backward_name: str, fake_backward, make_backward, setup_context,
+                         define_triton=None) -> dict[str, str]:
+    """For an op with a backward op of its own (``<ns>::<name>`` and ``<ns>::<backward_name>``):
+    registers both fakes and the autograd formula ``make_backward(ns)`` in every compiled namespace
+    that defines the op, and in ``llmkern_triton`` once ``define_triton()`` has defined the Triton
+    ops there. Returns, per backend, why its kernels are unavailable, as register_compiled_op."""
+
+    def register(ns: str) -> None:
+        torch.library.register_fake(f"{ns}::{name}")(fake)
+        torch.library.register_fake(f"{ns}::{backward_name}")(fake_backward)
+        torch.library.register_autograd(f"{ns}::{name}", make_backward(ns), setup_context=setup_context)
+
+    unavailable = _for_compiled(name, ("cpu", "emu"), register)
+    if "cpu" not in unavailable:
+        _ext.available("_C_cuda")  # its CUDA kernels attach to the llmkern ops that _C defines
+    if define_triton is not None:
+        try:
+            define_triton()
+            register("llmkern_triton")
+        except Exception as e:  # triton missing or its kernels failed to import: say so, never crash
+            unavailable["triton"] = f"{type(e).__name__}: {e}"
+    return unavailable
+
+
+def _for_compiled(name: str, backends: Sequence[Backend], register) -> dict[str, str]:
+    """Calls ``register(ns)`` for every compiled backend whose extension defines ``<ns>::<name>``;
+    returns why the others are unavailable ("cuda" shares "cpu"'s reason: it needs _C's schema)."""
     unavailable: dict[str, str] = {}
     for b in backends:
         ext, ns = _COMPILED[b]
@@ -135,7 +165,7 @@ def register_compiled_op(name: str, fake, backends: Sequence[Backend] = ("cpu", 
         elif not hasattr(getattr(torch.ops, ns), name):
             unavailable[b] = f"llmkern.{ext} was built without {ns}::{name} (rebuild it)"
         else:
-            torch.library.register_fake(f"{ns}::{name}")(fake)
+            register(ns)
     if "cpu" in unavailable:
         unavailable["cuda"] = unavailable["cpu"]
     return unavailable

@@ -22,7 +22,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from llmkern import _ext
 from llmkern.ops import _backends
 
 __all__ = ["adapter_bottleneck", "adapter_bottleneck_ref", "check_adapter_inputs", "ACTIVATIONS", "UNAVAILABLE"]
@@ -148,17 +147,6 @@ _SCHEMA_BWD = ("(Tensor grad_out, Tensor x, Tensor down_weight, Tensor? down_bia
                "str activation, Tensor? ln_weight, Tensor? ln_bias, Tensor z, Tensor mean, Tensor rstd, "
                "bool residual_is_x) -> (Tensor grad_x, Tensor grad_down_weight, Tensor grad_down_bias, "
                "Tensor grad_up_weight, Tensor grad_up_bias, Tensor grad_ln_weight, Tensor grad_ln_bias)")
-_registered: set[str] = set()
-
-
-def _register(ns: str) -> None:
-    if ns in _registered:
-        return
-    torch.library.register_fake(f"{ns}::adapter_bottleneck")(_fake_forward)
-    torch.library.register_fake(f"{ns}::_adapter_bottleneck_backward")(_fake_backward)
-    torch.library.register_autograd(f"{ns}::adapter_bottleneck", _make_backward(ns), setup_context=_setup_context)
-    _registered.add(ns)
-
 
 def _define_triton_ops() -> None:
     """The Triton backend as dispatcher ops under ``llmkern_triton``, so it gets the same fake,
@@ -188,30 +176,9 @@ def _define_triton_ops() -> None:
     _define_triton_ops.lib = lib  # keep the Library alive
 
 
-def _init() -> dict[str, str]:
-    """Registers fake/autograd for every namespace whose kernels are present; returns why others are not."""
-    missing = {}
-    for backend, ext in (("cpu", "_C"), ("emu", "_C_emu")):
-        ns = NAMESPACES[backend]
-        if not _ext.available(ext):
-            missing[backend] = _ext.status(ext)
-        elif not hasattr(getattr(torch.ops, ns), "adapter_bottleneck"):
-            missing[backend] = f"llmkern.{ext} was built without {ns}::adapter_bottleneck (rebuild it)"
-        else:
-            _register(ns)
-    if "cpu" in missing:  # the CUDA kernels attach to the llmkern ops that _C defines
-        missing["cuda"] = missing["cpu"]
-    else:
-        _ext.available("_C_cuda")
-    try:
-        _define_triton_ops()
-        _register("llmkern_triton")
-    except Exception as e:  # triton missing or its kernels not written/importable: say so, never crash
-        missing["triton"] = f"{type(e).__name__}: {e}"
-    return missing
-
-
-UNAVAILABLE = _init()
+UNAVAILABLE = _backends.register_autograd_op(
+    "adapter_bottleneck", _fake_forward, "_adapter_bottleneck_backward", _fake_backward, _make_backward, _setup_context,
+    _define_triton_ops)
 
 
 def adapter_bottleneck(x, down_weight, down_bias, up_weight, up_bias, scale: float = 1.0,

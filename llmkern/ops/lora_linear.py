@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmkern import _ext
 from llmkern.ops import _backends, _rng
 
 __all__ = ["lora_linear", "lora_linear_ref", "check_lora_inputs"]
@@ -112,17 +111,6 @@ def _make_backward(ns: str):
 
 _SCHEMA_FWD = ("(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, "
                "float dropout_p, int seed, int offset) -> (Tensor, Tensor)")
-_registered: set[str] = set()
-
-
-def _register(ns: str) -> None:
-    if ns in _registered:
-        return
-    torch.library.register_fake(f"{ns}::lora_linear")(_fake_forward)
-    torch.library.register_fake(f"{ns}::_lora_linear_backward")(_fake_backward)
-    torch.library.register_autograd(f"{ns}::lora_linear", _make_backward(ns), setup_context=_setup_context)
-    _registered.add(ns)
-
 
 def _define_triton_ops() -> None:
     """The Triton backend as dispatcher ops under ``llmkern_triton``, so it gets the same fake,
@@ -155,27 +143,9 @@ def _define_triton_ops() -> None:
     _define_triton_ops.lib = lib  # keep the Library alive
 
 
-def _init() -> dict[str, str]:
-    """Registers fake/autograd for every namespace whose kernels are present; returns why others are not."""
-    missing = {}
-    if _ext.available("_C"):
-        _register("llmkern")
-        _ext.available("_C_cuda")  # its CUDA kernels attach to the llmkern ops defined by _C
-    else:
-        missing["cpu"] = _ext.status("_C")
-    if _ext.available("_C_emu"):
-        _register("llmkern_emu")
-    else:
-        missing["emu"] = _ext.status("_C_emu")
-    try:
-        _define_triton_ops()
-        _register("llmkern_triton")
-    except Exception as e:  # triton missing or its kernels failed to import: say so, never crash
-        missing["triton"] = f"{type(e).__name__}: {e}"
-    return missing
-
-
-UNAVAILABLE = _init()
+UNAVAILABLE = _backends.register_autograd_op(
+    "lora_linear", _fake_forward, "_lora_linear_backward", _fake_backward, _make_backward, _setup_context,
+    _define_triton_ops)
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
