@@ -25,10 +25,8 @@ if CUDA not in ("auto", "0", "1"):
 # knows when no GPU is visible, which takes several times longer.
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
-if shutil.which("ccache"):
-    # torch's ninja build reads CXX for host sources and PYTORCH_NVCC for .cu sources.
-    os.environ.setdefault("CXX", "ccache g++")
-    os.environ.setdefault("PYTORCH_NVCC", "ccache nvcc")
+# ccache: torch's build prefixes ccache (or sccache) to every compile itself when it is on PATH.
+# Setting CXX="ccache g++" as well breaks the build (ninja then runs `ccache 'ccache g++'`).
 
 if "CUDA_HOME" not in os.environ and not shutil.which("nvcc") is None:
     # /usr/local/bin/nvcc is a wrapper script here; torch would guess CUDA_HOME=/usr/local, which has
