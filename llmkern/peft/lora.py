@@ -122,9 +122,11 @@ def commit_lora(model: nn.Module, plan: LoraPlan, factors: dict[str, tuple[torch
     cfg = plan.config
     freeze_base(model)
     for n in plan.selected:
-        lin, from_conv1d = as_linear(model.get_submodule(n))
+        old = model.get_submodule(n)
+        lin, from_conv1d = as_linear(old)
         lora = LoRALinear.from_linear(lin, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, cfg.backend,
                                       from_conv1d=from_conv1d)
+        lora.train(old.training)  # a model in eval mode stays there: no dropout until model.train()
         _init_factors(lora, cfg.init_lora_weights)
         if factors is not None:
             lora.lora_A.weight.copy_(factors[n][0])

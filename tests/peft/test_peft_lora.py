@@ -113,3 +113,14 @@ def test_save_load_roundtrip(tiny, tmp_path):
     torch.testing.assert_close(logits(fresh.eval(), x), logits(model, x))
 
 
+
+
+def test_apply_keeps_the_model_mode(tiny):
+    """A LoRALinear swapped into a model in eval mode used to be in training mode: dropout on in eval."""
+    model, _ = tiny("llama")
+    lp.apply_lora(model, lp.LoraConfig(r=4, lora_dropout=0.5, target_modules="all-linear", init_lora_weights=False))
+    assert not any(m.training for m in model.modules())
+    x = batch("llama")
+    torch.testing.assert_close(logits(model, x), logits(model, x), atol=0, rtol=0)
+    model.train()
+    assert not torch.equal(model(**x).logits, model(**x).logits)
