@@ -68,7 +68,7 @@ _REFUSED = {
 }
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, repr=False)
 class LoraConfig:
     """LoRA: which linears get an adapter, its rank and scale, and what else trains. Field names and
     defaults are PEFT's (``peft.LoraConfig``); :meth:`from_peft` converts a PEFT config object."""
@@ -80,9 +80,10 @@ class LoraConfig:
     lora_dropout: float | None = None
     """Dropout on the adapter input, in [0, 1); None: 0. Its mask is regenerated in backward, never stored."""
     alpha: InitVar[float | None] = None
-    """Alias of ``lora_alpha`` (llmkern's first spelling), read at construction only; giving both raises."""
+    """Alias of ``lora_alpha`` (llmkern's first spelling); reads back as lora_alpha. Giving both, different,
+    raises."""
     dropout: InitVar[float | None] = None
-    """Alias of ``lora_dropout``, read at construction only; giving both raises."""
+    """Alias of ``lora_dropout``; reads back as lora_dropout. Giving both, different, raises."""
     target_modules: ModuleSpec = None
     """Module names (a module matches if its path equals a name or ends with ``.name``; any collection
     type), a regex (``re.fullmatch`` on the path), ``"all-linear"`` (every nn.Linear / GPT-2 Conv1D
@@ -223,6 +224,13 @@ class LoraConfig:
             raise ValueError("LoraConfig: runtime_config.ephemeral_gpu_offload=True is not supported by llmkern "
                              "(there is no CPU-resident adapter path); leave it False")
 
+    def __repr__(self) -> str:
+        """The fields that differ from their defaults (PEFT's field list is 40 long)."""
+        default = LoraConfig()
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != getattr(default, f.name)]
+        return f"LoraConfig({', '.join(changed)})"
+
     @property
     def scale(self) -> float:
         """s, the factor on B·A: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
@@ -252,6 +260,12 @@ class LoraConfig:
         if runtime is not None and not isinstance(runtime, dict):
             kw["runtime_config"] = {"ephemeral_gpu_offload": bool(getattr(runtime, "ephemeral_gpu_offload", False))}
         return cls(**kw)
+
+
+# The aliases read back too (cfg.alpha is cfg.lora_alpha). Set after @dataclass, which has already
+# taken their InitVar defaults (None) for __init__.
+LoraConfig.alpha = property(lambda self: self.lora_alpha, doc="Alias of lora_alpha.")
+LoraConfig.dropout = property(lambda self: self.lora_dropout, doc="Alias of lora_dropout.")
 
 
 def _alias(name: str, value, alias: str, alias_value, default):

@@ -36,6 +36,8 @@ def test_peft_defaults_and_aliases():
         assert getattr(ours, name) == getattr(theirs, name), name
     assert lp.LoraConfig(alpha=16, dropout=0.1) == lp.LoraConfig(lora_alpha=16, lora_dropout=0.1)
     assert dataclasses.replace(lp.LoraConfig(alpha=16), r=4).lora_alpha == 16
+    assert (lp.LoraConfig(alpha=16).alpha, lp.LoraConfig(lora_dropout=0.2).dropout) == (16, 0.2)
+    assert repr(lp.LoraConfig(r=4, lora_alpha=16)) == "LoraConfig(r=4, lora_alpha=16)"
     with pytest.raises(ValueError, match="lora_alpha=8 and its alias alpha=16 disagree"):
         lp.LoraConfig(lora_alpha=8, alpha=16)
     assert lp.LoraConfig(r=4, lora_alpha=8, use_rslora=True).scale == 4.0
