@@ -65,7 +65,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> InjectionReport:
     freeze_base(model)
     for n, adapter in adapters.items():
         m = model.get_submodule(n)
-        m.llmkern_adapter = adapter
+        m.llmkern_adapter = adapter.train(m.training)
         m.register_forward_hook(hook)
     trainable, total = count_parameters(model)
     return InjectionReport(method="apply_adapters", replaced=selected, skipped=skipped, trainable_params=trainable,

@@ -186,6 +186,7 @@ def attach_virtual_tokens(model: nn.Module, enc: VirtualTokens, dims: dict, meth
     Callers run :func:`check_can_attach` before building `enc`; after it nothing here can fail."""
     freeze_base(model)
     enc.dims = dims
+    enc.train(model.training)
     model.llmkern_prompt = enc
     if enc.kind == "prefix_tuning":
         model._llmkern_prompt_hook = model.register_forward_pre_hook(_prefix_hook, with_kwargs=True)

@@ -48,6 +48,7 @@ def test_second_apply_raises_and_changes_nothing(first, second):
     torch.manual_seed(0)
     model = make_model("llama")
     APPLY[first](model)
+    assert not any(m.training for m in model.modules())  # the new modules follow the model's eval mode
     with torch.no_grad():  # non-zero adapters, so a second application would show in the logits
         for p in lp.trainable_parameters(model).values():
             p.normal_(0, 0.5)
