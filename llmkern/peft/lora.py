@@ -82,9 +82,9 @@ def plan_lora(model: nn.Module, config, method: str = "apply_lora") -> LoraPlan:
     shapes, flipped = {}, []
     for n in selected:
         m = model.get_submodule(n)
-        c_out, c_in = m.weight.shape
+        rows, cols = m.weight.shape
         conv1d = not isinstance(m, nn.Linear)
-        shapes[n] = (c_out, c_in) if conv1d else (c_in, c_out)  # Conv1D stores (C_in, C_out)
+        shapes[n] = (rows, cols) if conv1d else (cols, rows)  # Linear stores (C_out, C_in), Conv1D (C_in, C_out)
         if config.fan_in_fan_out and not conv1d:
             flipped.append(n)
     if flipped:
