@@ -43,7 +43,7 @@ endef
 
 build: $(VENV)/.deps
 	@echo "building llmkern._C (CPU kernels), ._C_emu (the CUDA sources on the CPU) and, where nvcc is found," \
-	      "._C_cuda: 30 compile units, about 15 min on 2 cores the first time; later builds compile what changed"
+	      "._C_cuda: 30 compile units, 685 s the first time on 2 idle cores; later builds compile what changed"
 	$(call pip_build,)
 
 # What `make demo` needs: the CPU kernels only (LLMKERN_CUDA=0: 11 compile units, no CUDA source).

@@ -66,6 +66,8 @@ class Job:
 @dataclass(kw_only=True, slots=True)
 class JobResult:
     job: Job
+    quick: bool
+    """Whether --quick was asked for."""
     rc: int
     """Exit code; -1 when the run was stopped at its time limit."""
     seconds: float
@@ -164,7 +166,7 @@ def run_job(job: Job, out: Path, quick: bool, timeout: float) -> JobResult:
             with open(log, "a") as f:
                 f.write(f"\nllmkern bench: {path} is not valid JSON ({e})\n")
             rc = rc or 1
-    return JobResult(job=job, rc=rc, seconds=time.perf_counter() - t0, log=log, docs=docs)
+    return JobResult(job=job, quick=quick, rc=rc, seconds=time.perf_counter() - t0, log=log, docs=docs)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -387,6 +389,8 @@ def _job_line(res: JobResult, harness, out: Path) -> str:
     met = sum(r.met is True for r in ratios)
     missed = sum(r.met is False for r in ratios)
     what = f"{len(ratios)} ratios ({met} met, {missed} missed)" if ratios else "no ratios recorded"
+    if res.quick and not res.job.takes_quick:
+        what += "; ran at its defaults (the script has no --quick)"
     return f"{status:10s} {res.job.name:36s} {res.seconds:7.1f} s  {what}  log {res.log.relative_to(out)}"
 
 

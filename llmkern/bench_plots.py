@@ -22,6 +22,7 @@ The pipeline's step time vs micro-batches (against the bubble prediction) goes t
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Callable
 
@@ -83,8 +84,10 @@ def ratio_bars(suite: str, docs: list[dict], out: Path) -> Path | None:
         return None
     values = [v for _, r in items for v in (r["value"], r.get("lo"), r.get("hi"), r.get("goal")) if v and v > 0]
     left, right = min(values + [1.0]) / 1.5, max(values + [1.0]) * 1.5
+    labels = [textwrap.fill(f"{bench}: {r['name']} ({'↑' if r.get('higher_is_better', True) else '↓'} better)", 56)
+              for bench, r in items]
     fig, ax = new_figure(f"llmkern vs peers measured in the same run: {suite} suite",
-                         width=12, height=1.6 + 0.3 * len(items))
+                         width=12, height=1.8 + 0.22 * sum(label.count("\n") + 1 for label in labels) + 0.1 * len(items))
     ys = list(range(len(items)))[::-1]
     for y, (_, r) in zip(ys, items):
         colour = _COLOURS[None if r.get("goal") is None else bool(r.get("met"))]
@@ -98,8 +101,7 @@ def ratio_bars(suite: str, docs: list[dict], out: Path) -> Path | None:
                     fontsize=7, ha="left" if v >= 1 else "right")
     ax.set_xscale("log")
     ax.set_xlim(left, right)
-    ax.set_yticks(ys, [f"{bench}: {r['name']} ({'↑' if r.get('higher_is_better', True) else '↓'} better)"
-                       for bench, r in items], fontsize=7)
+    ax.set_yticks(ys, labels, fontsize=7)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("ratio, log scale (bar from parity 1.0 to the median over rounds; line: min..max over rounds; "
                   "tick: goal)\ngreen: goal met; red: goal missed; grey: no goal", fontsize=8)
@@ -131,8 +133,11 @@ def ring_bandwidth(docs: list[dict], out: Path) -> Path | None:
                 marker=markers[names.index(what) % len(markers)], color=f"C{names.index(what)}",
                 label=f"{what}, {world} ranks")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("message size (MiB)\n" + _cpu_text(docs), fontsize=9)
-    ax.set_ylabel("bus bandwidth (GB/s) = 2(n-1)/n x bytes / time")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("message size (MiB); line style: ranks\n" + _cpu_text(docs), fontsize=9)
+    ax.set_ylabel("bus bandwidth (GB/s)\nall-reduce: 2(n-1)/n x bytes / time; sendrecv: bytes / time", fontsize=9)
     ax.legend(fontsize=8)
     return save(fig, out / "ring_bandwidth.png")
 
