@@ -48,8 +48,8 @@ build: $(VENV)/.deps
 
 # What `make demo` needs: the CPU kernels only (LLMKERN_CUDA=0: 11 compile units, no CUDA source).
 build-cpu: $(VENV)/.deps
-	@echo "building llmkern._C (the CPU kernels the demo runs): 11 compile units, about 4 min on 2 cores the" \
-	      "first time; seconds after"
+	@echo "building llmkern._C (the CPU kernels the demo runs): 11 of the 30 compile units the first time;" \
+	      "later builds compile what changed"
 	$(call pip_build,LLMKERN_CUDA=0)
 
 lint: $(VENV)/.deps
