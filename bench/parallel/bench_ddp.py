@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 2 bench/parallel/bench_ddp.py
 
-Model and batch as research/baselines.md §5: LlamaForCausalLM with hidden 256, 4 layers, 4 heads,
+Model and batch: LlamaForCausalLM with hidden 256, 4 layers, 4 heads,
 intermediate 1024, vocab 1024 (4.72 M params), fp32, global batch 8×256 tokens, AdamW, full
 fine-tune. Every variant keeps its own model copy; variants are interleaved step by step so they
 see the same machine load. Step time is the maximum over ranks, median over steps. The llmkern rows
@@ -27,6 +27,8 @@ from llmkern.parallel import DDPConfig, DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _harness import environment, write_results  # noqa: E402
+
+TORCHRUN_NPROC = (2, 4)
 
 
 def main() -> None:

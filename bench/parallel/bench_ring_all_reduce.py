@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 bench/parallel/bench_ring_all_reduce.py
     torchrun --nproc-per-node 4 bench/parallel/bench_ring_all_reduce.py
 
-Method (research/baselines.md §3): 1 thread per rank, GLOO_SOCKET_IFNAME=lo; the two ops alternate
+Method: 1 thread per rank, GLOO_SOCKET_IFNAME=lo; the two ops alternate
 rep by rep so both see the same machine load; the time of a rep is the maximum over ranks; the
 result is the median over reps. A plain ring of isend/irecv of the whole buffer ("sendrecv ring",
 busbw = algbw) is timed beside them: the wire speed the ring all-reduce is built on. busbw = 2(n-1)/n × bytes / time (nccl-tests). Every result is
@@ -26,6 +26,8 @@ from llmkern.parallel import comm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _harness import environment, write_results  # noqa: E402
+
+TORCHRUN_NPROC = (2, 4)
 
 
 def _timed(fn) -> float:

@@ -10,7 +10,7 @@ own store (the PrefixStore torch keeps for every group, the default one included
 may be gloo: only its store is used. Without llmkern._C_cuda a CUDA tensor is refused with the
 reason (no silent fallback to the group's backend).
 
-Why a ring of point-to-point messages on gloo: measured here (research/baselines.md §3, 64 MiB fp32)
+Why a ring of point-to-point messages on gloo: measured here (bench/parallel/bench_ring_all_reduce.py, 64 MiB fp32)
 gloo's own all_reduce reaches 1.26 GB/s bus bandwidth at 2 ranks and 0.75 GB/s at 4, while a ring of
 plain isend/irecv moves 1.49 and 1.08 GB/s per link.
 

@@ -17,7 +17,7 @@ only when torch is imported (MKL_*, OMP_* tuning) come from the first call.
 
 Ports: the parent hosts the rendezvous TCPStore itself on port 0, so the kernel picks a port that
 is already bound and held for the whole run. Picking a "free" port, closing it and letting rank 0
-bind it later races with other test runs (five agents share these machines); this cannot.
+bind it later races with other test runs on the same machine; this cannot.
 """
 from __future__ import annotations
 

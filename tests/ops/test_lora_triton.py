@@ -13,7 +13,6 @@ import torch
 if not torch.cuda.is_available():  # must precede the first @triton.jit (decoration reads it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
