@@ -76,10 +76,8 @@ def _plain_adapters(base: nn.Module, adapted: nn.Module, paths: list[str], form:
                 for pn, p in m.named_parameters():
                     p.copy_(getattr(getattr(ad, name), pn))
                     params[f"{n}.llmkern_adapter.{name}.{pn}"] = p
-        if form == "series":
-            hook = (lambda mod, args, out, seq=seq, s=ad.scale: out + s * seq(out))
-        else:
-            hook = (lambda mod, args, out, seq=seq, s=ad.scale: out + s * seq(args[0]))
+        def hook(mod, args, out, seq=seq, s=ad.scale, series=form == "series"):
+            return out + s * seq(out if series else args[0])
         ref.get_submodule(n).register_forward_hook(hook)
         ref.get_submodule(n).add_module("reference_adapter", seq)
     return ref, params
