@@ -30,7 +30,8 @@ Three interpreter gaps are patched here (all idempotent, all applied only under 
   access must lie in the bytes of one argument (its view, from its lowest to its highest
   element), or the launch raises IndexError naming the kernel, the program id and the argument,
   which the test reports as one failure. The check costs two numpy reductions per access (the
-  min and max address); `python -m pytest tests/ops/test_*triton*.py` measured 1.0x-1.05x.
+  min and max address): over tests/ops/test_*triton*.py, 34,310 checked accesses took 10.2 s of a
+  651 s run (1.6%; a machine loaded ~13 on 2 cores), and the run's CPU time went from 82 s to 86 s.
 """
 from __future__ import annotations
 
