@@ -18,12 +18,19 @@ distribution for every K from 16 to 1025, every N and every code path:
     p50 0.07-0.14   p90 0.19-0.42   p95 0.25-0.53   p99 0.36-0.86   p99.9 0.56-1.31   max 1.72
 
 A median draw is 7x smaller than a p99 draw, and the CPU's code path decides which draw a test
-gets. One draw exceeds 2x another independent draw 32% of the time, and the max of 8 draws
-exceeds 2x another such max 14% of the time: "2x PyTorch's error" on one element, or on a few,
-fails a kernel exactly as accurate as PyTorch that often. Issue 10's two failures were such
-draws. On the (1,) x 64 -> 48, r = 1, p = 0.1 LoRA case (tests/ops/test_lora_linear.py) over 2,000
-input draws, PyTorch's grad_b error spans 0.13 (median) to 0.87 of that unit and our CPU kernel's
-0.15 to 1.17: equally accurate, yet their ratio reached 29x.
+gets. "Our max error <= 2x (3x) PyTorch's" fails a kernel exactly as accurate as PyTorch, on a
+result of n independent elements, this often (calibrate; max of n draws against max of n):
+
+    n               1      8     32     64    128    512
+    2x (outputs)   32%    14%   6.8%   4.0%   2.8%     0
+    3x (gradients) 24%   4.6%   1.0%   0.3%      0     0
+
+(the floor below lowers these rates a little). Issue 10's two failures were such draws. On the
+(1,) x 64 -> 48, r = 1, p = 0.1 LoRA case (tests/ops/test_lora_linear.py) over 2,000 input draws,
+PyTorch's grad_b error spans 0.13 (median) to 0.87 of that unit and our CPU kernel's 0.15 to
+1.17: equally accurate, yet their ratio reached 29x. Run with OMP_NUM_THREADS=1 and oneDNN off,
+the adapter tests failed three more: a (1,) down_bias gradient at 9x and a (40,) up_bias
+gradient (40 column sums over 1030 rows) at 7.4x, where one thread's torch.sum is more accurate.
 
 The choice: a forward error model of the reduction, where PyTorch's error is one draw
 -----------------------------------------------------------------------------------
@@ -46,9 +53,11 @@ bf16-rounded inputs and a lost term are caught on every draw. Real bugs are hund
 of units off: a lost term of a 1025-term dot, ~1/(K eps) = 8000; TF32 inputs, ~2^13/sqrt(K) =
 250-1000 for K = 1025-64.
 
-`cond` is for results made of a few reductions shared by their elements (one token, a (1, 1)
-output), and only for them, because elsewhere the model is far above PyTorch's measured max and
-would loosen the check. Blocked GEMMs sum a long dot more accurately than one gemv does (a 64x64
+The model is used for results of few independent draws, and only for them: outputs of fewer
+than 512 elements and gradients of fewer than 128 (Tolerance.is_few_draws, from the table above),
+and results the caller marks `shared`, whose elements share their reductions (one token: LoRA's
+grad_b is u·gy). Elsewhere `cond` is checked and ignored: the measured max is stable there, and
+the model, far above it, would loosen the check. Blocked GEMMs sum a long dot more accurately than one gemv does (a 64x64
 output has PyTorch's max at 1.36-1.92 units for K <= 123 but 0.37-0.62 at K = 1025 and 0.21-0.38
 at K = 4096), and the oracle on |inputs| adds up the condition of every stage of a chain of
 reductions, while the errors of a wide stage partly cancel in the next. On the LoRA grid of
@@ -98,6 +107,17 @@ class Tolerance:
     cond_factor: float = 1.0
     """With `cond`, PyTorch's error is taken as at least cond_factor * acc_eps * max(cond): the
     99.6th percentile of one fp32 dot product's error in that unit (module docstring)."""
+
+    few_draws: int = 512
+    """`cond` is used for outputs of fewer elements: the max of fewer than 512 independent draws
+    exceeds 2x another such max often enough to fail (module docstring). Above, it is ignored."""
+
+    grad_few_draws: int = 128
+    """The same for gradients, judged at 3x: below 128 elements."""
+
+    def is_few_draws(self, numel: int, *, grad: bool = False) -> bool:
+        """Whether PyTorch's max error over `numel` independent elements is too few draws to judge by."""
+        return numel < (self.grad_few_draws if grad else self.few_draws)
 
     def baseline_error(self, measured: float, cond_max: float | None) -> float:
         """PyTorch's error as the rule uses it: the measured one, bounded below by the model."""
@@ -184,7 +204,7 @@ def _cond_max(cond, ref: torch.Tensor, finite: torch.Tensor, where: str) -> floa
 
 
 def _check_tensor(actual: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor, grad: bool, name: str,
-                  cond=None):
+                  cond=None, shared: bool = False):
     where = _where(name)
     for what, t in (("ref", ref), ("baseline", baseline)):
         if not isinstance(t, torch.Tensor):
@@ -233,6 +253,8 @@ def _check_tensor(actual: torch.Tensor, ref: torch.Tensor, baseline: torch.Tenso
     # Where PyTorch itself overflowed (inf/NaN at a finite oracle position) its error says nothing
     # about the dtype's rounding, so the baseline error is taken over the positions it got finite.
     cond_max = _cond_max(cond, r64, finite, where)
+    if not (shared or tol.is_few_draws(actual.numel(), grad=grad)):
+        cond_max = None  # enough draws: PyTorch's measured max is the yardstick
     err, worst = _max_err(a64, r64, finite)
     measured, _ = _max_err(b64, r64, finite & b64.isfinite())
     base_err = tol.baseline_error(measured, cond_max)
@@ -253,7 +275,8 @@ def _check_tensor(actual: torch.Tensor, ref: torch.Tensor, baseline: torch.Tenso
             f"{tol.floor * tol.eps * ref_absmax:.3g}; allowed error {allowed:.6g})")
 
 
-def assert_close_to_ref(actual, ref, baseline, *, grad: bool = False, name: str = "", cond=None) -> None:
+def assert_close_to_ref(actual, ref, baseline, *, grad: bool = False, name: str = "", cond=None,
+                        shared: bool = False) -> None:
     """Assert that `actual` is as close to the fp64 oracle as plain PyTorch is, within the rule.
 
     actual:   our result (any device, any dtype in TOLERANCES; integer/bool results must be equal).
@@ -264,12 +287,15 @@ def assert_close_to_ref(actual, ref, baseline, *, grad: bool = False, name: str 
     cond:     optional, float64 like `ref`: per element, the sum of |term| over the reduction(s) that
               make it, i.e. its componentwise condition. For an op built of products and sums
               (matmuls, LoRA, a dropout mask, their autograd gradients) it is the oracle run on
-              |inputs| (and |grad_output|). Give it only where the elements share a few
-              reductions (one token, a (1, 1) output), where PyTorch's error is one lucky draw;
-              elsewhere it would loosen the check (module docstring).
+              |inputs| (and |grad_output|). It is used only where PyTorch's max error is over
+              few draws: fewer elements than TOLERANCES[...].few_draws (grad_few_draws for
+              gradients), or `shared`; elsewhere it is checked and ignored (module docstring).
+    shared:   the elements share their reductions, so that however many there are they are few
+              draws (one token: LoRA's grad_b is u·gy for a single u).
 
     Passes when max|actual - ref| <= factor * E + floor * eps * max|ref|, where E is
-    max|baseline - ref|, or with `cond` the larger of that and cond_factor * acc_eps * max(cond),
+    max|baseline - ref|, or with `cond` (where used) the larger of that and
+    cond_factor * acc_eps * max(cond),
     with the numbers from TOLERANCES[actual.dtype]. NaN/inf positions must match the oracle's;
     empty tensors of matching shape pass. Tuples and lists are compared pairwise (`cond` too, when
     given); a None in `actual` and `ref` at the same position (an input that needs no gradient) is
@@ -285,7 +311,7 @@ def assert_close_to_ref(actual, ref, baseline, *, grad: bool = False, name: str 
             raise AssertionError(f"length mismatch{_where(name)}: actual {len(actual)}, ref {size(ref)}, "
                                  f"baseline {size(baseline)}{extra}")
         for i, (a, r, b, c) in enumerate(zip(actual, ref, baseline, conds)):
-            assert_close_to_ref(a, r, b, grad=grad, name=f"{name}[{i}]", cond=c)
+            assert_close_to_ref(a, r, b, grad=grad, name=f"{name}[{i}]", cond=c, shared=shared)
         return
     if actual is None or ref is None:
         if actual is None and ref is None:
@@ -295,4 +321,4 @@ def assert_close_to_ref(actual, ref, baseline, *, grad: bool = False, name: str 
     if not isinstance(actual, torch.Tensor):
         raise TypeError(f"actual{_where(name)} is {type(actual).__name__}, "
                         f"expected a tensor or a tuple of them")
-    _check_tensor(actual, ref, baseline, grad, name, cond)
+    _check_tensor(actual, ref, baseline, grad, name, cond, shared)
