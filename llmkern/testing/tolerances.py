@@ -34,9 +34,9 @@ gradient (40 column sums over 1030 rows) at 7.4x, where one thread's torch.sum i
 
 The choice: a forward error model of the reduction, where PyTorch's error is one draw
 -----------------------------------------------------------------------------------
-For such a result the caller passes `cond`: per element, the sum over the terms of the reduction
-of |term|, i.e. the oracle evaluated on |inputs| (exact for products and sums; see
-assert_close_to_ref). PyTorch's error is then taken as
+The caller passes `cond` wherever it can compute it: per element, the sum over the terms of the
+reduction(s) of |term|, i.e. the oracle evaluated on |inputs| (exact for products and sums; see
+assert_close_to_ref). Where a result is few draws, PyTorch's error is then taken as
 
     max(measured PyTorch error, cond_factor * acc_eps * max cond),   cond_factor = 1.0,
 
@@ -57,10 +57,11 @@ The model is used for results of few independent draws, and only for them: outpu
 than 512 elements and gradients of fewer than 128 (Tolerance.is_few_draws, from the table above),
 and results the caller marks `shared`, whose elements share their reductions (one token: LoRA's
 grad_b is u·gy). Elsewhere `cond` is checked and ignored: the measured max is stable there, and
-the model, far above it, would loosen the check. Blocked GEMMs sum a long dot more accurately than one gemv does (a 64x64
-output has PyTorch's max at 1.36-1.92 units for K <= 123 but 0.37-0.62 at K = 1025 and 0.21-0.38
-at K = 4096), and the oracle on |inputs| adds up the condition of every stage of a chain of
-reductions, while the errors of a wide stage partly cancel in the next. On the LoRA grid of
+the model, far above it, would loosen the check. Blocked GEMMs sum a long dot more accurately
+than one gemv does (a 64x64 output has PyTorch's max at 1.36-1.92 units for K <= 123 but
+0.37-0.62 at K = 1025 and 0.21-0.38 at K = 4096), and the oracle on |inputs| adds up the
+condition of every stage of a chain of reductions, while the errors of a wide stage partly
+cancel in the next. On the LoRA grid of
 tests/ops/test_lora_linear.py at 74, 97 and 194 tokens, the model is 2-12x PyTorch's measured max
 for y and grad_x and up to 48x for grad_b; on a 97x123x65x33 matmul chain, 3-7x.
 
