@@ -166,8 +166,8 @@ def _check_access(kind: str, ptrs, mask) -> None:
     if not _Launch.active:
         return
     addr = ptrs.data
-    if mask is not None:
-        addr = addr[np.broadcast_to(mask.data, addr.shape)]
+    if mask is not None:  # an int1 mask may be held as 0/1 integers: index with it as bools
+        addr = addr[np.broadcast_to(mask.data.astype(bool, copy=False), addr.shape)]
     if addr.size == 0:
         return
     width = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)

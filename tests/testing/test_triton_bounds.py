@@ -128,3 +128,22 @@ def test_planted_far_store_fails_one_test_not_the_run(tmp_path):
     assert checked.returncode == 1, checked.stdout[-3000:]
     assert "1 failed, 1 passed" in checked.stdout, checked.stdout[-3000:]
     assert "out-of-bounds store in Triton kernel '_far_store_kernel'" in checked.stdout
+
+
+@triton.jit
+def _flagged_copy_kernel(x_ptr, y_ptr, flag_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    skip = tl.load(flag_ptr) != 0.0  # the mask of triton_kernels/fused_adamw.py
+    mask = (offs < n) & (skip == 0)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+
+
+def test_mask_combined_with_a_loaded_scalar(triton_interpret):
+    """Such a mask reaches the interpreter as 0/1 integers, not bools; read as indices it made a
+    1-element copy look out of bounds (tests/optim/test_fused_adamw.py caught that)."""
+    for n in (1, 5):
+        x, y = torch.randn(n), torch.zeros(n)
+        _flagged_copy_kernel[(1,)](x, y, torch.zeros(1), n, BLOCK=64)
+        assert torch.equal(y, x)
+        _flagged_copy_kernel[(1,)](x, y.zero_(), torch.ones(1), n, BLOCK=64)
+        assert not y.any()
