@@ -18,6 +18,18 @@ def _emu():
     return pytest.param("emu", marks=pytest.mark.skipif("emu" in UNAVAILABLE, reason=UNAVAILABLE.get("emu", "")))
 
 
+NAMESPACES = ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif("emu" in UNAVAILABLE, reason=UNAVAILABLE.get("emu", ""))),
+              pytest.param("llmkern_triton", marks=pytest.mark.skipif("triton" in UNAVAILABLE,
+                                                                      reason=UNAVAILABLE.get("triton", "")))]
+
+
+def namespace(ns, request):
+    """torch.ops.<ns>; the Triton op runs its kernels in the interpreter on CPU tensors."""
+    if ns == "llmkern_triton":
+        request.getfixturevalue("triton_interpret")
+    return getattr(torch.ops, ns)
+
+
 BACKENDS = ["cpu", "triton", "ref", _emu()]
 
 
@@ -110,21 +122,22 @@ def test_emulated_kernel_is_schedule_independent(dtype, monkeypatch):
     assert all(torch.equal(outs[0], o) for o in outs[1:]), outs
 
 
-@pytest.mark.parametrize("ns", ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif(
-    "emu" in UNAVAILABLE, reason=UNAVAILABLE.get("emu", "")))])
-def test_opcheck(ns):
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_opcheck(ns, request):
     finite = [torch.randn(97).half(), torch.randn(33, 17).bfloat16(), torch.randn(9, 4).t()]
-    torch.library.opcheck(getattr(torch.ops, ns).multi_tensor_sumsq.default, (finite,))
+    torch.library.opcheck(namespace(ns, request).multi_tensor_sumsq.default, (finite,))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("ns", ["llmkern", NAMESPACES[2]])
+def test_torch_compile_fullgraph(ns, request):
     ts = [torch.randn(97), torch.randn(33, 17).half()]
+    op = namespace(ns, request).multi_tensor_sumsq
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def norm(xs):
-        return torch.ops.llmkern.multi_tensor_sumsq(xs).sqrt()
+        return op(xs).sqrt()
 
-    torch.testing.assert_close(norm(ts), multi_tensor_sumsq(ts, backend="cpu").sqrt(), rtol=0, atol=0)
+    torch.testing.assert_close(norm(ts), op(ts).sqrt(), rtol=0, atol=0)
 
 
 def test_empty_list_is_zero():
