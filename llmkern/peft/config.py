@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args
 from llmkern.ops._backends import BACKENDS, Backend
 from llmkern.peft.targets import ModuleSpec, normalize_spec
 
+from llmkern.ops.adapter_bottleneck import Activation
+
 __all__ = ["LoraConfig", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "AdapterConfig"]
 
 LoraBias = Literal["none", "all", "lora_only"]
@@ -329,7 +331,7 @@ class AdapterConfig:
     form: AdapterForm = "series"
     """``series``: Houlsby adapters after the attention output and after the FFN output;
     ``parallel``: He et al., one adapter beside each FFN, fed the FFN's input."""
-    activation: Literal["relu", "gelu", "gelu_tanh", "silu"] = "relu"
+    activation: Activation = "relu"
     """Nonlinearity between down and up projections."""
     scale: float = 1.0
     """s in ``h + s·up(act(down(h)))``."""
