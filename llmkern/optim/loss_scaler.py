@@ -218,7 +218,8 @@ class DynamicLossScaler:
         path: an in-place unscale of every gradient, then a host read of the flag to decide whether
         to call its step()."""
         if isinstance(optimizer, ScaledStepOptimizer):
-            optimizer.step(grad_scale=self._scale, overflow_groups=(self.process_group,))
+            groups = () if self.process_group is None else (self.process_group,)
+            optimizer.step(grad_scale=self._scale, overflow_groups=groups)
             found_inf = optimizer.last_step_skipped
         else:
             found_inf = self._step_unfused(optimizer)
