@@ -35,8 +35,8 @@ import torch.distributed as dist
 
 from llmkern.ops.fused_adamw import StateRounding
 from llmkern.optim.fused_update import FusedUpdate, advance_step_, launch_seed
-from llmkern.optim.step_scalars import (GradItem, StepScalars, global_sumsq, grad_norm, sharded_over,
-                                        step_scalars)
+from llmkern.optim.step_scalars import (SHARDED_OVER, GradItem, StepScalars, global_sumsq, grad_norm,
+                                        sharded_over, step_scalars)
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -86,8 +86,8 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         self.rounding_seed = rounding_seed
         self.backend = backend
         self.process_group = process_group
+        # a bool 0-d device tensor after each step(): whether it overflowed and changed nothing
         self.last_step_skipped: torch.Tensor | None = None
-        """A bool 0-d device tensor: whether the last step() overflowed and changed nothing."""
         self._pending_clip: tuple[torch.Tensor, float] | None = None   # (global sumsq, max_norm)
         super().__init__(params, defaults)
 
@@ -98,18 +98,21 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            if group.get("maximize", False):
-                raise ValueError(f"{type(self).__name__}: maximize=True is not supported")
             for p in group["params"]:
                 self._check_param(p)
             devices = {p.device for g in self.param_groups for p in g["params"]}
             if len(devices) > 1:
                 raise ValueError(f"{type(self).__name__}: all parameters must be on one device, got "
                                  f"{sorted(str(d) for d in devices)}")
-            self.fused_update.check_group(group)
+            self._check_hyperparameters(group)
         except Exception:
             self.param_groups.pop()
             raise
+
+    def _check_hyperparameters(self, group: dict) -> None:
+        if group.get("maximize", False):
+            raise ValueError(f"{type(self).__name__}: maximize=True is not supported")
+        self.fused_update.check_group(group)
 
     def _check_param(self, p: torch.Tensor) -> None:
         if p.dtype not in (torch.float32, *_HALF):
@@ -194,7 +197,14 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         # restored afterwards from the untouched input.
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, g in enumerate(state_dict["param_groups"]):   # before anything is loaded
+            try:
+                self._check_hyperparameters(copy.copy(g))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{type(self).__name__}.load_state_dict: param group {i}: {e}") from e
         super().load_state_dict(state_dict)
+        for g in self.param_groups:
+            self._check_hyperparameters(g)   # passes (checked above); normalizes the loaded values
         params = [p for g in self.param_groups for p in g["params"]]
         index = {id(p): i for i, p in enumerate(params)}
         for pid, p in zip(ids, params):
@@ -226,11 +236,18 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
 
     def __deepcopy__(self, memo: dict):
         # Process groups cannot be copied: the copy shares them (they name ranks, not data).
-        if self.process_group is not None:
-            memo.setdefault(id(self.process_group), self.process_group)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pg in (self.process_group, *(g for p in params for g in getattr(p, SHARDED_OVER, ()))):
+            if pg is not None:
+                memo.setdefault(id(pg), pg)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        # torch.nn.Parameter's deepcopy drops Python attributes: the copies keep their sharding.
+        for old_group, new_group in zip(self.param_groups, new.param_groups):
+            for p, q in zip(old_group["params"], new_group["params"]):
+                if hasattr(p, SHARDED_OVER) and not hasattr(q, SHARDED_OVER):
+                    setattr(q, SHARDED_OVER, getattr(p, SHARDED_OVER))
         return new
 
     # ---- gradients, clipping -----------------------------------------------------------------------

@@ -410,3 +410,17 @@ def test_copies_keep_the_configuration_and_step_alike(kind, make):
             assert torch.equal(v, twin.state[b][k]), k
     if isinstance(opt, CPUAdam):
         assert all(torch.equal(twin.model_copy(b), b.detach().bfloat16()) for b in tps)
+
+
+def test_loaded_hyperparameters_are_checked_before_anything_loads():
+    ps = _params()
+    opt = _train(lambda q: FusedAdamW(q, lr=1e-2), 2, ps)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["betas"] = [0.9, 1.5]
+    other = FusedAdamW(_params(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"load_state_dict: param group 0: beta2 must be in \[0, 1\)"):
+        other.load_state_dict(sd)
+    assert not other.state and other.param_groups[0]["betas"] == (0.9, 0.999)
+    sd["param_groups"][0]["betas"] = [0.8, 0.99]          # JSON-style lists load as a tuple of floats
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["betas"] == (0.8, 0.99)

@@ -5,6 +5,8 @@ over tp and dp (ZeRO on top of TP), and norms and biases are replicated, against
 training on the full tensors."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -174,7 +176,14 @@ def _process_group_arg(rank, world, missing_rank):
     shard.grad = full.chunk(world)[rank].clone()
     other.grad = None if rank == missing_rank else torch.full((3,), float(rank + 1))
     opt = FusedAdamW([shard, other], lr=1e-2, process_group=dist.group.WORLD)
-    return opt.clip_grad_norm_(1.0)
+    norm = opt.clip_grad_norm_(1.0)
+    # a deepcopy shares the process groups (they cannot be copied) and keeps the parameters' sharding
+    setattr(shard, SHARDED_OVER, (dist.group.WORLD,))
+    twin = copy.deepcopy(opt)
+    tshard, tother = twin.param_groups[0]["params"]
+    assert twin.process_group is dist.group.WORLD and getattr(tshard, SHARDED_OVER) == (dist.group.WORLD,)
+    tshard.grad, tother.grad = shard.grad.clone(), None if other.grad is None else other.grad.clone()
+    return norm, twin.clip_grad_norm_(1.0)
 
 
 @pytest.mark.distributed
@@ -185,5 +194,6 @@ def test_process_group_argument_and_a_missing_gradient():
     others = torch.full((3,), 2.0)       # rank 1's; rank 0 has none
     oracle = _oracle_norm([full, others])
     baseline = torch.linalg.vector_norm(torch.cat([full, others]))
-    for norm in results:
+    for norm, twin_norm in results:
         assert_close_to_ref(norm, oracle, baseline)
+        assert torch.equal(norm, twin_norm)
