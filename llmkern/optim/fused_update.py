@@ -34,15 +34,19 @@ _M64 = (1 << 64) - 1
 def advance_step_(step: torch.Tensor, scalars: StepScalars) -> None:
     """Count this update in `step` (a float32 one-element device tensor) unless it overflowed: the
     kernels read the 1-based number of the update they apply, and a skipped step is not counted."""
-    step.add_((1.0 - scalars.found_inf).reshape(step.shape))
+    if scalars.sumsq is None:   # nothing was checked: found_inf is 0
+        step.add_(1.0)
+    else:
+        step.sub_(scalars.found_inf.reshape(step.shape)).add_(1.0)
 
 
 def launch_seed(seed: int, group_index: int, has_master: bool, first_index: int = 0) -> int:
     """The stochastic-rounding seed of one launch: the optimizer's seed made distinct per param group,
     per master/plain split and per cohort (`first_index`, the index in the group of the launch's
     first parameter), so that element 0 of two launches of one step draws different bits. A signed
-    int64, as the op's schema takes. With first_index 0 it is the seed of llmkern 0.1's one launch
-    per (group, split)."""
+    int64, as the op's schema takes. The cohort term vanishes for first_index 0, so a group whose
+    parameters all step (one cohort, led by parameter 0) draws the bits it drew before cohorts
+    existed, and a run resumed from such a checkpoint continues the same stream."""
     s = (seed * 0x9E3779B97F4A7C15 + 2 * group_index + int(has_master) + first_index * 0xBF58476D1CE4E5B9) & _M64
     return s - (1 << 64) if s >= (1 << 63) else s
 

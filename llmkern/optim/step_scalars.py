@@ -10,7 +10,9 @@ Sharding contract. A parameter may carry the attribute SHARDED_OVER ("_llmkern_s
 tuple of process groups across which its gradient's elements are partitioned (each rank of each
 group holds different elements: a TP shard, a ZeRO shard). Its sum of squares is all-reduced (SUM)
 over exactly those groups, one after the other, so a parameter sharded over (tp, dp) sums over the
-tp x dp grid. A parameter without the attribute is replicated and counts once, locally. Every rank
+tp x dp grid (the groups of one tuple must meet in this rank only, as a mesh's axes do). Pipeline
+stages fit too: a stage's parameters are held by no other stage, so they are sharded over the pp
+group. A parameter without the attribute is replicated and counts once, locally. Every rank
 must list its gradients in the same order with the same group sets (true for DDP, ZeRO and TP, whose
 ranks hold the same module structure): the collectives are issued in order of first appearance.
 
@@ -93,7 +95,14 @@ def _local_sumsq(tensors: list[torch.Tensor], device: torch.device, backend: Bac
     of them holds no tensor of a group set, and a sum of finite fp32 partials cannot overflow."""
     if not tensors:
         return torch.zeros(1, dtype=torch.float64, device=device)
-    return multi_tensor_sumsq(tensors, backend=backend).to(torch.float64).reshape(1)
+    return _f64(multi_tensor_sumsq(tensors, backend=backend), device)
+
+
+def _f64(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t as a float64 [1] tensor on device (no op when it is one: each op is a dispatch per step)."""
+    if t.dtype != torch.float64 or t.device != device:
+        t = t.to(device=device, dtype=torch.float64)
+    return t if t.shape == (1,) else t.reshape(1)
 
 
 def union_of_groups(items: Iterable[GradItem], extra: Iterable[dist.ProcessGroup | None] = ()) -> GroupSet:
@@ -121,13 +130,13 @@ def global_sumsq(items: Iterable[GradItem], *, device: torch.device | str | None
     """
     items = _checked(items)
     device = _device_of(items, device)
-    total = torch.zeros(1, dtype=torch.float64, device=device)
+    total = None
     for groups, tensors in _group_sets(items).values():
         part = _local_sumsq(tensors, device, backend)
         for g in groups:
             dist.all_reduce(part, op=dist.ReduceOp.SUM, group=g)
-        total += part
-    return total
+        total = part if total is None else total + part
+    return total if total is not None else torch.zeros(1, dtype=torch.float64, device=device)
 
 
 def inverse_scale(grad_scale: torch.Tensor | float | None, device: torch.device) -> torch.Tensor:
@@ -145,7 +154,7 @@ def inverse_scale(grad_scale: torch.Tensor | float | None, device: torch.device)
     return torch.full((1,), 1.0 / float(grad_scale), dtype=torch.float32, device=device)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StepScalars:
     """The device scalars one fused update reads (llmkern.ops.fused_adamw_ / fused_sgd_)."""
 
@@ -181,27 +190,33 @@ def step_scalars(items: Iterable[GradItem], *, grad_scale: torch.Tensor | float 
         raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
     items = _checked(items)
     device = _device_of(items, device)
-    inv = inverse_scale(grad_scale, device)
+    inv = inverse_scale(grad_scale, device) if grad_scale is not None else None
     if sumsq is None:
         if max_norm is not None:
             sumsq = global_sumsq(items, device=device, backend=backend)
         elif grad_scale is not None:  # the overflow check needs no collective sum: the flag is reduced below
             sumsq = _local_sumsq([t for t, _ in items if t is not None], device, backend)
     if sumsq is None:
-        return StepScalars(found_inf=torch.zeros(1, dtype=torch.float32, device=device), grad_coef=inv, sumsq=None)
-    sumsq = sumsq.to(device=device, dtype=torch.float64).reshape(1)
-    found_inf = (~torch.isfinite(sumsq)).float()
+        return StepScalars(found_inf=torch.zeros(1, dtype=torch.float32, device=device),
+                           grad_coef=inv if inv is not None else torch.ones(1, dtype=torch.float32, device=device),
+                           sumsq=None)
+    sumsq = _f64(sumsq, device)
+    found_inf = torch.isfinite(sumsq).logical_not_().float()
     for g in union_of_groups(items, overflow_groups):
         dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=g)
-    grad_coef = inv
-    if max_norm is not None:
-        norm = sumsq.sqrt() * inv.double()
-        clip = (max_norm / (norm + _CLIP_EPS)).clamp(max=1.0)
-        # a non-finite norm skips the step through found_inf; the coefficient then only has to be finite
-        grad_coef = (inv.double() * torch.where(torch.isfinite(clip), clip, torch.ones_like(clip))).float()
+    if max_norm is None:
+        grad_coef = inv if inv is not None else torch.ones(1, dtype=torch.float32, device=device)
+    else:
+        norm = sumsq.sqrt() if inv is None else sumsq.sqrt() * inv
+        # A nan norm skips the step through found_inf; the coefficient then only has to be a number.
+        coef = norm.add_(_CLIP_EPS).reciprocal_().mul_(max_norm).clamp_(max=1.0).nan_to_num_(nan=1.0)
+        grad_coef = (coef if inv is None else coef * inv).float()
     return StepScalars(found_inf=found_inf, grad_coef=grad_coef, sumsq=sumsq)
 
 
 def grad_norm(sumsq: torch.Tensor, grad_scale: torch.Tensor | float | None = None) -> torch.Tensor:
     """The 2-norm of the unscaled gradients, a float32 0-d tensor: sqrt(sumsq) / grad_scale."""
-    return (sumsq.to(torch.float64).sqrt() * inverse_scale(grad_scale, sumsq.device).double()).float().reshape(())
+    norm = _f64(sumsq, sumsq.device).sqrt()
+    if grad_scale is not None:
+        norm = norm * inverse_scale(grad_scale, sumsq.device)
+    return norm.float().reshape(())
