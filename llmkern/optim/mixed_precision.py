@@ -192,21 +192,29 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
                          f"{sorted(st)} but no 'step'")
 
     def load_state_dict(self, state_dict) -> None:
-        # torch's loader casts every floating state tensor to its parameter's dtype, which would round
-        # an fp32 master (or the fp32 moments of an fp16 parameter) to fp16: the saved dtypes are
-        # restored afterwards from the untouched input.
+        # Everything that can be refused is checked before anything loads: the groups'
+        # hyperparameters and each state's step count.
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for i, g in enumerate(state_dict["param_groups"]):   # before anything is loaded
+        for i, g in enumerate(state_dict["param_groups"]):
             try:
                 self._check_hyperparameters(copy.copy(g))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{type(self).__name__}.load_state_dict: param group {i}: {e}") from e
+        counts: dict = {}
+        for i, pid in enumerate(ids):
+            st = {k: v for k, v in saved.get(pid, {}).items() if v is not None}
+            if st:
+                counts[pid] = float(st["step"]) if "step" in st else self._implied_step(i, st)
         super().load_state_dict(state_dict)
         for g in self.param_groups:
             self._check_hyperparameters(g)   # passes (checked above); normalizes the loaded values
+        # torch's loader casts every floating state tensor to its parameter's dtype, which would round
+        # an fp32 master (or the fp32 moments of an fp16 parameter) to fp16: the saved dtypes are
+        # restored from the untouched input. Equal counts form one cohort per group (one step tensor,
+        # one launch).
         params = [p for g in self.param_groups for p in g["params"]]
-        index = {id(p): i for i, p in enumerate(params)}
+        step_of = {}
         for pid, p in zip(ids, params):
             st = self.state.get(p)
             for k, v in saved.get(pid, {}).items():
@@ -215,17 +223,16 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
                 elif torch.is_tensor(v) and k != "step":
                     dtype = v.dtype if k == "master_param" else self.state_dtype
                     st[k] = v.detach().to(device=p.device, dtype=dtype).clone()
-        # Equal loaded counts form one cohort per group (one step tensor, one launch).
+            if pid in counts:
+                step_of[p] = counts[pid]
         for group in self.param_groups:
             cohorts: dict[float, torch.Tensor] = {}
             for p in group["params"]:
-                st = self.state.get(p)
-                if not st:
-                    continue
-                count = float(st["step"]) if "step" in st else self._implied_step(index[id(p)], st)
-                if count not in cohorts:
-                    cohorts[count] = torch.full((1,), count, dtype=torch.float32, device=p.device)
-                st["step"] = cohorts[count]
+                if p in step_of:
+                    count = step_of[p]
+                    if count not in cohorts:
+                        cohorts[count] = torch.full((1,), count, dtype=torch.float32, device=p.device)
+                    self.state[p]["step"] = cohorts[count]
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), **{k: getattr(self, k) for k in self._PICKLED}}

@@ -424,3 +424,14 @@ def test_loaded_hyperparameters_are_checked_before_anything_loads():
     sd["param_groups"][0]["betas"] = [0.8, 0.99]          # JSON-style lists load as a tuple of floats
     other.load_state_dict(sd)
     assert other.param_groups[0]["betas"] == (0.8, 0.99)
+
+
+def test_a_loaded_adam_state_without_step_is_refused_before_anything_loads():
+    ps = _params()
+    opt = _train(lambda q: FusedAdamW(q, lr=1e-2), 2, ps)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][1]["step"]
+    other = FusedAdamW(_params(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"the state of parameter 1 has \['exp_avg', 'exp_avg_sq'\] but no 'step'"):
+        other.load_state_dict(sd)
+    assert not other.state
