@@ -249,6 +249,11 @@ class GradBuffer:
         return bucket.views[k]
 
     def _on_grad(self, p: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if self._task is not None and self._task != task:
+            # The previous synced backward raised before its end: its launched reductions may still
+            # write into the buckets, so they are waited for before this gradient goes in.
+            self._abandon()
         bucket, k = self._slot[id(p)]
         view = bucket.views[k]
         if p.grad is not view and (p.grad is None or p.grad.data_ptr() != view.data_ptr()):
@@ -258,10 +263,7 @@ class GradBuffer:
             p.grad = view
         if not self.sync:
             return
-        task = torch._C._current_graph_task_id()
-        if self._task != task:
-            if self._task is not None:
-                self._abandon()  # the previous synced backward raised before its end
+        if self._task is None:
             self._task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
         if k in bucket.ready:
