@@ -9,7 +9,14 @@ Layers, each using only the ones above it:
     buffers.py      FlatLayout + GradBuffer: flat padded buckets reduced during backward
     ddp.py          DistributedDataParallel on a GradBuffer
 """
-from llmkern.parallel.buffers import AllReduce, BucketReducer, BufferStats, FlatLayout, GradBuffer
+from llmkern.parallel.buffers import (
+    AllReduce,
+    BucketReducer,
+    BufferStats,
+    FlatLayout,
+    GradBuffer,
+    ReduceScatter,
+)
 from llmkern.parallel.collectives import (
     COUNTER,
     CommCounter,
@@ -39,7 +46,7 @@ from llmkern.parallel.mesh import (
 __all__ = [
     "COUNTER", "DEFAULT_TIMEOUT_S", "AllReduce", "BucketReducer", "BufferStats", "CollectiveError", "CommCounter",
     "DDPConfig", "DDPStats", "DistributedDataParallel", "FlatLayout", "GradBuffer", "Handle", "ParallelConfig",
-    "ParallelDims", "agree", "all_gather", "all_reduce_", "apply_ddp", "broadcast_", "counting", "global_grad_norm",
+    "ParallelDims", "ReduceScatter", "agree", "all_gather", "all_reduce_", "apply_ddp", "broadcast_", "counting", "global_grad_norm",
     "init_mesh", "mark_replicated", "mark_sharded", "record_collective", "recv", "reduce_scatter", "send",
     "sharded_over",
 ]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 import torch
@@ -159,6 +159,35 @@ class AllReduce:
     def launch(self, bucket: Bucket) -> collectives.Handle:
         return collectives.all_reduce_(bucket.data, self.group, op=self.op, accumulate_dtype=self.accumulate_dtype,
                                        backend=self.backend, async_op=True, check=False, timeout=self.timeout_s)
+
+    def finish(self, bucket: Bucket) -> None:
+        pass
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class ReduceScatter:
+    """ZeRO-2/3's reducer: each bucket (laid out with pad_to = the world size) is reduce-scattered, rank
+    r's reduced shard landing in `bucket.shard(r, world)`, or in the tensor `into(bucket)` returns (a
+    shard of an optimizer's flat gradient, same dtype and bucket.spec.padded_numel / world elements)."""
+
+    group: object = None
+    """A group or mesh axis (see llmkern.parallel.groups.resolve)."""
+    op: Literal["avg", "sum"] = "avg"
+    """avg: the mean of the ranks' gradients; sum: their sum."""
+    accumulate_dtype: torch.dtype | None = None
+    """Reduce in this wider dtype (e.g. torch.float32 for bf16 gradients); see collectives."""
+    backend: collectives.Backend = "ring"
+    """"ring" (llmkern's ring) or "torch" (torch.distributed.reduce_scatter_single)."""
+    timeout_s: float = groups.DEFAULT_TIMEOUT_S
+    """Seconds to wait for a peer before raising."""
+    into: Callable[[Bucket], torch.Tensor] | None = None
+    """Where a bucket's shard goes; None: the bucket's own shard view."""
+
+    def launch(self, bucket: Bucket) -> collectives.Handle:
+        out = self.into(bucket) if self.into is not None else None
+        return collectives.reduce_scatter(bucket.data, out, self.group, op=self.op,
+                                          accumulate_dtype=self.accumulate_dtype, backend=self.backend,
+                                          async_op=True, check=False, timeout=self.timeout_s)
 
     def finish(self, bucket: Bucket) -> None:
         pass
