@@ -24,7 +24,7 @@ import torch.distributed as dist
 from llmkern.parallel import DDPConfig, DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _harness import ContentionMeter, environment, format_table, write_results  # noqa: E402
+from _harness import ContentionMeter, environment, format_table, write_results
 
 TORCHRUN_NPROC = (2, 4)
 

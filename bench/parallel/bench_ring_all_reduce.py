@@ -30,7 +30,7 @@ import torch.distributed as dist
 from llmkern.parallel import collectives, ring
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _harness import ContentionMeter, environment, format_table, write_results  # noqa: E402
+from _harness import ContentionMeter, environment, format_table, write_results
 
 TORCHRUN_NPROC = (2, 4)
 
@@ -42,6 +42,22 @@ def _timed(fn) -> float:
     dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
     dist.all_reduce(dt, op=dist.ReduceOp.MAX)
     return dt.item()
+
+
+def _candidates(buf: torch.Tensor, rank: int, world: int) -> dict:
+    recv = torch.empty_like(buf)
+
+    def sendrecv():
+        ws = [dist.irecv(recv, (rank - 1) % world), dist.isend(buf, (rank + 1) % world)]
+        for w in ws:
+            w.wait()
+
+    return {
+        "ring": lambda: collectives.all_reduce_(buf),
+        "ring, unchecked": lambda: collectives.all_reduce_(buf, check=False),
+        "gloo all_reduce": lambda: dist.all_reduce(buf),
+        "sendrecv ring": sendrecv,
+    }
 
 
 def main() -> None:
@@ -67,19 +83,7 @@ def main() -> None:
         collectives.all_reduce_(a)
         dist.all_reduce(b)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        buf, recv = x.clone(), torch.empty_like(x)
-
-        def sendrecv():
-            ws = [dist.irecv(recv, (rank - 1) % world), dist.isend(buf, (rank + 1) % world)]
-            for w in ws:
-                w.wait()
-
-        candidates = {
-            "ring": lambda: collectives.all_reduce_(buf),
-            "ring, unchecked": lambda: collectives.all_reduce_(buf, check=False),
-            "gloo all_reduce": lambda: dist.all_reduce(buf),
-            "sendrecv ring": sendrecv,
-        }
+        candidates = _candidates(x.clone(), rank, world)
         times = {k: [] for k in candidates}
         meter = ContentionMeter().start()
         for rep in range(args.reps + 1):  # rep 0 is warm-up

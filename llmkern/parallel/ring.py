@@ -127,7 +127,7 @@ def _steps(kind: Kind, rank: int, world: int) -> list[tuple[int, int, bool]]:
     return {"all_reduce": rs + ag, "reduce_scatter": rs, "all_gather": ag}[kind]
 
 
-_PEER_FAILURE = re.compile(r"llmkern-peer-failure\|(-?\d+)\|([^|]*)\|(.*)", re.S)
+_PEER_FAILURE = re.compile(r"llmkern-peer-failure\|(-?\d+)\|([^|]*)\|(.*)", re.DOTALL)
 
 
 def run(flat: torch.Tensor, st: groups.GroupState, seq: int, kind: Kind, op: Literal["sum", "avg", "max"],
