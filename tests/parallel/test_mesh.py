@@ -1,6 +1,6 @@
 """llmkern.parallel.mesh: degrees checked against the world size, a (pp, dp, tp) DeviceMesh whose groups
-are torch's own (DTensor works on them), axis names accepted wherever a group is, and a global
-gradient norm that counts every element once when parameters say what they are sharded over.
+are torch's own (DTensor works on them), axis names accepted wherever a group is, and the optimizer's
+global gradient norm counting every element once when parameters say what they are sharded over.
 """
 from __future__ import annotations
 
@@ -8,16 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from llmkern.optim import FusedAdamW
 from llmkern.parallel import DDPConfig, DistributedDataParallel
-from llmkern.parallel.mesh import (
-    ParallelConfig,
-    ParallelDims,
-    global_grad_norm,
-    init_mesh,
-    mark_replicated,
-    mark_sharded,
-    sharded_over,
-)
+from llmkern.parallel.mesh import ParallelConfig, ParallelDims, init_mesh, mark_sharded, sharded_over
 from llmkern.testing import run_distributed
 
 
@@ -67,8 +60,8 @@ def _norm_on_2x2(rank, world):
     for k in ("w1", "b1", "w2"):
         mark_sharded(params[k], "tp")
     mark_sharded(params["emb"], "tp", "dp", mesh=mesh)
-    mark_replicated(params["b2"], "tp", "dp")
-    norm = global_grad_norm(params.values())
+    opt = FusedAdamW(list(params.values()), lr=1e-3)
+    norm = opt.clip_grad_norm_(1e9)
     return norm.item(), [len(sharded_over(p)) for p in params.values()]
 
 
@@ -77,7 +70,7 @@ def test_global_grad_norm_over_a_2x2_mesh_counts_every_element_once():
     full = _full_grads()
     expected = torch.sqrt(sum(g.double().pow(2).sum() for g in full.values())).item()
     for norm, marks in run_distributed(_norm_on_2x2, 4, timeout=90):
-        assert norm == pytest.approx(expected, rel=1e-12)
+        assert norm == pytest.approx(expected, rel=1e-6)  # fp64 sums, returned as float32
         assert marks == [1, 1, 1, 0, 0, 2]
 
 
