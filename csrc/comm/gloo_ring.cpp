@@ -12,7 +12,8 @@
 // r). Chunks go over the wire in segments of segment_bytes (0: ring.segment_elements' rule); a
 // segment received at step t is reduced and sent on at step t+1 while the rest of its chunk is still
 // arriving, and the receives of step t+1 are posted while step t is processed (into scratch at once;
-// in place segment by segment, each once the send that last read its memory has finished). Message tags are tag_base | (message index mod 2^20)
+// in place segment by segment, each once the send that last read its memory has finished). The bytes
+// sent follow from the schedule alone (ring.bytes_sent computes them in Python). Message tags are tag_base | (message index mod 2^20)
 // (llmkern/parallel/groups.py gives tag_base: bit 30 and the call's sequence number). A wait that
 // fails or outlasts timeout_s throws a c10::Error whose message starts with
 // "llmkern-peer-failure|<peer>|<where>|", which ring.py turns into groups.PeerFailure.
@@ -51,8 +52,8 @@ at::Tensor scratch_for(const at::Tensor& like, int64_t numel) {
   return buf;
 }
 
-int64_t ring_gloo(at::Tensor flat, c10::string_view group_name, c10::string_view kind, c10::string_view op,
-                  int64_t tag_base, double timeout_s, int64_t segment_bytes) {
+void ring_gloo(at::Tensor flat, c10::string_view group_name, c10::string_view kind, c10::string_view op,
+               int64_t tag_base, double timeout_s, int64_t segment_bytes) {
   TORCH_CHECK(flat.device().is_cpu() && flat.dim() == 1 && flat.is_contiguous(),
               "_ring_gloo_: flat must be a contiguous 1-D CPU tensor, got ", flat.sizes(), " on ", flat.device());
   TORCH_CHECK(kind == "all_reduce" || kind == "reduce_scatter" || kind == "all_gather",
@@ -62,7 +63,7 @@ int64_t ring_gloo(at::Tensor flat, c10::string_view group_name, c10::string_view
   const auto pg = c10d::resolve_process_group(std::string(group_name));
   const int world = pg->getSize(), rank = pg->getRank();
   const int64_t n = flat.numel();
-  if (world == 1 || n == 0) return 0;
+  if (world == 1 || n == 0) return;
   const int next = next_rank(rank, world), prev = prev_rank(rank, world);
   std::vector<Step> steps;
   if (kind != "all_gather")
@@ -123,8 +124,6 @@ int64_t ring_gloo(at::Tensor flat, c10::string_view group_name, c10::string_view
     for (int64_t j = 0; j * seg < c.count; ++j) out.push_back({c.offset + j * seg, std::min(seg, c.count - j * seg)});
     return out;
   };
-  int64_t sent = 0;
-
   auto send = [&](int t, int chunk, int64_t j, int64_t off, int64_t cnt) {
     std::vector<at::Tensor> v{flat.narrow(0, off, cnt)};
     try {
@@ -132,7 +131,6 @@ int64_t ring_gloo(at::Tensor flat, c10::string_view group_name, c10::string_view
     } catch (const std::exception& e) {
       peer_failure(next, where(t, "send"), e);
     }
-    sent += cnt * size;
   };
   // The receive of segment j of step t: into scratch (reduce-scatter) or in place (all-gather), where
   // that segment's earlier send must have finished first.
@@ -197,7 +195,6 @@ int64_t ring_gloo(at::Tensor flat, c10::string_view group_name, c10::string_view
   }
   for (auto& [key, works] : pending)
     for (auto& p : works) wait(p.work, next, where(p.step, "send"));
-  return sent;
 }
 
 }  // namespace
@@ -205,7 +202,7 @@ int64_t ring_gloo(at::Tensor flat, c10::string_view group_name, c10::string_view
 
 LLMKERN_LIBRARY_FRAGMENT(m) {
   m.def("_ring_gloo_(Tensor(a!) flat, str group_name, str kind, str op, int tag_base, float timeout_s, "
-        "int segment_bytes) -> int");
+        "int segment_bytes) -> ()");
 }
 
 LLMKERN_CPU_IMPL(m) { m.impl("_ring_gloo_", &llmkern::comm::ring_gloo); }

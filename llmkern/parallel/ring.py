@@ -81,6 +81,14 @@ def elements_sent(n: int, rank: int, world: int) -> int:
     return total
 
 
+def bytes_sent(kind: Kind, n: int, rank: int, world: int, element_size: int) -> int:
+    """Bytes `rank` sends in one `kind` of n elements: the chunks of its send steps."""
+    total = 0
+    for send, _, _ in _steps(kind, rank, world):
+        total += chunk_range(n, world, send)[1]
+    return total * element_size
+
+
 def padded_numel(n: int, world: int) -> int:
     """n rounded up to a multiple of world: the length of a buffer whose shards are all equal."""
     return -(-n // world) * world if world > 0 else n
@@ -140,14 +148,30 @@ def run(flat: torch.Tensor, st: groups.GroupState, seq: int, kind: Kind, op: Lit
         raise RuntimeError(f"llmkern ring: llmkern._C is {_ext.status('_C')}; it holds the ring's step loop "
                            f"(csrc/comm/gloo_ring.cpp). Rebuild with `pip install --no-build-isolation -e .`, or "
                            f"use backend='torch'")
+    if flat.numel() == 0 or st.world == 1:
+        return 0
     try:
-        return torch.ops.llmkern._ring_gloo_(flat, st.pg.group_name, kind, op, groups.tag(seq, 0), float(timeout_s),
-                                             int(segment_bytes or SEGMENT_BYTES or 0))
+        ring_op()(flat, st.pg.group_name, kind, op, groups.tag(seq, 0), float(timeout_s),
+                  int(segment_bytes or SEGMENT_BYTES or 0))
     except RuntimeError as e:
         m = _PEER_FAILURE.search(str(e))
         if m is None:
             raise
         raise groups.PeerFailure(int(m.group(1)), m.group(2), RuntimeError(m.group(3).strip())) from e
+    return bytes_sent(kind, flat.numel(), st.rank, st.world, flat.element_size())
+
+
+_FAKE_REGISTERED = False
+
+
+def ring_op():
+    """torch.ops.llmkern._ring_gloo_ with its fake (a no-op: it only mutates its input), registered once,
+    so that opcheck and torch.compile can trace a call."""
+    global _FAKE_REGISTERED
+    if not _FAKE_REGISTERED:
+        torch.library.register_fake("llmkern::_ring_gloo_")(lambda flat, *args: None)
+        _FAKE_REGISTERED = True
+    return torch.ops.llmkern._ring_gloo_.default
 
 
 def run_python(flat: torch.Tensor, st: groups.GroupState, seq: int, kind: Kind, op: Literal["sum", "avg", "max"],

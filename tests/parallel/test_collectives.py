@@ -338,3 +338,20 @@ def test_cpp_ring_loop_equals_its_python_twin(world):
     for mismatches, sent_pairs in run_distributed(_twins, world, timeout=120):
         assert not mismatches, mismatches
         assert all(a == b for a, b in sent_pairs)
+
+
+def _opcheck(rank, world):
+    st = groups.state(groups.resolve(None))
+    op = ring.ring_op()
+    x = torch.arange(12.0) + rank
+    args = (st.pg.group_name, "all_reduce", "sum", groups.tag(st.next_seq(), 0), 30.0, 0)
+    torch.library.opcheck(op, (x.clone(), *args))  # every rank runs the same calls: they pair up
+    compiled = torch.compile(lambda t: op(t, *args), fullgraph=True)
+    y = x.clone()
+    compiled(y)
+    return y.tolist()
+
+
+def test_ring_op_passes_opcheck_and_compiles():
+    for y in run_distributed(_opcheck, 2, timeout=300):
+        assert y == (2 * torch.arange(12.0) + 1).tolist()
