@@ -473,6 +473,8 @@ class Pipeline:
             else:
                 rows_total = inputs.shape[0]
                 mb_in = torch.tensor_split(inputs, m)
+                if self.config.measure_activations:  # own storages, so a micro-batch counts its own bytes
+                    mb_in = [t.clone() for t in mb_in]
         if last and err is None:
             if not isinstance(labels, torch.Tensor) or labels.dim() < 1 or labels.shape[0] < m:
                 err = (f"stage {S - 1} needs labels as a tensor with at least microbatches={m} rows in dim 0, got "
