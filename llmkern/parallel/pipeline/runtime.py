@@ -383,7 +383,7 @@ class Pipeline:
                     self._wait(w, f"sending tied parameter {self._names[id(prm)]}", rks[1])
             else:
                 buf = torch.empty_like(prm.data)
-                self._wait(self._irecv(buf, src), f"tied parameter {self._names[id(prm)]}", src)
+                self._wait(self._irecv(buf, src), f"receiving tied parameter {self._names[id(prm)]}", src)
                 prm.data.copy_(buf)
 
     # --- public ---------------------------------------------------------------------------------------
@@ -423,13 +423,13 @@ class Pipeline:
         return dist.irecv(t, src=self._peers[rank], group=self.group)
 
     def _wait(self, work, what: str, peer: int) -> None:
+        """Waits for a send or receive with `peer` (a pipeline rank), at most timeout_s."""
         try:
             work.wait(timeout=self._timeout)
         except Exception as e:
-            raise PipelineError(f"pipeline rank {self.rank} (stages {self.stages}): waiting for {what} from/to rank "
-                                f"{peer} failed after at most {self.config.timeout_s:g} s: the peer died, stopped "
-                                f"or diverged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                                ) from e
+            raise PipelineError(f"pipeline rank {self.rank} (stages {self.stages}): {what} failed within "
+                                f"{self.config.timeout_s:g} s: rank {peer} died, stopped or diverged "
+                                f"({type(e).__name__}: {_first_line(e)})") from e
 
     def _collective(self, work, what: str) -> None:
         try:
@@ -437,7 +437,7 @@ class Pipeline:
         except Exception as e:
             raise PipelineError(f"pipeline rank {self.rank}: {what} over the pipeline group failed within "
                                 f"{self.config.timeout_s:g} s: a rank died or is not in the same step "
-                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                                f"({type(e).__name__}: {_first_line(e)})") from e
 
     # --- the step -------------------------------------------------------------------------------------
 
@@ -513,7 +513,7 @@ class Pipeline:
             else:
                 hdr = torch.zeros(_HEADER, dtype=torch.int64)
                 prev = (s - 1) % self.ranks
-                self._wait(self._irecv(hdr, prev), f"the shape header of stage {s - 1}", prev)
+                self._wait(self._irecv(hdr, prev), f"receiving the shape header of stage {s - 1}", prev)
                 h = hdr.tolist()
                 if h[0] != _MAGIC:
                     err = err or f"stage {s} got a malformed shape header from stage {s - 1} (rank {prev})"
@@ -547,7 +547,7 @@ class Pipeline:
                     hdr[7:7 + len(shp)] = torch.tensor(shp, dtype=torch.int64)
                 sends.append((self._isend(hdr, nxt), nxt))
         for w, peer in sends:
-            self._wait(w, "sending a shape header", peer)
+            self._wait(w, "sending the shape header", peer)
         flag = torch.tensor([0 if err in (None, "upstream") else 1], dtype=torch.int64)
         self._collective(dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
                          "the shape agreement")
@@ -637,7 +637,7 @@ class Pipeline:
                 x = handoff.pop(("F", s, mb))
             else:
                 work, x = recv.pop(("F", s, mb))
-                self._wait(work, f"the activation of micro-batch {mb} from stage {s - 1}", (s - 1) % p)
+                self._wait(work, f"receiving the activation of micro-batch {mb} from stage {s - 1}", (s - 1) % p)
             return x.detach().requires_grad_(x.is_floating_point())
 
         def take_grad(s, mb) -> torch.Tensor | None:
@@ -646,7 +646,7 @@ class Pipeline:
             if (s + 1) % p == me:
                 return handoff.pop(("B", s, mb))
             work, g = recv.pop(("B", s, mb))
-            self._wait(work, f"the gradient of micro-batch {mb} from stage {s + 1}", (s + 1) % p)
+            self._wait(work, f"receiving the gradient of micro-batch {mb} from stage {s + 1}", (s + 1) % p)
             return g
 
         def give_input_grad(s, mb, x, gx) -> None:
@@ -755,7 +755,7 @@ class Pipeline:
                 self._release(meters, s, h)
                 in_flight[s] -= 1
         for w, _, dst in sends:
-            self._wait(w, "an activation or gradient send", dst)
+            self._wait(w, "sending an activation or gradient", dst)
         for s in meters:
             self.stats.peak_saved_bytes[s] = meters[s].peak
         return loss_sum
@@ -783,7 +783,7 @@ class Pipeline:
                 bufs[r] = torch.empty_like(prm.grad)
                 works.append((self._irecv(bufs[r], r), r))
             for w, r in works:
-                self._wait(w, f"the gradient of tied parameter {self._names[id(prm)]}", r)
+                self._wait(w, f"exchanging the gradient of tied parameter {self._names[id(prm)]}", r)
             total = None
             for r in rks:
                 g = prm.grad if r == self.rank else bufs[r]
