@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmkern.parallel import PipelineConfig, apply_pipeline
+from llmkern.parallel import ParallelConfig, PipelineConfig, apply_pipeline, counting, init_mesh
 from llmkern.testing import assert_close_to_ref, run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -72,8 +72,16 @@ def _equivalence(rank, world, schedule, device):
                               PipelineConfig(stages=world, microbatches=m, schedule=schedule, virtual_stages=v,
                                              rematerialize=remat, measure_activations=True, verbose=False),
                               loss_fn=_mse)
-        loss = pipe.train_step(x.to(device), y.to(device))
+        with counting() as counter:
+            loss = pipe.train_step(x.to(device), y.to(device))
         where = f"{schedule} p={world} m={m} remat={remat}"
+        # every transfer goes through llmkern's collectives: the activations and gradients, plus one
+        # shape header per outgoing stage boundary
+        headers = sum(s < stages - 1 for s in pipe.stages)
+        sent = counter.get("send")
+        assert sent.calls == pipe.stats.messages + headers, (where, counter)
+        assert sent.bytes_sent == pipe.stats.bytes_sent + headers * 15 * 8, (where, counter)
+        assert counter.get("recv").calls == pipe.stats.messages + sum(s > 0 for s in pipe.stages), where
         assert_close_to_ref(loss.cpu(), ref_loss, base_loss, name=f"loss ({where})")
         names = []
         for n, q in pipe.named_parameters():
@@ -243,11 +251,9 @@ def test_transformers_decoders_match_single_process():
 
 
 def _data_and_pipeline_parallel(rank, world):
-    """dp=2 x pp=2 on a (dp, pp) mesh, llmkern DDP inside each stage: 3 AdamW steps equal
+    """dp=2 x pp=2 on llmkern's mesh, llmkern DDP inside each stage: 3 AdamW steps equal
     single-process training on the global batch, for a 1F1B and a zero-bubble pipeline."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+    mesh = init_mesh(ParallelConfig(pp=2))  # ("pp", "dp", "tp") = (2, 2, 1)
     return [_train_dp_pp(mesh, schedule) for schedule in ("1f1b", "zero_bubble")]
 
 

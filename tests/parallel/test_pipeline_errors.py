@@ -13,6 +13,7 @@ from llmkern.parallel.pipeline.schedules import ScheduleError
 from llmkern.testing import run_distributed
 
 TIMEOUT_S = 3.0
+GRACE_S = 2.0 + 1.0  # llmkern.parallel.groups.fail waits 2 s for the other ranks' reports, + 1 s slack
 
 
 def _mse(out, target):
@@ -123,7 +124,7 @@ def _stalled(rank, world):
 def test_stalled_stage_is_an_error_within_the_timeout():
     msg, secs = run_distributed(_stalled, 2, timeout=60)[0]
     assert msg is not None and "rank 1" in msg and f"{TIMEOUT_S:g} s" in msg, msg
-    assert secs < TIMEOUT_S + 2
+    assert secs < TIMEOUT_S + GRACE_S
 
 
 class _Crash(nn.Module):
@@ -160,4 +161,4 @@ def test_dead_stage_mid_step_is_an_error_within_the_timeout(schedule):
     msg, secs = results[0]
     assert msg is not None and "receiving the gradient of micro-batch" in msg, msg
     assert "rank 1 died, stopped or diverged" in msg
-    assert secs < TIMEOUT_S + 2
+    assert secs < TIMEOUT_S + GRACE_S

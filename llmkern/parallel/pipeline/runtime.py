@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import time
 from typing import Literal
 
@@ -32,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from llmkern.parallel import collectives, groups
 from llmkern.parallel.pipeline import partition as part
 from llmkern.parallel.pipeline.backward import SplitBackward, run_backward
 from llmkern.parallel.pipeline.schedules import Action, Schedule, ScheduleName, make_schedule
@@ -206,16 +206,16 @@ class _StepPlan:
 
 
 def _resolve_groups(mesh):
-    """(pipeline group, data-parallel group or None) from None, a ProcessGroup or a DeviceMesh."""
-    if mesh is None:
-        return dist.group.WORLD, None
-    if hasattr(mesh, "get_group") and hasattr(mesh, "mesh_dim_names"):
-        names = mesh.mesh_dim_names or ()
+    """(pipeline group, data-parallel group or None) from None (the default group), a ProcessGroup or
+    a mesh axis name (the pipeline group), or a DeviceMesh with a "pp" dimension and optionally "dp"
+    (llmkern.parallel.init_mesh's ("pp", "dp", "tp") mesh, or any other)."""
+    if hasattr(mesh, "get_group") and getattr(mesh, "mesh_dim_names", None) and mesh.ndim > 1:
+        names = mesh.mesh_dim_names
         if "pp" not in names:
             raise ValueError(f"apply_pipeline: the mesh needs a 'pp' dimension, it has {names}")
         dp = mesh.get_group("dp") if "dp" in names and mesh.size(names.index("dp")) > 1 else None
         return mesh.get_group("pp"), dp
-    return mesh, None
+    return groups.resolve(mesh), None
 
 
 def _to_meta(module: nn.Module) -> None:
@@ -255,8 +255,6 @@ class Pipeline:
             raise ValueError(f"apply_pipeline: PipelineConfig(stages={config.stages}) but the pipeline group has "
                              f"{self.ranks} ranks (world size {dist.get_world_size()}); stages must equal the "
                              f"group size (the mesh's 'pp' dimension)")
-        self._peers = [dist.get_global_rank(self.group, r) for r in range(self.ranks)]
-        self._timeout = datetime.timedelta(seconds=config.timeout_s)
         p, v = self.ranks, config.virtual_stages
         self.num_stages = p * v
         self.schedule: Schedule = make_schedule(config.schedule, p, config.microbatches, v)
@@ -281,8 +279,7 @@ class Pipeline:
             t_pre, t_layers, t_post = part.time_layers(parts, example_inputs)
             # every rank measured; all agree on the mean (replicas must cut the model identically)
             vec = torch.tensor([t_pre, *t_layers, t_post], dtype=torch.float64)
-            dist.all_reduce(vec)
-            vec /= dist.get_world_size()
+            collectives.all_reduce_(vec, None, op="avg", backend="torch", check=False, timeout=config.timeout_s)
             times = (float(vec[0]), [float(t) for t in vec[1:-1]], float(vec[-1]))
         counts = part.layer_counts(parts, self.num_stages, config.partition, times[1], times[0], times[2])
         bounds, start = [], 0
@@ -290,6 +287,12 @@ class Pipeline:
             bounds.append((start, start + c))
             start += c
         self.partition: list[tuple[int, int]] = bounds
+        # every pipeline rank must cut the same model the same way and run the same schedule
+        collectives.agree(self.group, "apply_pipeline: the pipeline ranks differ", timeout=config.timeout_s,
+                          config={f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                  if f.name != "verbose"},
+                          model=f"{type(model).__name__} ({parts.kind}, {len(parts.layers)} layers)",
+                          partition=bounds)
         self._layer_times = times
 
         names: dict[int, str] = {}
@@ -414,26 +417,28 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"Pipeline(rank {self.rank} of {self.ranks}, stages {self.stages})\n{self._report}"
 
-    # --- point to point (the one place that talks to torch.distributed's p2p) -------------------------
+    # --- communication: llmkern.parallel.collectives, counted per group in its COUNTER -----------------
 
     def _isend(self, t: torch.Tensor, rank: int):
-        return dist.isend(t, dst=self._peers[rank], group=self.group)
+        return collectives.send(t, rank, self.group, async_op=True, timeout=self.config.timeout_s)
 
     def _irecv(self, t: torch.Tensor, rank: int):
-        return dist.irecv(t, src=self._peers[rank], group=self.group)
+        return collectives.recv(t, rank, self.group, async_op=True, timeout=self.config.timeout_s)
 
-    def _wait(self, work, what: str, peer: int) -> None:
-        """Waits for a send or receive with `peer` (a pipeline rank), at most timeout_s."""
+    def _wait(self, handle, what: str, peer: int) -> None:
+        """Waits for a send or receive with `peer` (a pipeline rank), at most timeout_s. A failure
+        closes this rank's connections to the group (llmkern.parallel.groups.fail), so the other
+        ranks' pending waits fail at once instead of each waiting out its own timeout."""
         try:
-            work.wait(timeout=self._timeout)
+            handle.wait()
         except Exception as e:
             raise PipelineError(f"pipeline rank {self.rank} (stages {self.stages}): {what} failed within "
                                 f"{self.config.timeout_s:g} s: rank {peer} died, stopped or diverged "
                                 f"({type(e).__name__}: {_first_line(e)})") from e
 
-    def _collective(self, work, what: str) -> None:
+    def _collective(self, fn, what: str):
         try:
-            work.wait(timeout=self._timeout)
+            return fn()
         except Exception as e:
             raise PipelineError(f"pipeline rank {self.rank}: {what} over the pipeline group failed within "
                                 f"{self.config.timeout_s:g} s: a rank died or is not in the same step "
@@ -549,8 +554,8 @@ class Pipeline:
         for w, peer in sends:
             self._wait(w, "sending the shape header", peer)
         flag = torch.tensor([0 if err in (None, "upstream") else 1], dtype=torch.int64)
-        self._collective(dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
-                         "the shape agreement")
+        self._collective(lambda: collectives.all_reduce_(flag, self.group, op="max", backend="torch", check=False,
+                                                         timeout=self.config.timeout_s), "the shape agreement")
         if int(flag):
             msgs = [None] * self.ranks
             dist.all_gather_object(msgs, err if err not in (None, "upstream") else None, group=self.group)
@@ -705,8 +710,6 @@ class Pipeline:
                 sends.append((self._isend(t, dst), t, dst))
                 self.stats.messages += 1
                 self.stats.bytes_sent += t.numel() * t.element_size()
-                if len(sends) > 8:
-                    sends = [w for w in sends if not w[0].is_completed()]
             elif k == "F":
                 x = take_input(s, mb)
                 h = held[(s, mb)] = _Held(x, None, mb_lab[mb] if s == S - 1 else None)
@@ -793,11 +796,12 @@ class Pipeline:
     def _reduce_loss(self, loss_sum) -> torch.Tensor:
         last_rank = (self.num_stages - 1) % self.ranks
         loss = loss_sum.detach().clone() if loss_sum is not None else torch.zeros((), dtype=torch.float32)
-        self._collective(dist.broadcast(loss, src=self._peers[last_rank], group=self.group, async_op=True),
-                         "the loss broadcast")
+        self._collective(lambda: collectives.broadcast_(loss, last_rank, self.group, backend="torch", check=False,
+                                                        timeout=self.config.timeout_s), "the loss broadcast")
         if self.dp_group is not None:
-            self._collective(dist.all_reduce(loss, group=self.dp_group, async_op=True), "the loss average")
-            loss /= dist.get_world_size(self.dp_group)
+            self._collective(lambda: collectives.all_reduce_(loss, self.dp_group, op="avg", backend="torch",
+                                                             check=False, timeout=self.config.timeout_s),
+                             "the loss average over data-parallel replicas")
         return loss
 
 

@@ -1,0 +1,261 @@
+"""Pipeline schedules: measured step time against the timing model, and against torch.distributed.pipelining.
+
+    torchrun --nproc-per-node 2 bench/parallel/bench_pipeline.py
+    torchrun --nproc-per-node 4 bench/parallel/bench_pipeline.py
+
+Part 1, calibrated stages. Each stage sleeps t_f in forward and t_b in backward (split t_b/2 for
+the input gradient and t_b/2 for the weight gradient, as two autograd nodes, so the zero-bubble
+split really separates them; the first stage, whose input needs no gradient, spends all of t_b on
+weights). Sleeping uses no CPU, so 4 ranks on 2 cores time like 4 machines. The measured step time
+of every llmkern schedule is compared with the model's prediction (`schedules.simulate` of the
+same checked schedule with those costs; for gpipe and 1f1b that is (m + p - 1)(t_f + t_b)).
+Goal: within 10 %.
+
+Part 2, a tiny Llama (8 layers, hidden 128), cut into p stages (2 per rank for the interleaved
+schedules), m = 4 and 8: step time and peak bytes of saved activations per rank of each llmkern
+schedule against torch.distributed.pipelining's ScheduleGPipe, Schedule1F1B and
+ScheduleInterleaved1F1B running the same stage modules. Candidates are interleaved step by step.
+Step time is the maximum over ranks, median over steps. Goal: llmkern / torch <= 1.0.
+
+Rank 0 prints the tables and writes bench/results/pipeline_w<p>.{csv,json}. The machine is shared:
+the results carry `uptime` and the CPU share other processes took (`contention`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llmkern.parallel import PipelineConfig, apply_pipeline
+from llmkern.parallel.pipeline import schedules as sch
+from llmkern.parallel.pipeline.partition import build_stage, layer_counts, model_parts
+from llmkern.parallel.pipeline.runtime import CausalLMLoss, _Meter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _harness import ContentionMeter, environment, format_table, write_results  # noqa: E402
+
+TORCHRUN_NPROC = (2, 4)
+"""The bench runner starts this script under torchrun with each of these process counts."""
+
+
+# --- part 1: calibrated stages -------------------------------------------------------------------------
+
+
+class _SleepThrough(torch.autograd.Function):
+    """Identity; sleeps `t_fwd` in forward and `t_bwd` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, t_fwd, t_bwd):
+        ctx.t_bwd = t_bwd
+        if t_fwd:
+            time.sleep(t_fwd)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        time.sleep(ctx.t_bwd)
+        return g, None, None
+
+
+class CalibratedStage(nn.Module):
+    """out = x (through a node sleeping t_i in backward) + 0 · sum(w) (through one sleeping t_w): the
+    input and weight gradients are separate autograd nodes. Forward sleeps t_f."""
+
+    def __init__(self, t_f: float, t_i: float, t_w: float, width: int):
+        super().__init__()
+        self.t_f, self.t_i, self.t_w = t_f, t_i, t_w
+        self.w = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x):
+        first = not x.requires_grad  # the input needs no gradient: the whole backward is on weights
+        y = _SleepThrough.apply(x, self.t_f, self.t_i) if not first else x + 0.0
+        if first:
+            time.sleep(self.t_f)
+        wt = _SleepThrough.apply(self.w, 0.0, self.t_w + (self.t_i if first else 0.0))
+        return y + 0.0 * wt.sum()
+
+
+def _time_steps(run, steps: int) -> list[float]:
+    """Seconds of each of `steps` calls after one warm-up; each is the slowest rank's time."""
+    out = []
+    for i in range(steps + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        run()
+        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        if i:
+            out.append(dt.item())
+    return out
+
+
+def calibrated(world: int, steps: int, t_f: float, t_b: float, ms: list[int]) -> list[dict]:
+    rows = []
+    for schedule in sch.SCHEDULES:
+        v = 2 if schedule == "interleaved_1f1b" else 1
+        # the same work per rank: an interleaved rank runs v chunks of 1/v of a stage each
+        cf, cb = t_f / v, t_b / v
+        for m in ms:
+            if schedule in ("1f1b", "zero_bubble") and m < world:
+                continue
+            stages = [CalibratedStage(cf, cb / 2, cb / 2, 8) for _ in range(world * v)]
+            pipe = apply_pipeline(nn.Sequential(*stages),
+                                  PipelineConfig(stages=world, microbatches=m, schedule=schedule, virtual_stages=v,
+                                                 verbose=False),
+                                  loss_fn=lambda out, y: out.sum() * 0.0)
+            x, y = torch.zeros(m * 4, 8), torch.zeros(m * 4, 8)
+            times = _time_steps(lambda: (pipe.train_step(x, y), pipe.zero_grad()), steps)
+            costs = sch.Costs(forward=cf, backward=cb, input_grad=cb / 2, weight_grad=cb / 2)
+            predicted = sch.simulate(pipe.schedule, costs).step_time
+            closed = sch.predicted_step_time(schedule, world, m, v, costs)
+            med = statistics.median(times)
+            rows.append({"op": "pipeline_calibrated", "candidate": f"llmkern {schedule}", "dtype": "fp32",
+                         "shape": f"p{world} m{m} v{v}", "mode": "train_step", "median_ms": med * 1e3,
+                         "ratio_vs_baseline": med / predicted, "baseline": "simulated schedule",
+                         "predicted_ms": predicted * 1e3, "closed_form_ms": closed * 1e3,
+                         "min_ms": min(times) * 1e3, "t_f_ms": t_f * 1e3, "t_b_ms": t_b * 1e3,
+                         "within_10pct": abs(med / predicted - 1) <= 0.10})
+    return rows
+
+
+# --- part 2: a tiny Llama against torch.distributed.pipelining -----------------------------------------
+
+
+def _tiny_llama(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=1024, max_position_embeddings=128,
+                      attn_implementation="sdpa", tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def _torch_pipeline(model, world: int, rank: int, m: int, v: int, name: str, loss_count: list[int]):
+    """torch.distributed.pipelining on the stage modules llmkern's uniform partition makes."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    parts = model_parts(model)
+    S = world * v
+    counts = layer_counts(parts, S, "uniform")
+    bounds, a = [], 0
+    for c in counts:
+        bounds.append((a, a + c))
+        a += c
+    stages = [PipelineStage(build_stage(parts, *bounds[s], s == 0, s == S - 1, False), s, S, torch.device("cpu"))
+              for s in range(rank, S, world)]
+    loss = CausalLMLoss()
+
+    def loss_fn(logits, labels):  # the same normalization as llmkern's: tokens of the whole batch
+        return loss(logits, labels) / loss_count[0]
+
+    kw = {"loss_fn": loss_fn, "scale_grads": False}
+    if name == "interleaved_1f1b":
+        return ScheduleInterleaved1F1B(stages, m, **kw), stages
+    cls = ScheduleGPipe if name == "gpipe" else Schedule1F1B
+    return cls(stages[0], m, **kw), stages
+
+
+def llama(world: int, rank: int, steps: int, ms: list[int], batch: int, seq: int) -> list[dict]:
+    rows = []
+    base = _tiny_llama(8)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1024, (batch, seq), generator=g)
+    count = [CausalLMLoss().count(ids)]
+    for m in ms:
+        cands = {}
+        for name in sch.SCHEDULES:
+            if name in ("1f1b", "zero_bubble") and m < world:
+                continue
+            v = 2 if name == "interleaved_1f1b" else 1
+            pipe = apply_pipeline(copy.deepcopy(base), PipelineConfig(stages=world, microbatches=m, schedule=name,
+                                                                      virtual_stages=v, verbose=False))
+            cands[f"llmkern {name}"] = (lambda pipe=pipe: (pipe.train_step(ids, ids), pipe.zero_grad()),
+                                        pipe.parameters, name)
+            if name != "zero_bubble":
+                tsched, tstages = _torch_pipeline(copy.deepcopy(base), world, rank, m, v, name, count)
+                first, last = rank == 0, rank == (world * v - 1) % world
+
+                def run_torch(tsched=tsched, tstages=tstages, first=first, last=last):
+                    args = (ids,) if first else ()
+                    tsched.step(*args, target=ids if last else None)
+                    for st in tstages:
+                        st.submod.zero_grad(set_to_none=True)
+                cands[f"torch {name}"] = (run_torch, lambda tstages=tstages: (q for st in tstages
+                                                                               for q in st.submod.parameters()), name)
+        # warm-up, then interleaved steps
+        for run, _, _ in cands.values():
+            run()
+        times = {k: [] for k in cands}
+        meter = ContentionMeter().start()
+        for _ in range(steps):
+            for k, (run, _, _) in cands.items():
+                times[k] += _time_steps(run, 1)
+        contention = meter.stop()
+        # peak saved activations per rank, one untimed step each
+        peaks = {}
+        for k, (run, params, _) in cands.items():
+            mt = _Meter({q.untyped_storage().data_ptr() for q in params()})
+            with mt.hooks():
+                run()
+            t = torch.tensor([mt.peak], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            peaks[k] = int(t.item())
+        for k, ts in times.items():
+            name = cands[k][2]
+            torch_key = f"torch {name}" if name != "zero_bubble" else "torch 1f1b"
+            base_ms = statistics.median(times[torch_key]) if torch_key in times else None
+            med = statistics.median(ts)
+            rows.append({"op": "pipeline_llama", "candidate": k, "dtype": "fp32",
+                         "shape": f"p{world} m{m} B{batch} T{seq}", "mode": "train_step", "median_ms": med * 1e3,
+                         "ratio_vs_baseline": (med / base_ms) if base_ms and k.startswith("llmkern") else None,
+                         "baseline": torch_key if k.startswith("llmkern") else None, "min_ms": min(ts) * 1e3,
+                         "peak_saved_mib_per_rank": peaks[k] / 2**20,
+                         "tokens_per_s": batch * seq / med, "contention": contention})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="fewer steps and one m (a smoke run)")
+    ap.add_argument("--t-forward-ms", type=float, default=20.0)
+    ap.add_argument("--t-backward-ms", type=float, default=40.0)
+    args = ap.parse_args()
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    steps = 2 if args.quick else args.steps
+    ms = [2 * world] if args.quick else [4, 8]
+    rows = calibrated(world, steps, args.t_forward_ms / 1e3, args.t_backward_ms / 1e3, ms)
+    rows += llama(world, rank, steps, ms, batch=16, seq=128 if not args.quick else 32)
+    if rank == 0:
+        print(f"\npipeline, {world} ranks (calibrated stages: t_f = {args.t_forward_ms:g} ms, "
+              f"t_b = {args.t_backward_ms:g} ms per stage)")
+        print(format_table([r for r in rows if r["op"] == "pipeline_calibrated"],
+                           ["candidate", "shape", "median_ms", "predicted_ms", "closed_form_ms", "ratio_vs_baseline",
+                            "within_10pct"]))
+        print(f"\ntiny Llama (8 layers, hidden 128), {world} ranks: llmkern / torch.distributed.pipelining")
+        print(format_table([r for r in rows if r["op"] == "pipeline_llama"],
+                           ["candidate", "shape", "median_ms", "ratio_vs_baseline", "baseline",
+                            "peak_saved_mib_per_rank"]))
+        up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        print(f"\nuptime: {up}")
+        write_results(f"pipeline_w{world}" + ("_quick" if args.quick else ""), rows,
+                      environment(max((r.get("contention") or 0.0) for r in rows), world_size=world, uptime=up))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
