@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from llmkern.parallel import PipelineConfig, PipelineError, apply_pipeline
@@ -84,19 +85,19 @@ def _step_error(pipe, x, y):
 
 
 def _shape_errors(rank, world):
+    """Each case on a new group: a shape error fails the group it happened on (its connections close)."""
     cfg = PipelineConfig(stages=2, microbatches=3, timeout_s=TIMEOUT_S, verbose=False)
-    out = {}
-    # stage 0 ends with Linear(8, 16) + Tanh, stage 1 starts with Linear(32, 8)
-    pipe = apply_pipeline(_mlp([(8, 16), (32, 8)]), cfg, loss_fn=_mse)
     x, y = torch.randn(7, 8), torch.randn(7, 8)
-    out["mismatch"] = _step_error(pipe, x, y)
-    out["after"] = _step_error(pipe, x, y)
-    pipe = apply_pipeline(_mlp([(8, 16), (16, 8)]), cfg, loss_fn=_mse)
-    out["labels"] = _step_error(pipe, x, torch.randn(6, 8))
-    pipe = apply_pipeline(_mlp([(8, 16), (16, 8)]), cfg, loss_fn=_mse)
-    out["rows"] = _step_error(pipe, x[:2], y[:2])
-    pipe = apply_pipeline(_mlp([(8, 16), (16, 8)]), cfg, loss_fn=_mse)
-    out["ok"] = _step_error(pipe, x, y)
+    cases = {"mismatch": ([(8, 16), (32, 8)], x, y),  # stage 0 ends with Linear(8, 16), stage 1 starts Linear(32, 8)
+             "labels": ([(8, 16), (16, 8)], x, torch.randn(6, 8)),
+             "rows": ([(8, 16), (16, 8)], x[:2], y),
+             "ok": ([(8, 16), (16, 8)], x, y)}
+    out = {}
+    for name, (widths, xi, yi) in cases.items():
+        pipe = apply_pipeline(_mlp(widths), cfg, dist.new_group([0, 1]), loss_fn=_mse)
+        out[name] = _step_error(pipe, xi, yi)
+        if name == "mismatch":
+            out["after"] = _step_error(pipe, x, y)
     return out
 
 

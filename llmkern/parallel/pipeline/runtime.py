@@ -10,14 +10,15 @@ transfers overlap compute. Gradients accumulate in `.grad` across micro-batches,
 micro-batch weighted so that the sum is the loss of the whole batch; the step returns that loss on
 every rank. The optimizer steps afterwards as usual, over `pipe.parameters()` (this rank's stages).
 
-Shapes are agreed once per step before any activation moves: the first stage describes its input
-in a small header, each stage derives its output shape (running itself once on zeros when the
-shapes differ from the last step's) and passes a header on, and one all-reduce over the pipeline
-group tells every rank whether some stage rejected its input.
-A stage whose output does not fit the next stage's layers is thus an error on every rank, naming
-both stages and shapes, before any rank blocks on a receive whose size it got wrong. Every wait on
-a peer has a timeout (`PipelineConfig.timeout_s`): a dead or stalled stage becomes an error that
-names the stage, the rank and the tensor waited for.
+Shapes are agreed once per step before any activation of that step moves: the first stage
+describes its input in a small header, each stage derives its output shape (running itself once on
+zeros when the shapes differ from the last step's) and passes a header on. A stage that receives a
+tensor it cannot take (its layers reject the shape, labels that do not match the batch) fails the
+pipeline group with its message (`llmkern.parallel.groups.fail`): every rank raises a
+`PipelineError` carrying it, before any rank has blocked on a receive whose size it got wrong.
+Every wait on a peer has a timeout (`PipelineConfig.timeout_s`): a dead or stalled stage becomes
+an error that names the stage, the rank and the tensor waited for. After an error the pipeline
+(and, for a failed group, the group) refuses further steps.
 """
 from __future__ import annotations
 
@@ -434,7 +435,7 @@ class Pipeline:
         except Exception as e:
             raise PipelineError(f"pipeline rank {self.rank} (stages {self.stages}): {what} failed within "
                                 f"{self.config.timeout_s:g} s: rank {peer} died, stopped or diverged "
-                                f"({type(e).__name__}: {_first_line(e)})") from e
+                                f"({type(e).__name__}: {_first_line(e)}){_reports(e)}") from e
 
     def _collective(self, fn, what: str):
         try:
@@ -442,7 +443,7 @@ class Pipeline:
         except Exception as e:
             raise PipelineError(f"pipeline rank {self.rank}: {what} over the pipeline group failed within "
                                 f"{self.config.timeout_s:g} s: a rank died or is not in the same step "
-                                f"({type(e).__name__}: {_first_line(e)})") from e
+                                f"({type(e).__name__}: {_first_line(e)}){_reports(e)}") from e
 
     # --- the step -------------------------------------------------------------------------------------
 
@@ -486,7 +487,7 @@ class Pipeline:
                        f"{_describe(labels)}")
             else:
                 mb_lab = torch.tensor_split(labels, m)
-        plan = self._agree_shapes(mb_in, labels, rows_total, err)
+        plan, header_sends = self._agree_shapes(mb_in, labels, rows_total, err)
         if last:
             if isinstance(self.loss_fn, CausalLMLoss):
                 count = self.loss_fn.count(labels)
@@ -500,7 +501,7 @@ class Pipeline:
         if self.config.measure_activations:
             self.stats.saved_bytes_per_microbatch = {s: 0 for s in self.stages}
             self.stats.peak_saved_bytes = {s: 0 for s in self.stages}
-        loss_sum = self._run(plan, mb_in, mb_lab, weights, scaler)
+        loss_sum = self._run(plan, mb_in, mb_lab, weights, scaler, header_sends)
         self._sync_tied_grads()
         return self._reduce_loss(loss_sum)
 
@@ -551,19 +552,22 @@ class Pipeline:
                     hdr[3], hdr[5], hdr[6] = sum(rows), _DTYPES.index(dt), len(shp)
                     hdr[7:7 + len(shp)] = torch.tensor(shp, dtype=torch.int64)
                 sends.append((self._isend(hdr, nxt), nxt))
-        for w, peer in sends:
-            self._wait(w, "sending the shape header", peer)
-        flag = torch.tensor([0 if err in (None, "upstream") else 1], dtype=torch.int64)
-        self._collective(lambda: collectives.all_reduce_(flag, self.group, op="max", backend="torch", check=False,
-                                                         timeout=self.config.timeout_s), "the shape agreement")
-        if int(flag):
-            msgs = [None] * self.ranks
-            dist.all_gather_object(msgs, err if err not in (None, "upstream") else None, group=self.group)
-            first_err = next(msg for msg in msgs if msg)
-            raise PipelineError(f"pipeline step {self._step}: {first_err}")
-        if err == "upstream":
-            raise PipelineError(f"pipeline step {self._step}: an upstream stage failed")
-        return _StepPlan(rows or [], in_meta, out_meta)
+        if err is not None:
+            # Tell every rank, fast: the rejecting rank records its message in the group's store and
+            # closes its connections (llmkern.parallel.groups.fail); ranks already running the schedule
+            # fail on their next wait with this rank, the ones downstream got the error flag in the
+            # header, and each error carries the reports. (An all-reduce of an error flag before every
+            # step would do it too, but it holds every rank until the last stage has its header: a
+            # barrier at the start of each step that this way costs nothing when all is well.)
+            if err == "upstream":
+                failure = groups.PeerFailure((min(self.stages) - 1) % self.ranks, "receiving the shape header",
+                                             _Rejected("an upstream stage rejected its input"))
+            else:
+                failure = groups.PeerFailure(None, "the shape agreement", _Rejected(err))
+            ce = groups.fail(groups.state(self.group), f"pipeline step {self._step}", failure)
+            mine = err if err != "upstream" else "an upstream stage rejected its input"
+            raise PipelineError(f"pipeline step {self._step}: {mine}{_reports(ce)}")
+        return _StepPlan(rows or [], in_meta, out_meta), sends
 
     def _infer(self, s: int, meta, rows: list[int], labels) -> tuple:
         """(dtype, shape without dim 0) of stage s's output for inputs described by `meta`. Found by
@@ -616,13 +620,13 @@ class Pipeline:
 
     # --- running the schedule ---------------------------------------------------------------------------
 
-    def _run(self, plan: _StepPlan, mb_in, mb_lab, weights, scaler) -> torch.Tensor | None:
+    def _run(self, plan: _StepPlan, mb_in, mb_lab, weights, scaler, header_sends) -> torch.Tensor | None:
         cfg = self.config
         S, p, me = self.num_stages, self.ranks, self.rank
         recv: dict[tuple, tuple] = {}
         handoff: dict[tuple, torch.Tensor] = {}
         to_send: dict[tuple, torch.Tensor] = {}
-        sends: list[tuple] = []
+        sends: list[tuple] = [(w, None, peer) for w, peer in header_sends]  # waited at the end of the step
         held: dict[tuple[int, int], _Held] = {}
         in_flight = {s: 0 for s in self.stages}
         meters = {}
@@ -812,6 +816,12 @@ class _Rejected(Exception):
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
+
+
+def _reports(e: BaseException) -> str:
+    """What the other ranks of a failed group reported (llmkern.parallel.groups.CollectiveError)."""
+    reports = getattr(e, "reports", None) or {}
+    return "".join(f"\n  rank {r} reported: {text}" for r, text in sorted(reports.items()))
 
 
 def _describe(x) -> str:
