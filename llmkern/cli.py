@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also compile every kernel for sm_80/sm_90 and list registers, spills, smem")
     sub.add_parser("train", help="the demo fine-tune (examples/finetune_lora.py); extra args are passed on",
                    add_help=False)
+    sub.add_parser("plan", help="a pipeline schedule's timeline, bubble and memory (llmkern plan --help)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "info":
         print(info(kernels=args.kernels))
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "train":
         from llmkern import demo
         return demo.main(rest)
+    if args.cmd == "plan":
+        from llmkern.parallel import plan
+        return plan.main(rest)
     return 2
 
 

@@ -172,6 +172,50 @@ def test_rematerialization_replays_dropout():
     assert len(runs[0]) == 5
 
 
+def _optimizer_and_scaler(rank, world):
+    """FusedAdamW and DynamicLossScaler step after train_step as usual; the scaler's overflow flag is
+    reduced over the pipeline group, so an overflow on one stage skips the step on every stage."""
+    from llmkern.optim import DynamicLossScaler, FusedAdamW, LossScalerConfig
+
+    model = _mlp(2 * world)
+    ref = copy.deepcopy(model)
+    pipe = apply_pipeline(model, PipelineConfig(stages=world, microbatches=world, verbose=False), loss_fn=_mse)
+    opt = FusedAdamW(pipe.parameters(), lr=1e-2)
+    scaler = DynamicLossScaler(LossScalerConfig(init_scale=2.0 ** 10), process_group=pipe.group)
+    ref_opt = FusedAdamW(ref.parameters(), lr=1e-2)
+    ref_scaler = DynamicLossScaler(LossScalerConfig(init_scale=2.0 ** 10))
+    skipped = []
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, C, generator=g), torch.randn(8, C, generator=g)
+        loss = pipe.train_step(x, y, scaler=scaler)
+        if step == 2 and rank == world - 1:  # an overflow on the last stage only
+            next(pipe.parameters()).grad[0, 0] = float("inf")
+        before = [q.detach().clone() for q in pipe.parameters()]
+        skipped.append(bool(scaler.step(opt)))
+        scaler.update()
+        opt.zero_grad()
+        if skipped[-1]:
+            assert all(torch.equal(a, b) for a, b in zip(before, pipe.parameters()))
+            continue  # the single process skips the same step
+        ref_loss = _mse(ref(x), y)
+        assert abs(loss.item() - ref_loss.item()) <= 1e-5 * ref_loss.item()  # the batch's loss, on every rank
+        ref_scaler.scale(ref_loss).backward()
+        ref_scaler.step(ref_opt)
+        ref_scaler.update()
+        ref_opt.zero_grad()
+    refp = dict(ref.named_parameters())
+    diff = max((q - refp[n]).abs().max().item() for n, q in pipe.named_parameters())
+    return skipped, diff, scaler.get_scale()
+
+
+def test_fused_adamw_and_loss_scaler_after_the_step():
+    for skipped, diff, scale in run_distributed(_optimizer_and_scaler, 2, timeout=120):
+        assert skipped == [False, False, True, False]
+        assert scale == 2.0 ** 9  # cut once, on every rank
+        assert diff <= 1e-5, diff  # AdamW for 3 steps: only the order of summation differs
+
+
 def _tiny_decoder(kind: str, tie: bool, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "llama":
