@@ -167,9 +167,30 @@ def _remat_same_gradients(rank, world):
     return sorted(grads)
 
 
-def test_rematerialization_replays_dropout():
+def _time_partition(rank, world):
+    """partition="time": one layer with ~1000x the work of the others gets a stage with fewer layers;
+    every rank cuts the same way (the measured times are averaged over ranks); rank 0 prints it."""
+    import contextlib
+    import io
+
+    torch.manual_seed(0)
+    light = [nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(5)]
+    heavy = nn.Sequential(nn.Linear(16, 2048), nn.Tanh(), nn.Linear(2048, 2048), nn.Linear(2048, 16))
+    model = nn.Sequential(*light[:3], heavy, *light[3:])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        pipe = apply_pipeline(model, PipelineConfig(stages=world, microbatches=2, partition="time"),
+                              loss_fn=_mse, example_inputs=torch.randn(32, 16))
+    return pipe.partition, printed.getvalue()
+
+
+def test_rematerialization_replays_dropout_and_time_partition():
     runs = run_distributed(_remat_same_gradients, 2, timeout=120)
     assert len(runs[0]) == 5
+    (part0, text0), (part1, text1) = run_distributed(_time_partition, 2, timeout=120)
+    # [light x3 | heavy, light x2] is the only cut whose heavier stage is not heavy + 3 light layers
+    assert part0 == part1 == [(0, 3), (3, 6)]
+    assert "stage 0 (rank 0): layers 0..2" in text0 and "ms fwd+bwd" in text0 and text1 == ""
 
 
 def _optimizer_and_scaler(rank, world):
@@ -265,6 +286,13 @@ def _decoders(rank, world):
                 for n, q in pipe.named_parameters():
                     assert_close_to_ref(q.grad, ref[n], base[n], grad=True, name=f"{n} ({where})")
                     seen.append((where, n))
+                if schedule == "1f1b":  # every entry of the model's state dict on exactly one rank
+                    gathered = [None] * world
+                    dist.all_gather_object(gathered, sorted(pipe.state_dict()))
+                    full = _tiny_decoder(kind, tie).state_dict()
+                    keys = sorted(k for ks in gathered for k in ks)
+                    assert keys == sorted(full), (where, keys)
+                    assert all(torch.equal(v, full[k]) for k, v in pipe.state_dict().items())
                 if tie:  # the embedding and the head stay one matrix after an optimizer step
                     assert len(pipe._ties) == 1
                     opt = torch.optim.SGD(pipe.parameters(), lr=0.5)

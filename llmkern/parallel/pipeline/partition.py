@@ -33,9 +33,13 @@ class ModelParts:
     kind: str
     """"sequential", "llama" or "gpt2"."""
     pre: list[tuple[str, nn.Module]]
+    """(name in the model, module) run before the first layer, on the first stage: the embeddings."""
     layers: list[tuple[str, nn.Module]]
+    """(name, module) of the layers that are cut between stages, in order."""
     post: list[tuple[str, nn.Module]]
+    """(name, module) run after the last layer, on the last stage: the final norm and the LM head."""
     shared: list[tuple[str, nn.Module]]
+    """(name, module) every stage keeps, without parameters: the rotary embedding."""
     config: object = None
     """The transformers config (None for a Sequential)."""
 

@@ -400,6 +400,30 @@ class Pipeline:
         """(name in the original model, parameter) for this rank's parameters."""
         return iter((self._names[id(q)], q) for q in self.parameters())
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters and buffers, keyed by their names in the original model (the other
+        ranks' entries are absent): the shard a torch.distributed.checkpoint save takes from this
+        rank, which a load re-cuts by name whatever the number of stages."""
+        return {k: v for k, v in self.model.state_dict().items() if v.device.type != "meta"}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+        """Copies the entries of this rank's `state_dict()` from `state_dict` (keys of the original
+        model; entries for other ranks are ignored). strict: every one of this rank's entries must be
+        there. Returns the keys that were missing."""
+        mine = self.state_dict()
+        missing = [k for k in mine if k not in state_dict]
+        if strict and missing:
+            raise KeyError(f"Pipeline.load_state_dict: rank {self.rank} (stages {self.stages}) needs "
+                           f"{len(missing)} entries that are not in the state dict: {missing[:5]}")
+        for k, v in mine.items():
+            if k in state_dict:
+                if tuple(state_dict[k].shape) != tuple(v.shape):
+                    raise ValueError(f"Pipeline.load_state_dict: {k} has shape {tuple(state_dict[k].shape)}, "
+                                     f"the model's is {tuple(v.shape)}")
+                v.copy_(state_dict[k])
+        return missing
+
     def train(self, mode: bool = True) -> "Pipeline":
         for m in self.stage_modules.values():
             m.train(mode)
