@@ -96,6 +96,7 @@ def _equivalence(rank, world, schedule, device):
         largest_rows = -(-rows // m)
         report.append({"m": m, "remat": remat, "names": names, "peak": dict(pipe.stats.peak_in_flight),
                        "saved": dict(pipe.stats.saved_bytes_per_microbatch),
+                       "peak_saved": dict(pipe.stats.peak_saved_bytes),
                        "input_bytes": largest_rows * C * 4, "messages": pipe.stats.messages})
     return report
 
@@ -115,6 +116,9 @@ def _check_report(schedule, world, results):
                 elif schedule == "zero_bubble":
                     assert peak <= world, (r, stage)
             for stage, saved in r["saved"].items():
+                # activations are freed by each backward: never more than the micro-batches in flight
+                if r["remat"] == "none":
+                    assert r["peak_saved"][stage] <= r["peak"][stage] * saved, (r, stage)
                 if r["remat"] == "full":
                     assert 0 < saved <= r["input_bytes"], (r, stage)
                 elif r["remat"] == "none":

@@ -167,7 +167,9 @@ class _Meter:
             del self.refs[ptr]
 
     def pack(self, t: torch.Tensor):
-        return _Saved(t, self, self._add(t))
+        # detached: a saved output holds its grad_fn, whose saved variable would hold this holder, a
+        # cycle through C++ that Python's collector cannot see (the graph would never be freed)
+        return _Saved(t.detach(), self, self._add(t))
 
     @staticmethod
     def unpack(h):
@@ -277,7 +279,9 @@ class Pipeline:
             if example_inputs is None:
                 raise ValueError("apply_pipeline: partition='time' needs example_inputs= (one micro-batch of "
                                  "inputs) to time the layers")
-            t_pre, t_layers, t_post = part.time_layers(parts, example_inputs)
+            devices = [example_inputs.device] if example_inputs.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):  # timing runs dropout: keep the RNG of training
+                t_pre, t_layers, t_post = part.time_layers(parts, example_inputs)
             # every rank measured; all agree on the mean (replicas must cut the model identically)
             vec = torch.tensor([t_pre, *t_layers, t_post], dtype=torch.float64)
             collectives.all_reduce_(vec, None, op="avg", backend="torch", check=False, timeout=config.timeout_s)
@@ -334,6 +338,9 @@ class Pipeline:
                 self._final_backward[a.stage] = i
         self._params = {s: [q for q in modules[s].parameters() if q.requires_grad] for s in self.stages}
         self.device = next(self.parameters(), torch.empty(0)).device
+        # headers and the loss travel where the group's small messages live (CPU for gloo, the GPU
+        # for NCCL, which carries no CPU tensors)
+        self._ctl = groups.state(self.group).p2p_device
         self._shape_cache: dict[tuple, tuple] = {}
         self._step = 0
         self._broken: str | None = None
@@ -541,7 +548,7 @@ class Pipeline:
                 meta = None if err else (mb_in[0].dtype, tuple(mb_in[0].shape[1:]))
                 rows = None if err else [t.shape[0] for t in mb_in]
             else:
-                hdr = torch.zeros(_HEADER, dtype=torch.int64)
+                hdr = torch.zeros(_HEADER, dtype=torch.int64, device=self._ctl)
                 prev = (s - 1) % self.ranks
                 self._wait(self._irecv(hdr, prev), f"receiving the shape header of stage {s - 1}", prev)
                 h = hdr.tolist()
@@ -567,7 +574,7 @@ class Pipeline:
                     err = str(e)
             if s < S - 1:
                 nxt = (s + 1) % self.ranks
-                hdr = torch.zeros(_HEADER, dtype=torch.int64)
+                hdr = torch.zeros(_HEADER, dtype=torch.int64, device=self._ctl)
                 hdr[0], hdr[1], hdr[2] = _MAGIC, self._step, m
                 if err:
                     hdr[4] = 1
@@ -657,8 +664,8 @@ class Pipeline:
         if cfg.measure_activations:
             for s in self.stages:
                 meters[s] = _Meter({q.untyped_storage().data_ptr() for q in self._local_modules[s].parameters()})
-        loss_sum = torch.zeros((), dtype=torch.float32) if S - 1 in self.stages else None
         dev = self.device
+        loss_sum = torch.zeros((), dtype=torch.float32, device=dev) if S - 1 in self.stages else None
 
         def shape(s, mb, meta):
             return (plan.rows[mb], *meta[s][1])
@@ -823,7 +830,8 @@ class Pipeline:
 
     def _reduce_loss(self, loss_sum) -> torch.Tensor:
         last_rank = (self.num_stages - 1) % self.ranks
-        loss = loss_sum.detach().clone() if loss_sum is not None else torch.zeros((), dtype=torch.float32)
+        loss = (loss_sum.detach().to(self._ctl, copy=True) if loss_sum is not None
+                else torch.zeros((), dtype=torch.float32, device=self._ctl))
         self._collective(lambda: collectives.broadcast_(loss, last_rank, self.group, backend="torch", check=False,
                                                         timeout=self.config.timeout_s), "the loss broadcast")
         if self.dp_group is not None:
