@@ -85,21 +85,25 @@ class CalibratedStage(nn.Module):
         return y + 0.0 * wt.sum()
 
 
-def _time_steps(run, steps: int) -> list[float]:
-    """Seconds of each of `steps` calls after one warm-up; each is the slowest rank's time."""
+def _time_steps(run, steps: int, warmup: bool = True) -> list[float]:
+    """Seconds of each of `steps` calls (after one untimed call with `warmup`); each is the slowest
+    rank's time."""
     out = []
-    for i in range(steps + 1):
+    for i in range(steps + int(warmup)):
         dist.barrier()
         t0 = time.perf_counter()
         run()
         dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        if i:
+        if i or not warmup:
             out.append(dt.item())
     return out
 
 
-def calibrated(world: int, steps: int, t_f: float, t_b: float, ms: list[int]) -> list[dict]:
+def calibrated(world: int, rank: int, steps: int, t_f: float, t_b: float, ms: list[int]) -> list[dict]:
+    """Each llmkern schedule against the model's prediction, and torch's same schedule (GPipe, 1F1B,
+    interleaved) on the same calibrated stages, interleaved step by step: what both lose to the
+    machine (wake-ups, message latency) shows in torch's row too."""
     rows = []
     for schedule in sch.SCHEDULES:
         v = 2 if schedule == "interleaved_1f1b" else 1
@@ -108,24 +112,43 @@ def calibrated(world: int, steps: int, t_f: float, t_b: float, ms: list[int]) ->
         for m in ms:
             if schedule in ("1f1b", "zero_bubble") and m < world:
                 continue
+
+            def loss_fn(out, y):  # zero, with a dense gradient (torch's pipelining cannot receive an expanded one)
+                return (out * y).sum()
+
             stages = [CalibratedStage(cf, cb / 2, cb / 2, 8) for _ in range(world * v)]
             pipe = apply_pipeline(nn.Sequential(*stages),
                                   PipelineConfig(stages=world, microbatches=m, schedule=schedule, virtual_stages=v,
-                                                 verbose=False),
-                                  loss_fn=lambda out, y: out.sum() * 0.0)
+                                                 verbose=False), loss_fn=loss_fn)
             x, y = torch.zeros(m * 4, 8), torch.zeros(m * 4, 8)
-            times = _time_steps(lambda: (pipe.train_step(x, y), pipe.zero_grad()), steps)
+            runs = {f"llmkern {schedule}": lambda pipe=pipe: (pipe.train_step(x, y), pipe.zero_grad())}
+            if schedule != "zero_bubble":
+                twin = [CalibratedStage(cf, cb / 2, cb / 2, 8) for _ in range(world * v)]
+                runs[f"torch {schedule}"] = _torch_runner(twin, world, rank, m, schedule, loss_fn, x, y)
+            times = _time_alternating(runs, steps)
             costs = sch.Costs(forward=cf, backward=cb, input_grad=cb / 2, weight_grad=cb / 2)
             predicted = sch.simulate(pipe.schedule, costs).step_time
             closed = sch.predicted_step_time(schedule, world, m, v, costs)
-            med = statistics.median(times)
-            rows.append({"op": "pipeline_calibrated", "candidate": f"llmkern {schedule}", "dtype": "fp32",
-                         "shape": f"p{world} m{m} v{v}", "mode": "train_step", "median_ms": med * 1e3,
-                         "ratio_vs_baseline": med / predicted, "baseline": "simulated schedule",
-                         "predicted_ms": predicted * 1e3, "closed_form_ms": closed * 1e3,
-                         "min_ms": min(times) * 1e3, "t_f_ms": t_f * 1e3, "t_b_ms": t_b * 1e3,
-                         "within_10pct": abs(med / predicted - 1) <= 0.10})
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                rows.append({"op": "pipeline_calibrated", "candidate": name, "dtype": "fp32",
+                             "shape": f"p{world} m{m} v{v}", "mode": "train_step", "median_ms": med * 1e3,
+                             "ratio_vs_baseline": med / predicted, "baseline": "simulated schedule",
+                             "predicted_ms": predicted * 1e3, "closed_form_ms": closed * 1e3,
+                             "min_ms": min(ts) * 1e3, "t_f_ms": t_f * 1e3, "t_b_ms": t_b * 1e3,
+                             "within_10pct": abs(med / predicted - 1) <= 0.10})
     return rows
+
+
+def _time_alternating(runs: dict, steps: int) -> dict[str, list[float]]:
+    """Every candidate once untimed, then `steps` rounds of one timed step each, in turn."""
+    for run in runs.values():
+        run()
+    times = {k: [] for k in runs}
+    for _ in range(steps):
+        for k, run in runs.items():
+            times[k] += _time_steps(run, 1, warmup=False)
+    return times
 
 
 # --- part 2: a tiny Llama against torch.distributed.pipelining -----------------------------------------
@@ -141,24 +164,13 @@ def _tiny_llama(layers: int):
     return LlamaForCausalLM(cfg)
 
 
-def _torch_pipeline(model, world: int, rank: int, m: int, v: int, name: str, loss_count: list[int]):
-    """torch.distributed.pipelining on the stage modules llmkern's uniform partition makes."""
+def _torch_schedule(stage_modules: list[nn.Module], world: int, rank: int, m: int, name: str, loss_fn):
+    """torch.distributed.pipelining's `name` schedule over `stage_modules` (stage s on rank s % world,
+    as llmkern places them). Returns (schedule, this rank's PipelineStages)."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-    parts = model_parts(model)
-    S = world * v
-    counts = layer_counts(parts, S, "uniform")
-    bounds, a = [], 0
-    for c in counts:
-        bounds.append((a, a + c))
-        a += c
-    stages = [PipelineStage(build_stage(parts, *bounds[s], s == 0, s == S - 1, False), s, S, torch.device("cpu"))
-              for s in range(rank, S, world)]
-    loss = CausalLMLoss()
-
-    def loss_fn(logits, labels):  # the same normalization as llmkern's: tokens of the whole batch
-        return loss(logits, labels) / loss_count[0]
-
+    S = len(stage_modules)
+    stages = [PipelineStage(stage_modules[s], s, S, torch.device("cpu")) for s in range(rank, S, world)]
     kw = {"loss_fn": loss_fn, "scale_grads": False}
     if name == "interleaved_1f1b":
         return ScheduleInterleaved1F1B(stages, m, **kw), stages
@@ -166,60 +178,79 @@ def _torch_pipeline(model, world: int, rank: int, m: int, v: int, name: str, los
     return cls(stages[0], m, **kw), stages
 
 
+def _torch_runner(stage_modules, world: int, rank: int, m: int, name: str, loss_fn, x, y):
+    """One training step of torch's schedule: inputs on the first stage, targets on the last."""
+    tsched, tstages = _torch_schedule(stage_modules, world, rank, m, name, loss_fn)
+    first, last = rank == 0, rank == (len(stage_modules) - 1) % world
+
+    def run():
+        tsched.step(*((x,) if first else ()), target=y if last else None)
+        for st in tstages:
+            st.submod.zero_grad(set_to_none=True)
+    run.parameters = lambda: (q for st in tstages for q in st.submod.parameters())
+    return run
+
+
+def _llama_stages(model, world: int, v: int) -> list[nn.Module]:
+    """The stage modules of llmkern's uniform partition (the same cut for llmkern and torch)."""
+    parts = model_parts(model)
+    S = world * v
+    bounds, a = [], 0
+    for c in layer_counts(parts, S, "uniform"):
+        bounds.append((a, a + c))
+        a += c
+    return [build_stage(parts, *bounds[s], s == 0, s == S - 1, False) for s in range(S)]
+
+
 def llama(world: int, rank: int, steps: int, ms: list[int], batch: int, seq: int) -> list[dict]:
     rows = []
     base = _tiny_llama(8)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1024, (batch, seq), generator=g)
-    count = [CausalLMLoss().count(ids)]
+    loss = CausalLMLoss()
+    count = loss.count(ids)
+
+    def loss_fn(logits, labels):  # llmkern's normalization: the predicted tokens of the whole batch
+        return loss(logits, labels) / count
+
     for m in ms:
-        cands = {}
+        runs, params, kinds = {}, {}, {}
         for name in sch.SCHEDULES:
             if name in ("1f1b", "zero_bubble") and m < world:
                 continue
             v = 2 if name == "interleaved_1f1b" else 1
             pipe = apply_pipeline(copy.deepcopy(base), PipelineConfig(stages=world, microbatches=m, schedule=name,
                                                                       virtual_stages=v, verbose=False))
-            cands[f"llmkern {name}"] = (lambda pipe=pipe: (pipe.train_step(ids, ids), pipe.zero_grad()),
-                                        pipe.parameters, name)
+            runs[f"llmkern {name}"] = lambda pipe=pipe: (pipe.train_step(ids, ids), pipe.zero_grad())
+            params[f"llmkern {name}"], kinds[f"llmkern {name}"] = pipe.parameters, name
             if name != "zero_bubble":
-                tsched, tstages = _torch_pipeline(copy.deepcopy(base), world, rank, m, v, name, count)
-                first, last = rank == 0, rank == (world * v - 1) % world
-
-                def run_torch(tsched=tsched, tstages=tstages, first=first, last=last):
-                    args = (ids,) if first else ()
-                    tsched.step(*args, target=ids if last else None)
-                    for st in tstages:
-                        st.submod.zero_grad(set_to_none=True)
-                cands[f"torch {name}"] = (run_torch, lambda tstages=tstages: (q for st in tstages
-                                                                               for q in st.submod.parameters()), name)
-        # warm-up, then interleaved steps
-        for run, _, _ in cands.values():
-            run()
-        times = {k: [] for k in cands}
+                run = _torch_runner(_llama_stages(copy.deepcopy(base), world, v), world, rank, m, name, loss_fn,
+                                    ids, ids)
+                runs[f"torch {name}"], params[f"torch {name}"], kinds[f"torch {name}"] = run, run.parameters, name
         meter = ContentionMeter().start()
-        for _ in range(steps):
-            for k, (run, _, _) in cands.items():
-                times[k] += _time_steps(run, 1)
+        times = _time_alternating(runs, steps)
         contention = meter.stop()
         # peak saved activations per rank, one untimed step each
         peaks = {}
-        for k, (run, params, _) in cands.items():
-            mt = _Meter({q.untyped_storage().data_ptr() for q in params()})
+        for k, run in runs.items():
+            mt = _Meter({q.untyped_storage().data_ptr() for q in params[k]()})
             with mt.hooks():
                 run()
             t = torch.tensor([mt.peak], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             peaks[k] = int(t.item())
         for k, ts in times.items():
-            name = cands[k][2]
+            name = kinds[k]
             torch_key = f"torch {name}" if name != "zero_bubble" else "torch 1f1b"
-            base_ms = statistics.median(times[torch_key]) if torch_key in times else None
+            ours = k.startswith("llmkern")
+            ratios = [a / b for a, b in zip(ts, times[torch_key])] if ours and torch_key in times else None
             med = statistics.median(ts)
             rows.append({"op": "pipeline_llama", "candidate": k, "dtype": "fp32",
                          "shape": f"p{world} m{m} B{batch} T{seq}", "mode": "train_step", "median_ms": med * 1e3,
-                         "ratio_vs_baseline": (med / base_ms) if base_ms and k.startswith("llmkern") else None,
-                         "baseline": torch_key if k.startswith("llmkern") else None, "min_ms": min(ts) * 1e3,
+                         # the median of per-round ratios (both ran in the same round), as bench/_harness
+                         "ratio_vs_baseline": statistics.median(ratios) if ratios else None,
+                         "ratio_min": min(ratios) if ratios else None, "ratio_max": max(ratios) if ratios else None,
+                         "baseline": torch_key if ours else None, "min_ms": min(ts) * 1e3,
                          "peak_saved_mib_per_rank": peaks[k] / 2**20,
                          "tokens_per_s": batch * seq / med, "contention": contention})
     return rows
@@ -242,7 +273,7 @@ def main() -> None:
     ms = [2 * world] if args.quick else [4, 8]
     scale = 0.25 if args.quick else 1.0
     t_f, t_b = args.t_forward_ms / 1e3 * scale, args.t_backward_ms / 1e3 * scale
-    rows = calibrated(world, steps, t_f, t_b, ms)
+    rows = calibrated(world, rank, steps, t_f, t_b, ms)
     rows += llama(world, rank, steps, ms, batch=16 if not args.quick else 8, seq=128 if not args.quick else 32)
     if rank == 0:
         print(f"\npipeline, {world} ranks (calibrated stages: t_f = {t_f * 1e3:g} ms, t_b = {t_b * 1e3:g} ms per "
@@ -252,8 +283,8 @@ def main() -> None:
                             "within_10pct"]))
         print(f"\ntiny Llama (8 layers, hidden 128), {world} ranks: llmkern / torch.distributed.pipelining")
         print(format_table([r for r in rows if r["op"] == "pipeline_llama"],
-                           ["candidate", "shape", "median_ms", "ratio_vs_baseline", "baseline",
-                            "peak_saved_mib_per_rank"]))
+                           ["candidate", "shape", "median_ms", "ratio_vs_baseline", "ratio_min", "ratio_max",
+                            "baseline", "peak_saved_mib_per_rank"]))
         up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         print(f"\nuptime: {up}")
         write_results(f"pipeline_w{world}" + ("_quick" if args.quick else ""), rows,

@@ -129,7 +129,7 @@ _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
            torch.uint8, torch.int8, torch.int16]
 _MAGIC = 0x50495045
 _MAX_DIMS = 8
-_HEADER = 7 + _MAX_DIMS
+_HEADER = 7 + _MAX_DIMS  # the last field is a flag
 
 
 class _Meter:
@@ -342,6 +342,7 @@ class Pipeline:
         # for NCCL, which carries no CPU tensors)
         self._ctl = groups.state(self.group).p2p_device
         self._shape_cache: dict[tuple, tuple] = {}
+        self._plans: dict[tuple, _StepPlan] = {}  # step key (stage 0's input dtype, shape, rows) -> shapes
         self._step = 0
         self._broken: str | None = None
         self.stats = PipelineStats()
@@ -366,8 +367,9 @@ class Pipeline:
             if t_layers is not None:
                 ms = sum(t_layers[a:b]) + (t_pre if s == 0 else 0.0) + (t_post if s == S - 1 else 0.0)
                 t = f", {ms * 1e3:.1f} ms fwd+bwd"
-            lines.append(f"  stage {s} (rank {s % self.ranks}): layers {a}..{b - 1} {' '.join(extra)} "
-                         f"{n / 1e6:.3f} M params{t}".replace("  M", " M"))
+            layers = f"layer {a}" if b - a == 1 else f"layers {a}..{b - 1}"
+            lines.append(f"  stage {s} (rank {s % self.ranks}): {' '.join([layers, *extra])}, "
+                         f"{n / 1e6:.3f} M parameters{t}")
         return "\n".join(lines)
 
     def _wrap_data_parallel(self, module: nn.Module, data_parallel):
@@ -538,67 +540,126 @@ class Pipeline:
 
     # --- shapes ---------------------------------------------------------------------------------------
 
-    def _agree_shapes(self, mb_in, labels, rows_total, err) -> _StepPlan:
+    def _agree_shapes(self, mb_in, labels, rows_total, err):
+        """The shapes every local stage receives and sends this step, agreed with the other ranks.
+
+        The rank of stage 0 sends every other rank a key: the micro-batch input's dtype and shape,
+        and whether this input is new. All ranks see the same inputs in the same steps, so they all
+        know the same keys: for a known one each takes its stages' shapes from its cache, and no
+        stage waits for another (one message from stage 0's rank per step). A new key (the first step,
+        a new sequence length) runs the chain: stage by stage, each derives its output shape from its
+        input's (running itself once on zeros, `_infer`) and passes it on in a header."""
         m, S = self.config.microbatches, self.num_stages
-        in_meta, out_meta = {}, {}
-        rows = None
         sends = []
-        for s in self.stages:
-            if s == 0:
-                meta = None if err else (mb_in[0].dtype, tuple(mb_in[0].shape[1:]))
-                rows = None if err else [t.shape[0] for t in mb_in]
+        first_rank = 0  # stage 0 lives on rank 0
+        if self.rank == first_rank:
+            key = None if err else (mb_in[0].dtype, tuple(mb_in[0].shape[1:]), rows_total)
+            new = err is None and key not in self._plans
+            hdr = self._header(error=err is not None, rows=rows_total or 0,
+                               meta=None if err else key[:2], flag=new)
+            sends += [(self._isend(hdr, r), r) for r in range(self.ranks) if r != self.rank]
+        else:
+            hdr = torch.zeros(_HEADER, dtype=torch.int64, device=self._ctl)
+            self._wait(self._irecv(hdr, first_rank), "receiving the step's input description from stage 0",
+                       first_rank)
+            h = hdr.tolist()
+            key, new = None, False
+            if h[0] != _MAGIC:
+                err = err or f"rank {self.rank} got a malformed step header from stage 0 (rank {first_rank})"
+            elif h[4]:
+                err = err or "upstream"
+            elif h[1] != self._step or h[2] != m:
+                err = err or (f"stages {self.stages} (rank {self.rank}) are at step {self._step} with microbatches={m}, "
+                              f"but stage 0 (rank {first_rank}) is at step {h[1]} with microbatches={h[2]}: the "
+                              f"ranks diverged")
             else:
-                hdr = torch.zeros(_HEADER, dtype=torch.int64, device=self._ctl)
-                prev = (s - 1) % self.ranks
-                self._wait(self._irecv(hdr, prev), f"receiving the shape header of stage {s - 1}", prev)
-                h = hdr.tolist()
-                if h[0] != _MAGIC:
-                    err = err or f"stage {s} got a malformed shape header from stage {s - 1} (rank {prev})"
-                elif h[4] and not err:
-                    err = "upstream"
-                elif h[1] != self._step or h[2] != m:
-                    err = err or (f"stage {s} (rank {self.rank}) is at step {self._step} with microbatches={m}, but "
-                                  f"stage {s - 1} (rank {prev}) is at step {h[1]} with microbatches={h[2]}: the ranks "
-                                  f"diverged")
-                if not err:
-                    rows = [r.numel() for r in torch.tensor_split(torch.empty(h[3]), m)]
-                    meta = (_DTYPES[h[5]], tuple(h[7:7 + h[6]]))
-            if not err and s == S - 1 and labels.shape[0] != sum(rows):
-                err = (f"the last stage {s} got labels with {labels.shape[0]} rows for a batch of {sum(rows)} rows "
-                       f"(the inputs on stage 0)")
-            if not err:
-                in_meta[s] = meta
-                try:
-                    out_meta[s] = self._infer(s, meta, rows, labels if s == S - 1 else None)
-                except _Rejected as e:
-                    err = str(e)
-            if s < S - 1:
-                nxt = (s + 1) % self.ranks
-                hdr = torch.zeros(_HEADER, dtype=torch.int64, device=self._ctl)
-                hdr[0], hdr[1], hdr[2] = _MAGIC, self._step, m
-                if err:
-                    hdr[4] = 1
-                else:
-                    dt, shp = out_meta[s]
-                    hdr[3], hdr[5], hdr[6] = sum(rows), _DTYPES.index(dt), len(shp)
-                    hdr[7:7 + len(shp)] = torch.tensor(shp, dtype=torch.int64)
-                sends.append((self._isend(hdr, nxt), nxt))
+                key, new = (_DTYPES[h[5]], tuple(h[7:7 + h[6]]), h[3]), bool(h[_HEADER - 1])
+        if err is None:
+            if new:
+                plan, chain_sends, err = self._chain(mb_in, labels, key)
+                sends += chain_sends
+                if err is None:
+                    self._plans[key] = plan
+            else:
+                plan = self._plans[key]
+                if S - 1 in self.stages:  # the labels may change without the inputs: checked here
+                    try:
+                        self._check_labels(plan, labels)
+                    except _Rejected as e:
+                        err = str(e)
         if err is not None:
             # Tell every rank, fast: the rejecting rank records its message in the group's store and
             # closes its connections (llmkern.parallel.groups.fail); ranks already running the schedule
-            # fail on their next wait with this rank, the ones downstream got the error flag in the
-            # header, and each error carries the reports. (An all-reduce of an error flag before every
-            # step would do it too, but it holds every rank until the last stage has its header: a
-            # barrier at the start of each step that this way costs nothing when all is well.)
+            # fail on their next wait with this rank, the others on the header they wait for, and each
+            # error carries the reports. (An all-reduce of an error flag before every step would do it
+            # too, but it would hold every rank until the last one has its shapes: a barrier at the
+            # start of each step that this way costs nothing when all is well.)
             if err == "upstream":
-                failure = groups.PeerFailure((min(self.stages) - 1) % self.ranks, "receiving the shape header",
+                failure = groups.PeerFailure(first_rank, "receiving the shape header",
                                              _Rejected("an upstream stage rejected its input"))
             else:
                 failure = groups.PeerFailure(None, "the shape agreement", _Rejected(err))
             ce = groups.fail(groups.state(self.group), f"pipeline step {self._step}", failure)
             mine = err if err != "upstream" else "an upstream stage rejected its input"
             raise PipelineError(f"pipeline step {self._step}: {mine}{_reports(ce)}")
-        return _StepPlan(rows or [], in_meta, out_meta), sends
+        return plan, sends
+
+    def _header(self, *, error: bool, rows: int, meta, flag: bool = False) -> torch.Tensor:
+        """[magic, step, microbatches, rows, error, dtype, ndim, dims..., flag] as int64."""
+        hdr = torch.zeros(_HEADER, dtype=torch.int64, device=self._ctl)
+        hdr[0], hdr[1], hdr[2], hdr[3], hdr[4] = _MAGIC, self._step, self.config.microbatches, rows, int(error)
+        if meta is not None:
+            dt, shp = meta
+            if len(shp) > _MAX_DIMS - 1:
+                raise ValueError(f"pipeline: activations of at most {_MAX_DIMS} dimensions, got shape {shp}")
+            hdr[5], hdr[6] = _DTYPES.index(dt), len(shp)
+            hdr[7:7 + len(shp)] = torch.tensor(shp, dtype=torch.int64)
+        hdr[_HEADER - 1] = int(flag)
+        return hdr
+
+    def _chain(self, mb_in, labels, key):
+        """Derives the shapes stage by stage (see `_agree_shapes`); returns (plan, sends, error)."""
+        m, S = self.config.microbatches, self.num_stages
+        in_meta, out_meta, sends, err = {}, {}, [], None
+        rows = [r.numel() for r in torch.tensor_split(torch.empty(key[2], device="meta"), m)]
+        for s in self.stages:
+            if s == 0:
+                meta = key[:2]
+            else:
+                prev = (s - 1) % self.ranks
+                hdr = torch.zeros(_HEADER, dtype=torch.int64, device=self._ctl)
+                self._wait(self._irecv(hdr, prev), f"receiving the shape header of stage {s - 1}", prev)
+                h = hdr.tolist()
+                if h[0] != _MAGIC:
+                    err = err or f"stage {s} got a malformed shape header from stage {s - 1} (rank {prev})"
+                elif h[4] and not err:
+                    err = "upstream"
+                if not err:
+                    meta = (_DTYPES[h[5]], tuple(h[7:7 + h[6]]))
+            if not err:
+                in_meta[s] = meta
+                try:
+                    out_meta[s] = self._infer(s, meta, rows, None)
+                except _Rejected as e:
+                    err = str(e)
+            if s < S - 1:
+                hdr = self._header(error=err is not None, rows=key[2], meta=None if err else out_meta[s])
+                sends.append((self._isend(hdr, (s + 1) % self.ranks), (s + 1) % self.ranks))
+        plan = _StepPlan(rows, in_meta, out_meta)
+        if err is None and S - 1 in self.stages:
+            try:
+                self._check_labels(plan, labels)
+            except _Rejected as e:
+                err = str(e)
+        return plan, sends, err
+
+    def _check_labels(self, plan: _StepPlan, labels) -> None:
+        """The last stage: labels with the batch's rows that loss_fn accepts (checked once per shape)."""
+        S = self.num_stages
+        if labels.shape[0] != sum(plan.rows):
+            raise _Rejected(f"the last stage {S - 1} got labels with {labels.shape[0]} rows for a batch of "
+                            f"{sum(plan.rows)} rows (the inputs on stage 0)")
+        self._infer(S - 1, plan.in_meta[S - 1], plan.rows, labels)
 
     def _infer(self, s: int, meta, rows: list[int], labels) -> tuple:
         """(dtype, shape without dim 0) of stage s's output for inputs described by `meta`. Found by
