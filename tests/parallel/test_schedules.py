@@ -177,3 +177,7 @@ def test_plan_cli_prints_timeline_bubble_and_memory(capsys):
     assert "peak in-flight micro-batches per stage: 4 3 2 1" in out
     assert plan.main(["--pipeline", "--stages", "4", "--microbatches", "2", "--schedule", "1f1b"]) == 2
     assert "m=2 < p=4" in capsys.readouterr().err
+    from llmkern.cli import main  # `llmkern plan ...`
+
+    assert main(["plan", "--pipeline", "--stages", "2", "--microbatches", "4", "--schedule", "zero_bubble"]) == 0
+    assert "pipeline plan: zero_bubble" in capsys.readouterr().out
