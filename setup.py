@@ -66,7 +66,7 @@ module = [str(ROOT / "csrc/module.cpp")]  # PyInit_<name>, compiled into each ex
 ext_modules = [
     CppExtension(
         "llmkern._C",
-        rel(module + schemas + glob.glob(str(ROOT / "csrc/ops/cpu/*.cpp"))),
+        rel(module + schemas + glob.glob(str(ROOT / "csrc/ops/cpu/*.cpp")) + glob.glob(str(ROOT / "csrc/comm/*.cpp"))),
         include_dirs=include,
         extra_compile_args={"cxx": cxx + ["-DLLMKERN_NS=llmkern"]},
         extra_link_args=["-fopenmp"],

@@ -315,12 +315,14 @@ def train(model: nn.Module, task: Task, tasks: tuple[str, ...], phase: Phase, se
         tokens, mask = task.batch(tasks, per_rank)
         loss = target_loss(run, tokens, mask)
         (scaler.scale(loss) if scaler else loss).backward()  # DDP's buckets are all-reduced during this
-        opt.clip_grad_norm_(1.0, loss_scaler=scaler)          # applied inside the fused step
+        opt.clip_grad_norm_(1.0)                              # applied inside the fused step
         if scaler:
             scaler.step(opt, lr_scheduler=sched)  # a skipped step advances neither the weights nor the lr
             scaler.update()
         else:
-            opt.step(lr_scheduler=sched)
+            opt.step()
+            if not opt.last_step_skipped:         # a non-finite gradient norm skips the step
+                sched.step()
         opt.zero_grad(set_to_none=True)
         if step % setup.log_every == 0 or step == phase.steps - 1:
             last = d.mean(loss.item())  # every rank logs at the same steps, so this collective matches

@@ -34,22 +34,14 @@ from llmkern.parallel.collectives import (
 )
 from llmkern.parallel.ddp import DDPConfig, DDPStats, DistributedDataParallel, apply_ddp
 from llmkern.parallel.groups import DEFAULT_TIMEOUT_S, CollectiveError
-from llmkern.parallel.mesh import (
-    ParallelConfig,
-    ParallelDims,
-    global_grad_norm,
-    init_mesh,
-    mark_replicated,
-    mark_sharded,
-    sharded_over,
-)
+from llmkern.parallel.mesh import ParallelConfig, ParallelDims, init_mesh, mark_sharded, sharded_over
 from llmkern.parallel.pipeline import Pipeline, PipelineConfig, PipelineError, apply_pipeline
 
 __all__ = [
     "COUNTER", "DEFAULT_TIMEOUT_S", "AllReduce", "BucketReducer", "BufferStats", "CollectiveError", "CommCounter",
     "DDPConfig", "DDPStats", "DistributedDataParallel", "FlatLayout", "GradBuffer", "Handle", "ParallelConfig",
-    "ParallelDims", "ReduceScatter", "agree", "all_gather", "all_reduce_", "apply_ddp", "broadcast_", "counting", "global_grad_norm",
-    "init_mesh", "mark_replicated", "mark_sharded", "record_collective", "recv", "reduce_scatter", "send",
+    "ParallelDims", "ReduceScatter", "agree", "all_gather", "all_reduce_", "apply_ddp", "broadcast_", "counting",
+    "init_mesh", "mark_sharded", "record_collective", "recv", "reduce_scatter", "send",
     "sharded_over",
 ]
 __all__ += ["Pipeline", "PipelineConfig", "PipelineError", "apply_pipeline"]

@@ -3,7 +3,8 @@
 `FlatLayout(params, bucket_bytes, pad_to)` decides where every parameter's gradient lives: the
 parameters in reverse registration order (the order backward produces their gradients), cut into
 buckets of at most `bucket_bytes` holding one dtype each (a parameter larger than that gets a bucket
-of its own), each bucket padded with zeros to a multiple of `pad_to` elements. With pad_to = the
+of its own; the first bucket may have a smaller cap, `first_bucket_bytes`, so communication starts
+early in backward), each bucket padded with zeros to a multiple of `pad_to` elements. With pad_to = the
 world size every bucket splits into equal shards, rank r's being [r*k, (r+1)*k) (the shard
 collectives.reduce_scatter gives rank r).
 
@@ -63,9 +64,10 @@ class FlatLayout:
     """Where every parameter's gradient lives in a set of flat buckets (see the module docstring)."""
 
     def __init__(self, params: Sequence[torch.Tensor], *, bucket_bytes: int, pad_to: int = 1,
-                 reverse: bool = True):
-        if bucket_bytes <= 0:
-            raise ValueError(f"FlatLayout: bucket_bytes must be positive, got {bucket_bytes}")
+                 reverse: bool = True, first_bucket_bytes: int | None = None):
+        if bucket_bytes <= 0 or (first_bucket_bytes is not None and first_bucket_bytes <= 0):
+            raise ValueError(f"FlatLayout: bucket_bytes and first_bucket_bytes must be positive, got {bucket_bytes} "
+                             f"and {first_bucket_bytes}")
         if pad_to < 1:
             raise ValueError(f"FlatLayout: pad_to must be >= 1, got {pad_to}")
         self.params = list(reversed(params)) if reverse else list(params)
@@ -77,7 +79,8 @@ class FlatLayout:
         for i, p in enumerate(self.params):
             nbytes = p.numel() * p.element_size()
             cur = open_by_dtype.get(p.dtype)
-            if cur is None or (cur[2] * p.element_size() + nbytes > bucket_bytes and cur[0]):
+            cap = first_bucket_bytes if first_bucket_bytes is not None and order and cur is order[0] else bucket_bytes
+            if cur is None or (cur[2] * p.element_size() + nbytes > cap and cur[0]):
                 cur = open_by_dtype[p.dtype] = [[], [], 0, p.dtype]
                 order.append(cur)
             cur[0].append(i)
@@ -235,14 +238,15 @@ class GradBuffer:
     """
 
     def __init__(self, params: Sequence[nn.Parameter], reducer: BucketReducer, *, bucket_bytes: int,
-                 pad_to: int = 1, names: Sequence[str] | None = None, unused: Literal["error", "zero"] = "error",
-                 what: str = "GradBuffer"):
+                 first_bucket_bytes: int | None = None, pad_to: int = 1, names: Sequence[str] | None = None,
+                 unused: Literal["error", "zero"] = "error", what: str = "GradBuffer"):
         params = list(params)
         if unused not in ("error", "zero"):
             raise ValueError(f"{what}: unused must be 'error' or 'zero', got {unused!r}")
         devices = check_devices(params, what)
         self.what, self.reducer, self.unused = what, reducer, unused
-        self.layout = FlatLayout(params, bucket_bytes=bucket_bytes, pad_to=pad_to)
+        self.layout = FlatLayout(params, bucket_bytes=bucket_bytes, pad_to=pad_to,
+                                 first_bucket_bytes=first_bucket_bytes)
         named = list(names) if names is not None else [f"param{i}" for i in range(len(params))]
         self._names = {id(p): n for p, n in zip(params, named)}
         self.device = torch.device(devices[0]) if devices else torch.device("cpu")

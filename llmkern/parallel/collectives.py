@@ -379,8 +379,15 @@ def _timeout(timeout) -> float:
     return float(timeout)
 
 
-_PENDING: dict[int, int] = {}  # id(GroupState) -> queued asynchronous CPU calls
-_PENDING_LOCK = threading.Lock()
+def _wait_torch(work, timeout_s: float, cuda: bool, what: str) -> None:
+    """Waits for a torch.distributed Work of the "torch" backend. NCCL work is waited for on the stream
+    (work.wait() without a timeout makes the current stream wait and returns at once; with one, the
+    host would block until the GPU is done): its hangs are NCCL's watchdog's, after the group's
+    timeout. Gloo work is waited for on the host, at most timeout_s."""
+    if cuda:
+        work.wait()
+    else:
+        groups.wait(work, timeout_s, None, what)
 
 
 def _execute(st: groups.GroupState, what: str, job: Callable[[], int], result: torch.Tensor, *, cuda: bool,
@@ -406,23 +413,10 @@ def _execute(st: groups.GroupState, what: str, job: Callable[[], int], result: t
         event = torch.cuda.Event()
         event.record()
         return Handle(result, outcome, event=event)
-    key = id(st)
-    with _PENDING_LOCK:
-        queued = _PENDING.get(key, 0)
-        if async_op or queued:
-            _PENDING[key] = queued + 1
-    if not async_op and not queued:
+    if not async_op and st.idle():
         guarded()
         return result
-
-    def queued_job():
-        try:
-            guarded()
-        finally:
-            with _PENDING_LOCK:
-                _PENDING[key] -= 1
-
-    handle = Handle(result, outcome, future=st.submit(queued_job), timeout_s=timeout_s)
+    handle = Handle(result, outcome, future=st.submit(guarded), timeout_s=timeout_s)
     return handle if async_op else handle.wait()
 
 
@@ -482,7 +476,7 @@ def all_reduce_(tensor: torch.Tensor, group=None, *, op: ReduceOp = "sum", accum
             sent = _comm(st, flat.device).all_reduce_(flat, op=op, algo="ring", accumulate_fp32=fp32_partials)
         else:
             w = dist.all_reduce(flat, op=_torch_op(op), group=st.pg, async_op=True)
-            groups.wait(w, timeout_s, None, "torch.distributed.all_reduce")
+            _wait_torch(w, timeout_s, cuda, "torch.distributed.all_reduce")
             if op == "avg":
                 flat.div_(st.world)
             sent = ring.elements_sent(n, st.rank, st.world) * size
@@ -554,7 +548,7 @@ def reduce_scatter(input: torch.Tensor, output: torch.Tensor | None = None, grou
         else:
             tmp = torch.empty_like(shard)
             w = dist.reduce_scatter_single(tmp, flat, op=_torch_op(op), group=st.pg, async_op=True)
-            groups.wait(w, timeout_s, None, "torch.distributed.reduce_scatter_single")
+            _wait_torch(w, timeout_s, cuda, "torch.distributed.reduce_scatter_single")
             if op == "avg":
                 tmp.div_(world)
             shard.copy_(tmp)
@@ -605,7 +599,7 @@ def all_gather(shard: torch.Tensor, output: torch.Tensor | None = None, group=No
             sent = _comm(st, flat.device).all_gather_(flat, algo="ring")
         else:
             w = dist.all_gather_single(flat, mine.clone(), group=st.pg, async_op=True)
-            groups.wait(w, timeout_s, None, "torch.distributed.all_gather_single")
+            _wait_torch(w, timeout_s, cuda, "torch.distributed.all_gather_single")
             sent = (world - 1) * k * flat.element_size()
         copy_back()
         _record(st, "all_gather", world * k, sent)
@@ -660,7 +654,7 @@ def broadcast_(tensor: torch.Tensor, src: int = 0, group=None, *, backend: Backe
                     groups.wait(w, timeout_s, src, "broadcast receive")
             else:
                 w = dist.broadcast(flat, group=st.pg, group_src=src, async_op=True)
-                groups.wait(w, timeout_s, None, "torch.distributed.broadcast")
+                _wait_torch(w, timeout_s, cuda, "torch.distributed.broadcast")
                 sent = (st.world - 1) * n * size if st.rank == src else 0
         copy_back()
         _record(st, "broadcast", n, sent)

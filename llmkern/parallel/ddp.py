@@ -41,6 +41,10 @@ class DDPConfig:
     """Largest bucket in MiB (2^20 bytes). A parameter larger than this gets a bucket of its own.
     25 MiB is torch DDP's default; smaller buckets start communicating earlier in backward."""
 
+    first_bucket_mb: float | None = 1.0
+    """Cap of the first bucket (the last layers' gradients), so that communication starts early in
+    backward. 1 MiB is torch DDP's default; None gives it bucket_cap_mb like the rest."""
+
     reduce_dtype: torch.dtype | None = None
     """Dtype in which gradients are summed and averaged, e.g. torch.float32 for bf16/fp16 gradients,
     so partial sums are not rounded to 16 bits. None reduces in the gradients' own dtype."""
@@ -64,6 +68,8 @@ class DDPConfig:
     def __post_init__(self):
         if not self.bucket_cap_mb > 0:
             raise ValueError(f"DDPConfig.bucket_cap_mb must be > 0, got {self.bucket_cap_mb!r}")
+        if self.first_bucket_mb is not None and not self.first_bucket_mb > 0:
+            raise ValueError(f"DDPConfig.first_bucket_mb must be > 0 or None, got {self.first_bucket_mb!r}")
         if self.comm not in ("ring", "all_reduce"):
             raise ValueError(f"DDPConfig.comm must be 'ring' or 'all_reduce', got {self.comm!r}")
         if self.unused_parameters not in ("error", "zero"):
@@ -98,13 +104,15 @@ class DistributedDataParallel(nn.Module):
         cfg = self.config
         reducer = buffers.AllReduce(group=self.group, op="avg", accumulate_dtype=cfg.reduce_dtype,
                                     backend="ring" if cfg.comm == "ring" else "torch", timeout_s=cfg.timeout_s)
-        layout = buffers.FlatLayout([p for _, p in named], bucket_bytes=int(cfg.bucket_cap_mb * 2**20))
+        caps = {"bucket_bytes": int(cfg.bucket_cap_mb * 2**20),
+                "first_bucket_bytes": None if cfg.first_bucket_mb is None
+                else int(min(cfg.first_bucket_mb, cfg.bucket_cap_mb) * 2**20)}
+        layout = buffers.FlatLayout([p for _, p in named], **caps)
         self._check_replicas(named, layout)
         buffers.check_devices([p for _, p in named], "DistributedDataParallel")  # the same verdict on every rank
         self._broadcast_state()
-        self.buffer = buffers.GradBuffer([p for _, p in named], reducer, bucket_bytes=int(cfg.bucket_cap_mb * 2**20),
-                                         names=[n for n, _ in named], unused=cfg.unused_parameters,
-                                         what="DistributedDataParallel")
+        self.buffer = buffers.GradBuffer([p for _, p in named], reducer, **caps, names=[n for n, _ in named],
+                                         unused=cfg.unused_parameters, what="DistributedDataParallel")
         self.stats = self.buffer.stats
 
     # --- construction -------------------------------------------------------------------------------

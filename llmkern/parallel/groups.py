@@ -140,6 +140,8 @@ class GroupState:
     seq: int = 0
     failure: str | None = None
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    pending: int = 0
+    """Calls submitted to the collective thread and not finished yet."""
     _executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
@@ -161,13 +163,27 @@ class GroupState:
                                   f"({self.failure}); its connections are closed. Destroy it and create a new "
                                   f"one (or restart the job).", rank=self.rank, world=self.world)
 
+    def idle(self) -> bool:
+        """Nothing queued or running on the collective thread (a synchronous call may run inline)."""
+        with self.lock:
+            return self.pending == 0
+
     def submit(self, fn) -> concurrent.futures.Future:
         """Runs fn() on this group's collective thread; calls run in submission order."""
+
+        def counted():
+            try:
+                return fn()
+            finally:
+                with self.lock:
+                    self.pending -= 1
+
         with self.lock:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix=f"llmkern-collectives-{self.name}")
-            return self._executor.submit(fn)
+            self.pending += 1
+            return self._executor.submit(counted)
 
 
 _STATES: dict[str, GroupState] = {}
@@ -184,15 +200,20 @@ def state(pg: ProcessGroup) -> GroupState:
         return st
 
 
-def forget_groups() -> None:
-    """Drops the per-group state (called by tests between process groups; executors are shut down)."""
+def _fail_busy_groups_at_exit() -> None:
+    """At interpreter exit, a collective thread still waiting for peers would keep the process alive
+    until its timeout (the executor's threads are joined at exit): its groups' connections are closed
+    so that the wait fails at once and the process exits."""
     with _STATES_LOCK:
-        for st in _STATES.values():
-            if st._executor is not None:
-                st._executor.shutdown(wait=False, cancel_futures=True)
-        _STATES.clear()
-    _AXES.clear()
-    _AXIS_OF.clear()
+        busy = [st for st in _STATES.values() if st.pending > 0 and st.failure is None]
+    for st in busy:
+        st.failure = "the process exited with collectives in flight"
+        _close_connections(st)
+
+
+# threading's exit hooks run in reverse order of registration, so this one runs before
+# concurrent.futures' hook (registered when it was imported, above) joins the collective threads.
+threading._register_atexit(_fail_busy_groups_at_exit)
 
 
 def wait(work, timeout_s: float, peer: int | None, where: str) -> None:

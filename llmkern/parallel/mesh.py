@@ -15,10 +15,10 @@ they take a group, and the collective counter counts traffic per axis.
 
 Parameters say how their gradients are laid out across the mesh. `mark_sharded(p, *axes)` records
 the process groups across which p's gradient elements are partitioned (a tensor-parallel shard, a
-ZeRO shard) in the attribute `_llmkern_sharded_over`: a global gradient norm all-reduces p's sum of
-squares over exactly those groups and counts an unmarked parameter once, locally, because its
-gradient is replicated (a LayerNorm weight or a row-parallel bias under TP). `mark_replicated` records
-the axes a parameter is replicated on (informational: its gradient must be averaged over them).
+ZeRO shard) in the attribute llmkern.optim.SHARDED_OVER: the optimizer's global gradient norm
+(FusedAdamW.clip_grad_norm_, llmkern.optim.global_sumsq) all-reduces p's sum of squares over exactly
+those groups and counts an unmarked parameter once, locally, because its gradient is replicated (a
+LayerNorm weight or a row-parallel bias under TP).
 """
 from __future__ import annotations
 
@@ -27,14 +27,11 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from torch.distributed import ProcessGroup
 
+from llmkern.optim.step_scalars import SHARDED_OVER, sharded_over
 from llmkern.parallel import groups
 
-SHARDED_OVER = "_llmkern_sharded_over"
-"""Attribute name: the tuple of ProcessGroups across which a parameter's gradient elements are split."""
-REPLICATED_OVER = "_llmkern_replicated_over"
-"""Attribute name: the tuple of ProcessGroups over which a parameter is replicated."""
+__all__ = ["DIMS", "SHARDED_OVER", "ParallelConfig", "ParallelDims", "init_mesh", "mark_sharded", "sharded_over"]
 
 DIMS = ("pp", "dp", "tp")
 
@@ -129,66 +126,14 @@ def init_mesh(config: ParallelConfig | None = None, *, device_type: str | None =
     return dims.build_mesh(device_type)
 
 
-def _groups_of(axes, mesh) -> tuple[ProcessGroup, ...]:
-    out = []
-    for axis in axes:
-        if mesh is not None and isinstance(axis, str):
-            out.append(mesh.get_group(axis))
-        else:
-            out.append(groups.resolve(axis))
-    return tuple(out)
-
-
 def mark_sharded(param: torch.Tensor, *axes, mesh=None) -> torch.Tensor:
     """Records that `param`'s gradient elements are partitioned across `axes` (mesh axis names, groups or
-    1-D meshes; names are looked up in `mesh` when given). Returns param."""
+    1-D meshes; names are looked up in `mesh` when given, else among the registered axes). Returns
+    param."""
     if not axes:
         raise ValueError("mark_sharded: name at least one axis (e.g. 'tp') the parameter is sharded over")
-    setattr(param, SHARDED_OVER, _groups_of(axes, mesh))
+    found = []
+    for axis in axes:
+        found.append(mesh.get_group(axis) if mesh is not None and isinstance(axis, str) else groups.resolve(axis))
+    setattr(param, SHARDED_OVER, tuple(found))
     return param
-
-
-def mark_replicated(param: torch.Tensor, *axes, mesh=None) -> torch.Tensor:
-    """Records that `param` is replicated across `axes` (see mark_sharded). Returns param."""
-    setattr(param, REPLICATED_OVER, _groups_of(axes, mesh))
-    return param
-
-
-def sharded_over(param: torch.Tensor) -> tuple[ProcessGroup, ...]:
-    """The groups `param`'s gradient is partitioned across (empty: replicated, counted once)."""
-    return tuple(getattr(param, SHARDED_OVER, ()))
-
-
-def replicated_over(param: torch.Tensor) -> tuple[ProcessGroup, ...]:
-    return tuple(getattr(param, REPLICATED_OVER, ()))
-
-
-def global_grad_norm(params, norm_type: float = 2.0) -> torch.Tensor:
-    """The 2-norm of all gradients of `params` over the mesh, each element counted once: a
-    parameter's sum of squares is all-reduced over the groups it is sharded over (mark_sharded), an
-    unmarked one counts locally. One all-reduce per distinct group set, in a fixed order on every
-    rank. (The optimizer's clip_grad_norm_ follows the same contract.)"""
-    if norm_type != 2.0:
-        raise ValueError(f"global_grad_norm: only the 2-norm is supported, got norm_type={norm_type}")
-    from llmkern.parallel import collectives
-
-    # Keyed by axis labels ("tp"), which every rank spells the same, unlike torch's group names
-    # (ranks 0-1 and 2-3 hold different tp groups): the order of the all-reduces must match.
-    by_groups: dict[tuple[str, ...], tuple[tuple[ProcessGroup, ...], list[torch.Tensor]]] = {}
-    for p in params:
-        if p.grad is None:
-            continue
-        gs = sharded_over(p)
-        key = tuple(groups.label(g) for g in gs)
-        by_groups.setdefault(key, (gs, []))[1].append(p.grad)
-    total = torch.zeros((), dtype=torch.float64)
-    for key in sorted(by_groups):
-        gs, grads = by_groups[key]
-        sq = torch.zeros((), dtype=torch.float64, device=grads[0].device)
-        for g in grads:
-            sq += g.detach().double().pow(2).sum()
-        for g in gs:
-            collectives.all_reduce_(sq, g, op="sum")
-        total += sq.cpu()
-    return total.sqrt()
-

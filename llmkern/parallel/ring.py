@@ -8,10 +8,12 @@ torch.distributed.reduce_scatter_tensor: a buffer of world*k elements leaves ran
 
 `run(flat, st, seq, kind, op, timeout_s)` moves one contiguous CPU buffer round the ring of the
 group's ranks with gloo isend/irecv: kind "all_reduce" (reduce-scatter then all-gather),
-"reduce_scatter" or "all_gather". The steps form one pipeline: each chunk goes over the wire in
+"reduce_scatter" or "all_gather". The step loop runs in C++ (csrc/comm/gloo_ring.cpp, the op
+torch.ops.llmkern._ring_gloo_, with the GIL released); `run_python` below is the same loop in Python,
+its readable twin, which the tests hold it to bit for bit. The steps form one pipeline: each chunk goes over the wire in
 segments of SEGMENT_BYTES, and a segment received at step t is reduced and sent on at step t+1 while
-the rest of its chunk is still arriving; the receives of step t+1 are posted before step t is
-processed. Every wait is bounded by timeout_s and a failed wait raises groups.PeerFailure naming the
+the rest of its chunk is still arriving; the receives of step t+1 are posted while step t is
+processed (into scratch at once; in place segment by segment, each once its memory is sent). Every wait is bounded by timeout_s and a failed wait raises groups.PeerFailure naming the
 neighbour (llmkern.parallel.collectives turns it into a CollectiveError on every rank).
 
 Why a ring of point-to-point messages on gloo: gloo's all_reduce moved 64 MiB fp32 at 1.26 GB/s bus
@@ -20,12 +22,14 @@ bandwidth at 2 ranks and 0.75 GB/s at 4 on these machines, a ring of plain isend
 """
 from __future__ import annotations
 
+import re
 import threading
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
+from llmkern import _ext
 from llmkern.parallel import groups
 
 Kind = Literal["all_reduce", "reduce_scatter", "all_gather"]
@@ -77,6 +81,14 @@ def elements_sent(n: int, rank: int, world: int) -> int:
     return total
 
 
+def bytes_sent(kind: Kind, n: int, rank: int, world: int, element_size: int) -> int:
+    """Bytes `rank` sends in one `kind` of n elements: the chunks of its send steps."""
+    total = 0
+    for send, _, _ in _steps(kind, rank, world):
+        total += chunk_range(n, world, send)[1]
+    return total * element_size
+
+
 def padded_numel(n: int, world: int) -> int:
     """n rounded up to a multiple of world: the length of a buffer whose shards are all equal."""
     return -(-n // world) * world if world > 0 else n
@@ -84,9 +96,24 @@ def padded_numel(n: int, world: int) -> int:
 
 # --- the gloo transport --------------------------------------------------------------------------------
 
-# Pipelining segment: each chunk goes over the wire in pieces of this many bytes, so a piece is
-# reduced (reduce-scatter) or forwarded (all-gather) while the next ones are still in flight.
-SEGMENT_BYTES = 1 << 20
+# Pipelining segments: each chunk goes over the wire in pieces, so a piece is reduced (reduce-scatter)
+# or forwarded (all-gather) while the next ones are still in flight. SEGMENT_BYTES None: a quarter of
+# a chunk, at least MIN_SEGMENT_BYTES. Every message costs a wake-up of the receiving thread, which on
+# these loaded 2-core machines is where the ring lost to a single send: 64 MiB fp32 in 1 MiB
+# segments reached 0.77 (2 ranks) and 0.86 (4 ranks) of the sendrecv ring's bus bandwidth, in 4 MiB
+# segments 0.89 and 0.95, in 8 MiB 0.88 and 0.84 (bench_ring_all_reduce.py --segment-kib, load 17).
+# Four segments per chunk still overlap each segment's add with the next one's transfer.
+SEGMENT_BYTES: int | None = None
+MIN_SEGMENT_BYTES = 1 << 20
+SEGMENTS_PER_CHUNK = 4
+
+
+def segment_elements(largest_chunk: int, element_size: int, segment_bytes: int | None = None) -> int:
+    """Elements per pipelining segment: segment_bytes when given, else a quarter of the largest chunk and
+    at least MIN_SEGMENT_BYTES (the rule csrc/comm/gloo_ring.cpp applies when passed 0)."""
+    if segment_bytes:
+        return max(1, segment_bytes // element_size)
+    return max(1, MIN_SEGMENT_BYTES // element_size, -(-largest_chunk // SEGMENTS_PER_CHUNK))
 
 _SCRATCH = threading.local()
 
@@ -108,24 +135,61 @@ def _steps(kind: Kind, rank: int, world: int) -> list[tuple[int, int, bool]]:
     return {"all_reduce": rs + ag, "reduce_scatter": rs, "all_gather": ag}[kind]
 
 
+_PEER_FAILURE = re.compile(r"llmkern-peer-failure\|(-?\d+)\|([^|]*)\|(.*)", re.DOTALL)
+
+
 def run(flat: torch.Tensor, st: groups.GroupState, seq: int, kind: Kind, op: Literal["sum", "avg", "max"],
         timeout_s: float, segment_bytes: int | None = None) -> int:
     """Runs `kind` on the contiguous 1-D CPU tensor `flat` in place over st's group; returns the bytes
     this rank sent. reduce_scatter leaves the result in chunk `rank` (the rest holds partial sums);
-    all_gather expects this rank's shard in chunk `rank`."""
+    all_gather expects this rank's shard in chunk `rank`. A failed or timed-out wait raises
+    groups.PeerFailure."""
+    if not _ext.available("_C"):
+        raise RuntimeError(f"llmkern ring: llmkern._C is {_ext.status('_C')}; it holds the ring's step loop "
+                           f"(csrc/comm/gloo_ring.cpp). Rebuild with `pip install --no-build-isolation -e .`, or "
+                           f"use backend='torch'")
+    if flat.numel() == 0 or st.world == 1:
+        return 0
+    try:
+        ring_op()(flat, st.pg.group_name, kind, op, groups.tag(seq, 0), float(timeout_s),
+                  int(segment_bytes or SEGMENT_BYTES or 0))
+    except RuntimeError as e:
+        m = _PEER_FAILURE.search(str(e))
+        if m is None:
+            raise
+        raise groups.PeerFailure(int(m.group(1)), m.group(2), RuntimeError(m.group(3).strip())) from e
+    return bytes_sent(kind, flat.numel(), st.rank, st.world, flat.element_size())
+
+
+_FAKE_REGISTERED = False
+
+
+def ring_op():
+    """torch.ops.llmkern._ring_gloo_ with its fake (a no-op: it only mutates its input), registered once,
+    so that opcheck and torch.compile can trace a call."""
+    global _FAKE_REGISTERED
+    if not _FAKE_REGISTERED:
+        torch.library.register_fake("llmkern::_ring_gloo_")(lambda flat, *args: None)
+        _FAKE_REGISTERED = True
+    return torch.ops.llmkern._ring_gloo_.default
+
+
+def run_python(flat: torch.Tensor, st: groups.GroupState, seq: int, kind: Kind, op: Literal["sum", "avg", "max"],
+               timeout_s: float, segment_bytes: int | None = None) -> int:
+    """`run` in Python, step for step (the C++ loop's twin)."""
     n, world, rank = flat.numel(), st.world, st.rank
     if world == 1 or n == 0:
         return 0
     nxt, prv = next_rank(rank, world), prev_rank(rank, world)
     size = flat.element_size()
-    seg = max(1, (segment_bytes or SEGMENT_BYTES) // size)
     steps = _steps(kind, rank, world)
     total, last_reduce = len(steps), sum(1 for s in steps if s[2]) - 1
     largest = chunk_range(n, world, 0)[1]
+    seg = segment_elements(largest, size, segment_bytes or SEGMENT_BYTES)
     nseg = -(-largest // seg)
     pool = _scratch_pool(flat, 2 * largest) if last_reduce >= 0 else None
     scratch = [pool[:largest], pool[largest:2 * largest]] if pool is not None else None
-    pending_sends: dict[int, list] = {}  # chunk -> its isend works (its memory is busy until they finish)
+    pending: dict[tuple[int, int], list] = {}  # (chunk, segment) -> its isend works (memory busy until done)
     sent = 0
 
     def segments(chunk: int):
@@ -143,31 +207,37 @@ def run(flat: torch.Tensor, st: groups.GroupState, seq: int, kind: Kind, op: Lit
             w = dist.isend(flat[off:off + cnt], group=st.pg, group_dst=nxt, tag=groups.tag(seq, t * nseg + j))
         except Exception as e:
             raise groups.PeerFailure(nxt, where(t, "send"), e) from e
-        pending_sends.setdefault(chunk, []).append((w, t))
+        pending.setdefault((chunk, j), []).append((w, t))
         sent += cnt * size
 
-    def post_recvs(t: int) -> list:
+    def post(t: int, j: int, off: int, cnt: int):
+        """The receive of segment j of step t: into scratch (reduce-scatter) or in place (all-gather),
+        where that segment's earlier send must have finished first."""
         _, chunk, reduce = steps[t]
-        if not reduce:  # received in place: the chunk's earlier sends must be finished
-            for w, ts in pending_sends.pop(chunk, []):
+        if reduce:
+            base = chunk_range(n, world, chunk)[0]
+            into = scratch[t % 2][off - base:off - base + cnt]
+        else:
+            for w, ts in pending.pop((chunk, j), []):
                 groups.wait(w, timeout_s, nxt, where(ts, "send"))
-        base = chunk_range(n, world, chunk)[0]
-        works = []
-        for j, (off, cnt) in enumerate(segments(chunk)):
-            into = scratch[t % 2][off - base:off - base + cnt] if reduce else flat[off:off + cnt]
-            try:
-                w = dist.irecv(into, group=st.pg, group_src=prv, tag=groups.tag(seq, t * nseg + j))
-            except Exception as e:
-                raise groups.PeerFailure(prv, where(t, "receive"), e) from e
-            works.append((w, off, cnt, into))
-        return works
+            into = flat[off:off + cnt]
+        try:
+            w = dist.irecv(into, group=st.pg, group_src=prv, tag=groups.tag(seq, t * nseg + j))
+        except Exception as e:
+            raise groups.PeerFailure(prv, where(t, "receive"), e) from e
+        return w, off, cnt, into
 
-    recvs = post_recvs(0)
-    first = steps[0][0]
-    for j, (off, cnt) in enumerate(segments(first)):
-        send(0, first, j, off, cnt)
+    recvs = [post(0, j, off, cnt) for j, (off, cnt) in enumerate(segments(steps[0][1]))]
+    for j, (off, cnt) in enumerate(segments(steps[0][0])):
+        send(0, steps[0][0], j, off, cnt)
     for t in range(total):
-        following = post_recvs(t + 1) if t + 1 < total else []
+        after = segments(steps[t + 1][1]) if t + 1 < total else []
+        # Receives into scratch depend on nothing: all posted now. In-place ones are posted segment by
+        # segment as this step goes, each after the send that last read its memory: waiting for a whole
+        # chunk's sends first would stall the pipeline at the phase boundary (the all-gather would
+        # start only once the reduce-scatter's last segment had left).
+        eager = t + 1 < total and steps[t + 1][2]
+        following = [post(t + 1, j, off, cnt) for j, (off, cnt) in enumerate(after)] if eager else []
         _, chunk, reduce = steps[t]
         for j, (w, off, cnt, into) in enumerate(recvs):
             groups.wait(w, timeout_s, prv, where(t, "receive"))
@@ -181,8 +251,12 @@ def run(flat: torch.Tensor, st: groups.GroupState, seq: int, kind: Kind, op: Lit
                     own.div_(world)
             if t + 1 < total:
                 send(t + 1, chunk, j, off, cnt)
+                if not eager and j < len(after):
+                    following.append(post(t + 1, j, *after[j]))
+        if not eager:
+            following += [post(t + 1, j, *after[j]) for j in range(len(following), len(after))]
         recvs = following
-    for works in pending_sends.values():
+    for works in pending.values():
         for w, ts in works:
             groups.wait(w, timeout_s, nxt, where(ts, "send"))
     return sent

@@ -206,9 +206,11 @@ def _collect(procs, conns, world_size, timeout, startup_timeout, allow_dead=froz
     results: dict[int, object] = {}
     started: set[int] = set()
     pending = dict(conns)  # rank -> connection still expected to speak
+    exiting: dict[int, float] = {}  # rank -> when it must have exited (it reported its result)
     deadline = time.monotonic() + startup_timeout
     phase = "start"
     while pending:
+        _check_exits(procs, exiting, world_size)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             running = sorted(pending)
@@ -219,7 +221,8 @@ def _collect(procs, conns, world_size, timeout, startup_timeout, allow_dead=froz
                                    f"(killed)")
             raise TimeoutError(f"ranks {running} of {world_size} still running after timeout={timeout:g} s "
                                f"(killed); finished: {sorted(results)}")
-        ready = mpc.wait(list(pending.values()), timeout=remaining)
+        soonest = min(exiting.values(), default=deadline) - time.monotonic()
+        ready = mpc.wait(list(pending.values()), timeout=max(0.05, min(remaining, soonest)))
         for conn in ready:
             rank = next(r for r, c in pending.items() if c is conn)
             try:
@@ -243,6 +246,7 @@ def _collect(procs, conns, world_size, timeout, startup_timeout, allow_dead=froz
             elif kind == "ok":
                 results[rank] = pickle.loads(payload)
                 del pending[rank]
+                exiting[rank] = time.monotonic() + _EXIT_GRACE_S
             else:
                 # A rank that raised because a peer vanished ("Connection reset by peer") is a
                 # symptom; the peer that died is the cause. Give the others a moment to be seen.
@@ -252,10 +256,22 @@ def _collect(procs, conns, world_size, timeout, startup_timeout, allow_dead=froz
                                                     f"(exit code {procs[dead].exitcode}); rank {rank} then "
                                                     f"raised:\n{payload}")
                 raise RankFailedError(rank, payload, f"rank {rank} of {world_size} raised:\n{payload}")
-    end = time.monotonic() + _EXIT_GRACE_S
-    for r, p in enumerate(procs):
-        p.join(timeout=max(0.0, end - time.monotonic()))
-        if r not in allow_dead and p.exitcode != 0:
+    for r, by in exiting.items():
+        procs[r].join(timeout=max(0.0, by - time.monotonic()))
+    _check_exits(procs, exiting, world_size, final=True)
+    return [results[r] for r in range(world_size)]
+
+
+def _check_exits(procs, exiting, world_size, final=False) -> None:
+    """Each rank that reported must exit with code 0 within _EXIT_GRACE_S of its report (a rank held
+    up at exit by a collective still waiting for peers, or killed by a signal in gloo's teardown,
+    fails the call)."""
+    now = time.monotonic()
+    for r, by in exiting.items():
+        p = procs[r]
+        if p.is_alive() and (final or now >= by):
+            raise RankFailedError(r, "", f"rank {r} of {world_size} reported its result but had not exited "
+                                         f"{_EXIT_GRACE_S:g} s later")
+        if not p.is_alive() and p.exitcode != 0:
             raise RankFailedError(r, "", f"rank {r} of {world_size} reported its result but did not exit cleanly: "
                                          f"{_exit_text(p.exitcode)}")
-    return [results[r] for r in range(world_size)]

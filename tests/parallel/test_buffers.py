@@ -28,8 +28,11 @@ def test_layout_reverse_order_dtypes_caps_and_padding():
     assert layout.padded_numel == 3 + 9 + 102 + 18 and layout.numel == 2 + 8 + 100 + 17
     with pytest.raises(ValueError, match="not a multiple of world size 4"):
         layout.shard(0, 0, 4)
-    with pytest.raises(ValueError, match="bucket_bytes must be positive"):
+    with pytest.raises(ValueError, match="bucket_bytes and first_bucket_bytes must be positive"):
         FlatLayout(ps, bucket_bytes=0)
+    # a small first bucket (the last layers' gradients) starts communication early in backward
+    small_first = FlatLayout([torch.zeros(4) for _ in range(6)], bucket_bytes=64, first_bucket_bytes=16)
+    assert [b.numel for b in small_first.buckets] == [4, 16, 4]
 
 
 def _model():

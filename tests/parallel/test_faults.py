@@ -86,7 +86,7 @@ def _peer_stops(rank, world, how, timeout):
     if rank == world - 1:
         if how == "dies":
             os._exit(3)
-        time.sleep(timeout + 8)  # stalls past everyone's timeout, then leaves without calling
+        time.sleep(timeout + 5)  # stalls past everyone's timeout and the 2 s grace, then leaves
         return "stalled"
     t0 = time.monotonic()
     try:
@@ -208,3 +208,18 @@ def test_ddp_replicas_with_equal_shapes_but_different_dtypes():
 def test_ddp_config_is_validated(field, value, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         DDPConfig(**{field: value})
+
+
+def _leaves_a_collective_in_flight(rank, world):
+    if rank == 0:
+        C.all_reduce_(torch.ones(1 << 16), async_op=True, timeout=120)  # rank 1 never joins
+    else:
+        time.sleep(14)  # alive, connections open, longer than run_distributed's 10 s exit grace
+    return rank
+
+
+def test_a_process_exits_promptly_with_a_collective_in_flight():
+    """Rank 0 returns with an asynchronous all-reduce that rank 1 (alive) never joins: at exit its wait
+    is cut short (its connections closed) instead of holding the process until the 120 s timeout.
+    run_distributed fails a rank that reported but has not exited with code 0 within 10 s."""
+    assert run_distributed(_leaves_a_collective_in_flight, 2, timeout=60) == [0, 1]

@@ -203,7 +203,8 @@ def test_rematerialization_replays_dropout_and_time_partition():
 
 def _optimizer_and_scaler(rank, world):
     """FusedAdamW and DynamicLossScaler step after train_step as usual; the scaler's overflow flag is
-    reduced over the pipeline group, so an overflow on one stage skips the step on every stage."""
+    reduced over the pipeline group, so an overflow on one stage skips the step on every stage, and
+    gradient clipping uses the norm over every stage's parameters."""
     from llmkern.optim import DynamicLossScaler, FusedAdamW, LossScalerConfig
 
     model = _mlp(2 * world)
@@ -221,6 +222,7 @@ def _optimizer_and_scaler(rank, world):
         if step == 2 and rank == world - 1:  # an overflow on the last stage only
             next(pipe.parameters()).grad[0, 0] = float("inf")
         before = [q.detach().clone() for q in pipe.parameters()]
+        norm = scaler.clip_grad_norm_(opt, 0.5)  # the global norm: every stage's squares summed
         skipped.append(bool(scaler.step(opt)))
         scaler.update()
         opt.zero_grad()
@@ -230,6 +232,8 @@ def _optimizer_and_scaler(rank, world):
         ref_loss = _mse(ref(x), y)
         assert abs(loss.item() - ref_loss.item()) <= 1e-5 * ref_loss.item()  # the batch's loss, on every rank
         ref_scaler.scale(ref_loss).backward()
+        ref_norm = ref_scaler.clip_grad_norm_(ref_opt, 0.5)
+        assert abs(norm.item() - ref_norm.item()) <= 1e-5 * ref_norm.item(), (step, norm, ref_norm)
         ref_scaler.step(ref_opt)
         ref_scaler.update()
         ref_opt.zero_grad()

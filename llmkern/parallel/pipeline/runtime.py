@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from llmkern.parallel import collectives, groups
+from llmkern.parallel import mesh as mesh_lib
 from llmkern.parallel.pipeline import partition as part
 from llmkern.parallel.pipeline.backward import SplitBackward, run_backward
 from llmkern.parallel.pipeline.schedules import Action, Schedule, ScheduleName, make_schedule
@@ -337,6 +338,13 @@ class Pipeline:
             if a.kind in ("B", "W"):
                 self._final_backward[a.stage] = i
         self._params = {s: [q for q in modules[s].parameters() if q.requires_grad] for s in self.stages}
+        if p > 1:
+            # A global gradient norm (FusedAdamW.clip_grad_norm_) sums every stage's squares over the
+            # pipeline group: each parameter lives on one rank. A tied parameter lives on two and is
+            # counted on both, so that both compute the same clip coefficient and stay equal.
+            for q in self.parameters():
+                if q.requires_grad and self.group not in mesh_lib.sharded_over(q):
+                    mesh_lib.mark_sharded(q, *mesh_lib.sharded_over(q), self.group)
         self.device = next(self.parameters(), torch.empty(0)).device
         # headers and the loss travel where the group's small messages live (CPU for gloo, the GPU
         # for NCCL, which carries no CPU tensors)
