@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="run the benchmarks against the peers; llmkern bench --help", add_help=False)
     sub.add_parser("train", help="the demo fine-tune of a tiny Llama (make demo); llmkern train --help",
                    add_help=False)
+    sub.add_parser("plan", help="a pipeline schedule's timeline, bubble and memory (llmkern plan --help)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "info":
         if rest:
@@ -147,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "train":
         from llmkern import demo
         return demo.main(rest)
+    if args.cmd == "plan":
+        from llmkern.parallel import plan
+        return plan.main(rest)
     return 2
 
 
