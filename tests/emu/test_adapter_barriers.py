@@ -9,7 +9,6 @@ in every order.
 """
 import hashlib
 import os
-import re
 
 import pytest
 import torch
