@@ -29,7 +29,6 @@ The loss is taken on the target tokens only. The exit code is 0 only when the ac
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import llmkern.peft as lp
+from llmkern.peft.report import count_parameters
 
 # Vocabulary: the ten digits, then the specials: padding, begin, separator, end, and two task tokens.
 PAD, BOS, SEP, EOS, COPY, REV = 10, 11, 12, 13, 14, 15
@@ -343,11 +343,6 @@ def train(model: nn.Module, task: Task, tasks: tuple[str, ...], phase: Phase, se
     return stats
 
 
-def count(model: nn.Module) -> tuple[int, int]:
-    ps = list(model.parameters())
-    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="llmkern train", description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=METHODS, default="lora", help="fine-tuning method (default lora)")
@@ -445,7 +440,7 @@ def run(args: argparse.Namespace, d: Dist) -> int:
 
     # 1. The base: full fp32 training on the COPY and REV tasks.
     model = build_base(setup, args.seed)
-    _, total = count(model)
+    _, total = count_parameters(model)
     say(f"\n[1/3] pretraining the base on COPY and REV tasks: {total:,} parameters, {setup.layers} "
         f"layers, hidden {setup.hidden}, {setup.pretrain.steps} steps of {setup.batch} sequences")
     pre = train(model, task, ("copy", "reverse_marked"), setup.pretrain, setup, d, "pretrain", loss_scaling=False)
@@ -463,7 +458,7 @@ def run(args: argparse.Namespace, d: Dist) -> int:
     torch.manual_seed(args.seed + 2)
     config = method_config(args)
     report = apply_method(model, args.method, config)
-    trainable, total = count(model)
+    trainable, total = count_parameters(model)
     scaling = dtype == torch.float16  # bf16 has fp32's exponent range and needs no loss scaling
     say(f"\n[2/3] {args.method} fine-tuning to reverse without a task token ({args.dtype} weights, fp32 masters in FusedAdamW"
         f"{', dynamic loss scaling' if scaling else ''}): {len(report.replaced)} modules, "

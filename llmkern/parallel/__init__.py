@@ -8,6 +8,7 @@ Layers, each using only the ones above it:
     mesh.py         ParallelConfig / ParallelDims over init_device_mesh, mark_sharded
     buffers.py      FlatLayout + GradBuffer: flat padded buckets reduced during backward
     ddp.py          DistributedDataParallel on a GradBuffer
+    pipeline/       pipeline parallelism: schedules as checked data, partitioning, the runtime
 """
 from llmkern.parallel.buffers import (
     AllReduce,
@@ -34,6 +35,7 @@ from llmkern.parallel.collectives import (
 from llmkern.parallel.ddp import DDPConfig, DDPStats, DistributedDataParallel, apply_ddp
 from llmkern.parallel.groups import DEFAULT_TIMEOUT_S, CollectiveError
 from llmkern.parallel.mesh import ParallelConfig, ParallelDims, init_mesh, mark_sharded, sharded_over
+from llmkern.parallel.pipeline import Pipeline, PipelineConfig, PipelineError, apply_pipeline
 
 __all__ = [
     "COUNTER", "DEFAULT_TIMEOUT_S", "AllReduce", "BucketReducer", "BufferStats", "CollectiveError", "CommCounter",
@@ -42,3 +44,4 @@ __all__ = [
     "init_mesh", "mark_sharded", "record_collective", "recv", "reduce_scatter", "send",
     "sharded_over",
 ]
+__all__ += ["Pipeline", "PipelineConfig", "PipelineError", "apply_pipeline"]

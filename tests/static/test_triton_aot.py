@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from llmkern import kernel_report as kr
-from llmkern.triton_kernels import adapter_bottleneck, lora_linear
+from llmkern.triton_kernels import _aot, adapter_bottleneck, fused_adamw, fused_sgd, lora_linear, multi_tensor_sumsq
+
+MODULES = (adapter_bottleneck, fused_adamw, fused_sgd, lora_linear, multi_tensor_sumsq)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +28,8 @@ def rows():
 
 def test_every_shipped_variant_is_reported(rows):
     got = {(r["kernel"], r["config"], r["arch"]) for r in rows}
-    for c in lora_linear.AOT_CONFIGS + adapter_bottleneck.AOT_CONFIGS:
+    for c in (c for m in MODULES for c in m.AOT_CONFIGS):
+        assert isinstance(c, _aot.AotConfig)
         for arch in ("sm_80", "sm_90a"):
             assert (c.kernel.__name__, c.name, arch) in got
     assert all(r["registers"] and r["registers"] <= 255 for r in rows)
