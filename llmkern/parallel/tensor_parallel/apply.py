@@ -259,6 +259,10 @@ def _as_linear(m: nn.Module, path: str) -> nn.Linear:
                     f"Conv1D or an llmkern LoRALinear")
 
 
+def _join(path: str, leaf: str) -> str:
+    return f"{path}.{leaf}" if path else leaf
+
+
 def _entry_hook(pg, comm: TPComm, sequence_parallel: bool):
     """A forward pre-hook that moves a module's hidden_states (first positional argument, or the
     keyword) into a tp region."""
@@ -296,12 +300,12 @@ def _grad_sum_hook(pg, comm: TPComm):
 def _llama_layer(conv: _Converter, path: str, layer: nn.Module, tp: int, sp: bool, first: bool) -> None:
     attn, mlp = layer.self_attn, layer.mlp
     for name in ("q_proj", "k_proj", "v_proj"):
-        conv.column(f"{path}.self_attn.{name}")
-    conv.row(f"{path}.self_attn.o_proj", sequence_parallel=sp,
+        conv.column(_join(path, f"self_attn.{name}"))
+    conv.row(_join(path, "self_attn.o_proj"), sequence_parallel=sp,
              comm=conv.comm_for_first() if first and not sp else None)
     for name in ("gate_proj", "up_proj"):
-        conv.column(f"{path}.mlp.{name}")
-    conv.row(f"{path}.mlp.down_proj", sequence_parallel=sp)
+        conv.column(_join(path, f"mlp.{name}"))
+    conv.row(_join(path, "mlp.down_proj"), sequence_parallel=sp)
     attn_comm = conv.comm_for_first() if first and sp else conv.quiet
     attn.register_forward_pre_hook(_entry_hook(conv.pg, attn_comm, sp), with_kwargs=True)
     mlp.register_forward_pre_hook(_entry_hook(conv.pg, conv.quiet, sp), with_kwargs=True)
@@ -310,12 +314,12 @@ def _llama_layer(conv: _Converter, path: str, layer: nn.Module, tp: int, sp: boo
 def _gpt2_layer(conv: _Converter, path: str, layer: nn.Module, tp: int, sp: bool, first: bool) -> None:
     attn, mlp = layer.attn, layer.mlp
     c = attn.embed_dim
-    conv.column(f"{path}.attn.c_attn", parts=(c, c, c))
-    conv.row(f"{path}.attn.c_proj", sequence_parallel=sp, comm=conv.comm_for_first() if first and not sp else None)
+    conv.column(_join(path, "attn.c_attn"), parts=(c, c, c))
+    conv.row(_join(path, "attn.c_proj"), sequence_parallel=sp, comm=conv.comm_for_first() if first and not sp else None)
     attn.split_size = c // tp
     attn.num_heads = attn.num_heads // tp
-    conv.column(f"{path}.mlp.c_fc")
-    conv.row(f"{path}.mlp.c_proj", sequence_parallel=sp)
+    conv.column(_join(path, "mlp.c_fc"))
+    conv.row(_join(path, "mlp.c_proj"), sequence_parallel=sp)
     attn_comm = conv.comm_for_first() if first and sp else conv.quiet
     attn.register_forward_pre_hook(_entry_hook(conv.pg, attn_comm, sp), with_kwargs=True)
     mlp.register_forward_pre_hook(_entry_hook(conv.pg, conv.quiet, sp), with_kwargs=True)
@@ -388,9 +392,8 @@ def apply_tensor_parallel(model: nn.Module, mesh_or_group, *, sequence_parallel:
                 raise ValueError(f"apply_tensor_parallel: tp={tp} must divide the number of {what} ({n}) of "
                                  f"{path or type(layer).__name__}: heads are split whole, they cannot be padded")
     base_path, base_mod = base if base is not None else ("", None)
-    prefix = f"{base_path}." if base_path else ""
-    embedding_path = prefix + arch.embedding if base_mod is not None else None
-    norm_path = prefix + arch.final_norm if base_mod is not None else None
+    embedding_path = _join(base_path, arch.embedding) if base_mod is not None else None
+    norm_path = _join(base_path, arch.final_norm) if base_mod is not None else None
     head = model.get_submodule("lm_head") if hasattr(model, "lm_head") else None
     in_region, in_lora, elsewhere = _dropouts(model)
     dropout = in_region or in_lora or elsewhere
