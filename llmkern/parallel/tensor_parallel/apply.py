@@ -229,9 +229,9 @@ class _Converter:
         if isinstance(old, LoRALinear):
             new = RowParallelLoRALinear.from_lora(old, self.pg, sequence_parallel=sequence_parallel, comm=comm)
             new.from_conv1d = getattr(old, "from_conv1d", False)
-            if old.dropout > 0 and not new.exact_dropout_mask:
-                self.report.notes.append(f"{path}: LoRA dropout on a row-parallel shard draws a mask per shard (the "
-                                         f"fused op takes no global column offset yet), not the single-device slice")
+            if old.dropout > 0:
+                self.report.notes.append(f"{path}: LoRA dropout on a row-parallel shard runs unfused in training (the "
+                                         f"fused op takes no global column offset for the mask slice)")
         else:
             new = RowParallelLinear.from_linear(_as_linear(old, path), self.pg, input_is_parallel=True,
                                                 sequence_parallel=sequence_parallel, comm=comm)

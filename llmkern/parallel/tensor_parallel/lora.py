@@ -15,18 +15,22 @@ backward all-reduces its gradient over tp, so every rank holds the whole gradien
 stays replicated. It is not marked sharded: the global norm counts it once.
 
 Dropout masks. The op draws element (n, k) of an (N, C_in) input's mask from the counter
-offset + n·C_in + k. A row-parallel rank holds columns [c0, c0 + C_in/tp) of the input, and the
-slice of the single-device mask needs counters offset + n·C_in + c0 + k: a global row stride and
-column offset the op does not take yet. Until it does, each row-parallel shard draws its mask from
-its own counter range (offset = tp_rank·N·C_in/tp, disjoint between ranks, so the shards' masks are
-independent and the same size): dropout keeps its statistics, but a row-parallel layer's mask is
-not the single-device one. `RowParallelLoRALinear.exact_dropout_mask` says which of the two holds.
+offset + n·C_in + k (llmkern/_rng.py). A column-parallel rank holds the whole input, so the fused op
+draws the single-device mask. A row-parallel rank holds columns [c0, c0 + C_in/tp) and needs the
+counters offset + n·C_in + c0 + k: a global row stride and column offset the fused op does not take.
+So with dropout > 0 in training a row-parallel shard draws exactly those counters itself
+(_rng.counter_hash on N·C_in/tp counters: this rank's share, no more) and runs the LoRA product
+unfused (x·Wᵀ + s·((mask·x/(1-p))·Aᵀ)·Bᵀ, plain torch ops, the formula of lora_linear_ref): its mask
+is the slice of the single-device mask, so a tp run equals a 1-rank run with the same seed. Without
+dropout (or in eval) it runs the fused op. apply_tensor_parallel's report names the layers that take
+the unfused path.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from llmkern import _rng
 from llmkern.nn.lora import LoRALinear
 from llmkern.ops.lora_linear import lora_linear
 from llmkern.parallel.mesh import mark_sharded
@@ -125,9 +129,12 @@ class RowParallelLoRALinear(LoRALinear):
 
     _enter, _leave, _replicated = _TPModule._enter, _TPModule._leave, _TPModule._replicated
 
-    exact_dropout_mask = False
-    """Whether each shard's dropout mask is the slice of the single-device mask (see the module
-    docstring): False until lora_linear takes a global row stride and column offset."""
+    exact_dropout_mask = True
+    """Each shard's dropout mask is the slice of the single-device mask (see the module docstring)."""
+
+    unfused_with_dropout = True
+    """With dropout > 0 in training the LoRA product runs unfused (the fused op takes no global
+    column offset for its mask); without dropout it runs the fused op."""
 
     @classmethod
     def from_lora(cls, lora: LoRALinear, group, *, sequence_parallel: bool = False,
@@ -156,15 +163,27 @@ class RowParallelLoRALinear(LoRALinear):
             y = F.linear(x, self.weight)
         else:
             p = self.dropout if self.training else 0.0
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if p > 0 else 0
-            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            offset = self.tp_rank * rows * self.layout.per_rank  # a disjoint counter range per shard
             b = regions.copy_to_region(self.lora_B.weight, self.tp_group, self.comm)
-            y = lora_linear(x, self.weight, None, self.lora_A.weight, b, self.scale, p, seed, offset,
-                            backend=self.backend)
+            if p > 0:
+                seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+                xd = x * (self._keep_mask(seed, p, x).to(x.dtype) / (1.0 - p))
+                y = F.linear(x, self.weight) + self.scale * F.linear(F.linear(xd, self.lora_A.weight), b)
+            else:
+                y = lora_linear(x, self.weight, None, self.lora_A.weight, b, self.scale, 0.0, 0, 0,
+                                backend=self.backend)
         y = self._leave(y)
         bias = self._replicated(self.bias)
         return y if bias is None else y + bias
+
+    def _keep_mask(self, seed: int, p: float, x: torch.Tensor) -> torch.Tensor:
+        """This rank's columns of the single-device keep-mask of the dense (N, C_in) input, shaped like
+        x (N, ..., per_rank); padding columns are dropped (their inputs are 0 anyway)."""
+        lay, c_in = self.layout, self.dense_in
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        col = torch.arange(lay.per_rank, dtype=torch.int64, device=x.device)
+        counter = torch.arange(rows, dtype=torch.int64, device=x.device)[:, None] * c_in + (lay.start + col)
+        keep = (_rng.counter_hash(_rng.dropout_key(seed), counter) >> 8) >= _rng.dropout_threshold(p)
+        return (keep & (col < lay.valid)).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", row-parallel {self.layout.describe()}, tp={self.tp_rank}/{self.tp_world}"
