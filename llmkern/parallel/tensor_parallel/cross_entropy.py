@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from llmkern.parallel import collectives, groups
 from llmkern.parallel.tensor_parallel.layout import ShardLayout
-from llmkern.parallel.tensor_parallel.regions import TPComm
+from llmkern.parallel.tensor_parallel.regions import DEFAULT_COMM, TPComm
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -108,7 +108,7 @@ class _VocabParallelCE(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group, *, vocab_size: int | None = None,
                                  ignore_index: int = -100, label_smoothing: float = 0.0,
-                                 reduction: Reduction = "mean", comm: TPComm = TPComm()) -> torch.Tensor:
+                                 reduction: Reduction = "mean", comm: TPComm = DEFAULT_COMM) -> torch.Tensor:
     """F.cross_entropy(dense_logits, labels, ...) from this rank's block of the logits.
 
     logits: (..., V_block) this rank's vocabulary block (V_block = ceil(V / tp), padding included),

@@ -34,7 +34,7 @@ from llmkern.parallel import groups
 from llmkern.parallel.mesh import mark_sharded
 from llmkern.parallel.tensor_parallel import regions
 from llmkern.parallel.tensor_parallel.layout import TP_LAYOUT, ShardLayout
-from llmkern.parallel.tensor_parallel.regions import TPComm
+from llmkern.parallel.tensor_parallel.regions import DEFAULT_COMM, TPComm
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "gather_full", "shard_parameter",
            "tp_group_info"]
@@ -55,7 +55,7 @@ def shard_parameter(dense: torch.Tensor, layout: ShardLayout, pg: dist.ProcessGr
     return p
 
 
-def gather_full(t: torch.Tensor, layout: ShardLayout, group, comm: TPComm = TPComm()) -> torch.Tensor:
+def gather_full(t: torch.Tensor, layout: ShardLayout, group, comm: TPComm = DEFAULT_COMM) -> torch.Tensor:
     """The dense tensor (padding dropped) from every rank's block `t` of a split parameter or its
     gradient: an all-gather on the tp group (every rank calls it), for checks, checkpoints and merged
     exports."""
@@ -109,7 +109,7 @@ class ColumnParallelLinear(_TPModule):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group, gather_output: bool = False,
                  input_is_parallel: bool = False, sequence_parallel: bool = False, parts: tuple[int, ...] = (),
-                 comm: TPComm = TPComm(), device=None, dtype=None):
+                 comm: TPComm = DEFAULT_COMM, device=None, dtype=None):
         super().__init__()
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._build(dense.weight, dense.bias, group, gather_output, input_is_parallel, sequence_parallel, parts, comm,
@@ -170,7 +170,7 @@ class RowParallelLinear(_TPModule):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group,
-                 input_is_parallel: bool = True, sequence_parallel: bool = False, comm: TPComm = TPComm(),
+                 input_is_parallel: bool = True, sequence_parallel: bool = False, comm: TPComm = DEFAULT_COMM,
                  device=None, dtype=None):
         super().__init__()
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -230,14 +230,14 @@ class VocabParallelEmbedding(_TPModule):
     sequence_parallel). ids (...) -> (..., C)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *, group,
-                 sequence_parallel: bool = False, comm: TPComm = TPComm(), device=None, dtype=None):
+                 sequence_parallel: bool = False, comm: TPComm = DEFAULT_COMM, device=None, dtype=None):
         super().__init__()
         dense = nn.Embedding(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
         self._build(dense.weight, dense.padding_idx, group, sequence_parallel, comm, requires_grad=True)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, group, *, sequence_parallel: bool = False,
-                       comm: TPComm = TPComm()) -> VocabParallelEmbedding:
+                       comm: TPComm = DEFAULT_COMM) -> VocabParallelEmbedding:
         if not isinstance(emb, nn.Embedding):
             raise TypeError(f"VocabParallelEmbedding.from_embedding expects an nn.Embedding, got {type(emb).__name__}")
         unsupported = {k: v for k, v in (("max_norm", emb.max_norm), ("scale_grad_by_freq", emb.scale_grad_by_freq),

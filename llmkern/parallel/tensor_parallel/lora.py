@@ -37,7 +37,7 @@ from llmkern.parallel.mesh import mark_sharded
 from llmkern.parallel.tensor_parallel import regions
 from llmkern.parallel.tensor_parallel.layers import _TPModule, tp_group_info
 from llmkern.parallel.tensor_parallel.layout import TP_LAYOUT, ShardLayout
-from llmkern.parallel.tensor_parallel.regions import TPComm
+from llmkern.parallel.tensor_parallel.regions import DEFAULT_COMM, TPComm
 
 __all__ = ["ColumnParallelLoRALinear", "RowParallelLoRALinear"]
 
@@ -78,7 +78,7 @@ class ColumnParallelLoRALinear(LoRALinear):
     @classmethod
     def from_lora(cls, lora: LoRALinear, group, *, gather_output: bool = False, input_is_parallel: bool = False,
                   sequence_parallel: bool = False, parts: tuple[int, ...] = (),
-                  comm: TPComm = TPComm()) -> ColumnParallelLoRALinear:
+                  comm: TPComm = DEFAULT_COMM) -> ColumnParallelLoRALinear:
         _check_source(lora, cls.__name__)
         _, rank, world = tp_group_info(group)
         out_features, in_features = lora.weight.shape
@@ -138,7 +138,7 @@ class RowParallelLoRALinear(LoRALinear):
 
     @classmethod
     def from_lora(cls, lora: LoRALinear, group, *, sequence_parallel: bool = False,
-                  comm: TPComm = TPComm()) -> RowParallelLoRALinear:
+                  comm: TPComm = DEFAULT_COMM) -> RowParallelLoRALinear:
         _check_source(lora, cls.__name__)
         _, rank, world = tp_group_info(group)
         out_features, in_features = lora.weight.shape

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from llmkern.parallel import collectives, groups
 
-__all__ = ["TPComm", "copy_to_region", "reduce_from_region", "gather_from_region", "scatter_to_region",
+__all__ = ["DEFAULT_COMM", "TPComm", "copy_to_region", "reduce_from_region", "gather_from_region", "scatter_to_region",
            "gather_from_sequence", "reduce_scatter_to_sequence"]
 
 
@@ -70,6 +70,10 @@ class TPComm:
             raise TypeError(f"TPComm.check must be a bool, got {self.check!r}")
         if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
             raise ValueError(f"TPComm.timeout_s must be a number of seconds > 0, got {self.timeout_s!r}")
+
+
+DEFAULT_COMM = TPComm()
+"""The settings every layer and collective uses unless given others (frozen, so one shared instance)."""
 
 
 def _kw(comm: TPComm) -> dict:
@@ -204,29 +208,29 @@ class _ReduceScatterToSequence(torch.autograd.Function):
         return _all_gather(g.contiguous(), ctx.dim, ctx.pg, ctx.comm), None, None, None
 
 
-def copy_to_region(x: torch.Tensor, group, comm: TPComm = TPComm()) -> torch.Tensor:
+def copy_to_region(x: torch.Tensor, group, comm: TPComm = DEFAULT_COMM) -> torch.Tensor:
     """x enters a tp region: identity forward; backward all-reduces (sums) the ranks' partial grads.
     Also for a replicated parameter used inside a region (a LoRA factor, a sequence-parallel norm
     weight), whose grad each rank computes only in part."""
     return _CopyToRegion.apply(x, groups.resolve(group), comm)
 
 
-def reduce_from_region(x: torch.Tensor, group, comm: TPComm = TPComm()) -> torch.Tensor:
+def reduce_from_region(x: torch.Tensor, group, comm: TPComm = DEFAULT_COMM) -> torch.Tensor:
     """x leaves a tp region as the sum of the ranks' partial results (all-reduce); backward: identity."""
     return _ReduceFromRegion.apply(x, groups.resolve(group), comm)
 
 
-def gather_from_region(x: torch.Tensor, group, dim: int = -1, comm: TPComm = TPComm()) -> torch.Tensor:
+def gather_from_region(x: torch.Tensor, group, dim: int = -1, comm: TPComm = DEFAULT_COMM) -> torch.Tensor:
     """The ranks' slices of x concatenated along dim (all-gather); backward keeps this rank's slice."""
     return _GatherFromRegion.apply(x, dim, groups.resolve(group), comm)
 
 
-def scatter_to_region(x: torch.Tensor, group, dim: int = -1, comm: TPComm = TPComm()) -> torch.Tensor:
+def scatter_to_region(x: torch.Tensor, group, dim: int = -1, comm: TPComm = DEFAULT_COMM) -> torch.Tensor:
     """This rank's chunk of a replicated x along dim (no communication); backward all-gathers."""
     return _ScatterToRegion.apply(x, dim, groups.resolve(group), comm)
 
 
-def gather_from_sequence(x: torch.Tensor, group, dim: int = 1, comm: TPComm = TPComm(), *,
+def gather_from_sequence(x: torch.Tensor, group, dim: int = 1, comm: TPComm = DEFAULT_COMM, *,
                          grad: Literal["reduce_scatter", "split"] = "reduce_scatter") -> torch.Tensor:
     """Sequence shards of x all-gathered along dim. Backward: "reduce_scatter" when the result feeds a
     tp region (each rank's grad is a partial sum), "split" when it feeds replicated code."""
@@ -237,6 +241,6 @@ def gather_from_sequence(x: torch.Tensor, group, dim: int = 1, comm: TPComm = TP
     return _GatherFromSequence.apply(x, dim, groups.resolve(group), comm)
 
 
-def reduce_scatter_to_sequence(x: torch.Tensor, group, dim: int = 1, comm: TPComm = TPComm()) -> torch.Tensor:
+def reduce_scatter_to_sequence(x: torch.Tensor, group, dim: int = 1, comm: TPComm = DEFAULT_COMM) -> torch.Tensor:
     """The sum of the ranks' partial x, this rank keeping its chunk along dim; backward all-gathers."""
     return _ReduceScatterToSequence.apply(x, dim, groups.resolve(group), comm)
