@@ -98,12 +98,14 @@ def _fwd_bwd(model, ids, labels, seed=None):
     return out
 
 
-def _equivalence_case(out, name, dense, tp_kwargs, pg, *, seed=None, logits=False):
-    """dense in fp64 (oracle), fp32 (baseline) and tensor-parallel fp32: loss, logits and every gradient."""
+def _equivalence_case(out, name, dense, tp_kwargs, pg, *, seed=None, logits=False, device="cpu"):
+    """dense in fp64 (oracle), fp32 (baseline) and tensor-parallel fp32: loss, logits and every gradient
+    (returned on the CPU)."""
     from llmkern.parallel import counting
     from llmkern.parallel.tensor_parallel import apply_tensor_parallel
 
-    ids, labels = _batch(1)
+    dense = dense.to(device)
+    ids, labels = (t.to(device) for t in _batch(1))
     oracle, base, tp_model = copy.deepcopy(dense).double(), dense, copy.deepcopy(dense)
     oracle.loss_function = _causal_lm_loss_fp64
     transposed = _conv1d_paths(dense)
@@ -120,10 +122,13 @@ def _equivalence_case(out, name, dense, tp_kwargs, pg, *, seed=None, logits=Fals
     grads = _dense_grads(tp_model, pg)
     grads = {n: g.t() if n in transposed else g for n, g in grads.items()}
     assert set(grads) == set(ref_g), sorted(set(grads) ^ set(ref_g))
+    def cpu(*ts):
+        return tuple(t.detach().cpu() for t in ts)
+
     out[name] = {
-        "loss": (tp_out.loss.detach(), ref_out.loss.detach(), base_out.loss.detach()),
-        "grads": {n: (grads[n], ref_g[n], base_g[n]) for n in ref_g},
-        "logits": (tp_out.logits.detach(), ref_out.logits.detach(), base_out.logits.detach()) if logits else None,
+        "loss": cpu(tp_out.loss, ref_out.loss, base_out.loss),
+        "grads": {n: cpu(grads[n], ref_g[n], base_g[n]) for n in ref_g},
+        "logits": cpu(tp_out.logits, ref_out.logits, base_out.logits) if logits else None,
         "fwd": {k: c.calls for k, c in fwd.snapshot().items()},
         "bwd": {k: c.calls for k, c in bwd.snapshot().items()},
         "report": report,
@@ -200,6 +205,27 @@ def _cases(rank, world):
     _train_case(out, pg)
     _error_cases(out, pg)
     return out
+
+
+def _cuda_cases(rank, world):
+    torch.cuda.set_device(rank)
+    out = {}
+    pg = dist.group.WORLD
+    _equivalence_case(out, "llama", _llama(0), {}, pg, device="cuda")
+    _equivalence_case(out, "llama_sp", _llama(0), {"sequence_parallel": True}, pg, device="cuda")
+    _equivalence_case(out, "lora_dropout", _lora_llama(0, dropout=0.1), {}, pg, seed=123, device="cuda")
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs"))])
+def test_cuda_llama_lora_and_sequence_parallel_equal_dense(world):
+    """The Llama, sequence-parallel and LoRA-with-dropout cases on CUDA tensors over NCCL (one GPU per
+    rank): the fused lora_linear CUDA kernel on column shards, the sliced mask on row shards."""
+    results = run_distributed(_cuda_cases, world, timeout=240, backend="nccl")
+    for name in ("llama", "llama_sp", "lora_dropout"):
+        _check(results, name)
 
 
 @pytest.fixture(scope="module")
