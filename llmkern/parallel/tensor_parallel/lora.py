@@ -3,9 +3,10 @@
     column-parallel: W and B split by output rows (B: (C_out/tp, R)); A (R, C_in) replicated
     row-parallel:    W and A split by input columns (A: (R, C_in/tp)); B (C_out, R) replicated
 
-Both run the fused op llmkern.ops.lora_linear on the rank's shard. Column-parallel: each rank holds
-the whole input, so its dropout mask is the single-device mask and its output columns are the
-single-device ones. Row-parallel: each rank's x_r·A_rᵀ is a partial sum of x·Aᵀ, and
+Both run the fused op llmkern.ops.lora_linear on the rank's shard (a row-parallel shard in training
+with dropout excepted, see below). Column-parallel: each rank holds the whole input, so its dropout
+mask is the single-device mask and its output columns are the single-device ones. Row-parallel:
+each rank's x_r·A_rᵀ is a partial sum of x·Aᵀ, and
 Σ_r (x_r W_rᵀ + s·(x_r A_rᵀ)·Bᵀ) = x Wᵀ + s·(x Aᵀ)·Bᵀ, so the one all-reduce of the row layer sums
 the base and the adapter together; the bias is added after it, once.
 
