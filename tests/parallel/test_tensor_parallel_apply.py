@@ -201,6 +201,7 @@ def _cases(rank, world):
     _equivalence_case(out, "llama", _llama(0), {}, pg)
     _equivalence_case(out, "llama_sp", _llama(0), {"sequence_parallel": True}, pg)
     _equivalence_case(out, "gpt2_gathered_logits", _gpt2(0), {"loss_parallel": False}, pg, logits=True)
+    _equivalence_case(out, "gpt2_sp", _gpt2(0), {"sequence_parallel": True}, pg)
     _equivalence_case(out, "lora_dropout", _lora_llama(0, dropout=0.1), {}, pg, seed=123)
     _train_case(out, pg)
     _error_cases(out, pg)
@@ -262,6 +263,10 @@ def test_llama_sequence_parallel_equals_dense(results):
 def test_gpt2_tied_head_gathered_logits_equals_dense(results):
     _check(results, "gpt2_gathered_logits")
     assert any("tied" in n for n in results[0]["gpt2_gathered_logits"]["report"].notes)
+
+
+def test_gpt2_sequence_parallel_equals_dense(results):
+    _check(results, "gpt2_sp")
 
 
 def test_lora_with_dropout_equals_single_rank(results):
