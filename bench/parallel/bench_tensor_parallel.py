@@ -8,6 +8,8 @@ Candidates, each a copy of the same block (hidden 512, 8 heads, MLP 1376; input 
                so 2 all-reduces forward and 2 backward);
 - DTensor TP:  torch.distributed.tensor.parallel.parallelize_module with ColwiseParallel on q/k/v and
                gate/up and RowwiseParallel on o and down (the plan in torch's tensor-parallel tutorial);
+- llmkern TP ring: the same with TPComm(backend="ring") (llmkern's ring over gloo instead of
+               torch.distributed's all-reduce), reported without a goal;
 - 1 rank:      the dense block on every rank (what each rank would do without tp).
 They take turns call by call (the order rotates every round, so none always runs first); each call
 starts after a barrier and is timed as the maximum over ranks. A ratio is the median of the
@@ -29,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmkern.parallel.tensor_parallel import apply_tensor_parallel
+from llmkern.parallel.tensor_parallel import TPComm, apply_tensor_parallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _harness import ContentionMeter, Ratio, environment, format_ratios, format_table, write_results  # noqa: E402
@@ -100,12 +102,14 @@ def main() -> None:
     dense = Block(cfg)
     ours = copy.deepcopy(dense)
     report = apply_tensor_parallel(ours, dist.group.WORLD)
+    ours_ring = copy.deepcopy(dense)
+    apply_tensor_parallel(ours_ring, dist.group.WORLD, comm=TPComm(backend="ring"))
     theirs = dtensor_block(copy.deepcopy(dense), world)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, args.seq, args.hidden, generator=g)
     gy = torch.randn(args.batch, args.seq, args.hidden, generator=g)
     candidates = {"llmkern TP": fwd_bwd(ours, x, gy), "DTensor TP": fwd_bwd(theirs, x, gy),
-                  "1 rank": fwd_bwd(dense, x, gy)}
+                  "llmkern TP ring": fwd_bwd(ours_ring, x, gy), "1 rank": fwd_bwd(dense, x, gy)}
     # the three compute the same block: outputs and input gradients agree to fp32 summation order
     results = {k: f() for k, f in candidates.items()}
     agree = {k: max((a - b).abs().max().item() for a, b in zip(v, results["1 rank"])) for k, v in results.items()}
