@@ -9,6 +9,8 @@ Layers, each using only the ones above it:
     buffers.py      FlatLayout + GradBuffer: flat padded buckets reduced during backward
     ddp.py          DistributedDataParallel on a GradBuffer
     pipeline/       pipeline parallelism: schedules as checked data, partitioning, the runtime
+    tensor_parallel/  Megatron-style tensor parallelism: layers, LoRA on shards, apply_tensor_parallel
+    parallelize.py  parallelize: TP -> activation checkpointing -> DDP (ZeRO), the pipeline outside
 """
 from llmkern.parallel.buffers import (
     AllReduce,
@@ -45,3 +47,7 @@ __all__ = [
     "sharded_over",
 ]
 __all__ += ["Pipeline", "PipelineConfig", "PipelineError", "apply_pipeline"]
+
+from llmkern.parallel.parallelize import Parallelized, ParallelizeConfig, check_degrees, parallelize  # noqa: E402
+
+__all__ += ["Parallelized", "ParallelizeConfig", "check_degrees", "parallelize"]

@@ -224,11 +224,16 @@ def _decode(field: str, value: int):
     return table[value] if 0 <= value < len(table) else f"<{value}>"
 
 
-def _check_tensor(t, what: str, name: str = "tensor") -> None:
+_NO_GROUP = object()
+
+
+def _check_tensor(t, what: str, name: str = "tensor", group=_NO_GROUP) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
         raise ValueError(f"{what}: {name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.device.type == "meta" and group is not _NO_GROUP and dist.get_backend(groups.resolve(group)) == "fake":
+        return  # torch's fake process group plans layouts too large to run: meta tensors, no data moved
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{what}: {name} must be on the CPU or a CUDA device, got {t.device}")
 
@@ -451,7 +456,7 @@ def all_reduce_(tensor: torch.Tensor, group=None, *, op: ReduceOp = "sum", accum
                 timeout: float | None = None):
     """Reduces `tensor` in place across the group (see the module docstring); returns it, or a Handle."""
     what = "all_reduce_"
-    _check_tensor(tensor, what)
+    _check_tensor(tensor, what, group=group)
     _check_op(op, tensor, what)
     st = groups.state(groups.resolve(group))
     st.check_usable(what)
@@ -505,7 +510,7 @@ def reduce_scatter(input: torch.Tensor, output: torch.Tensor | None = None, grou
     elsewhere afterwards (a non-contiguous input gets a new output tensor). Returns the output, or a
     Handle."""
     what = "reduce_scatter"
-    _check_tensor(input, what, "input")
+    _check_tensor(input, what, "input", group)
     _check_op(op, input, what)
     st = groups.state(groups.resolve(group))
     st.check_usable(what)
@@ -567,7 +572,7 @@ def all_gather(shard: torch.Tensor, output: torch.Tensor | None = None, group=No
     back to back. When `shard` is already chunk r of a contiguous `output` (a flat parameter buffer and
     its shard view), nothing is copied. Returns the output, or a Handle."""
     what = "all_gather"
-    _check_tensor(shard, what, "shard")
+    _check_tensor(shard, what, "shard", group)
     st = groups.state(groups.resolve(group))
     st.check_usable(what)
     _check_backend(backend, shard, st, what)

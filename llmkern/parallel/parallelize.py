@@ -1,0 +1,243 @@
+"""parallelize: the one ordered composition of the engines over a ("pp", "dp", "tp") mesh.
+
+    run = parallelize(model, ParallelizeConfig(tp=2, pp=2, microbatches=4))   # dp = world / 4
+    opt = FusedAdamW(run.parameters(), lr=1e-4)
+    for batch in loader:                       # the same global batch on every rank
+        ids = run.local_batch(batch)           # this data-parallel replica's rows
+        loss = run.train_step(ids, ids)        # forward + backward, loss averaged over dp
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+
+Order, inside out (torchtitan's): tensor parallelism first (apply_tensor_parallel on the whole
+model: every rank keeps its tp slices of every layer), then activation checkpointing (each decoder
+layer recomputed in backward, its TP collectives with it), then data parallelism over "dp" (DDP
+today; ZeRO is the seam below). The pipeline is outside them: with pp > 1, apply_pipeline cuts the
+tp-converted model into stages, checkpoints layers with rematerialize="layer" and wraps each stage
+in DDP over "dp"; its loss is the vocab-parallel one when the logits stay split.
+
+Gradient norms: tp slices carry the tp group in their SHARDED_OVER mark, the pipeline adds the pp
+group to every parameter's mark, and DDP leaves gradients replicated over dp, so FusedAdamW's
+global norm counts every element of the model once.
+
+Every check that can fail runs before anything is built (check_degrees: a pure function of the
+config, the world size and the model), so a bad layout raises the same error on every rank and
+leaves the model unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llmkern.parallel import collectives
+from llmkern.parallel.ddp import DDPConfig, DistributedDataParallel
+from llmkern.parallel.mesh import ParallelConfig, ParallelDims, init_mesh
+from llmkern.parallel.pipeline.runtime import CausalLMLoss
+from llmkern.parallel.tensor_parallel import TensorParallelReport, TPComm, apply_tensor_parallel
+from llmkern.parallel.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+__all__ = ["Parallelized", "ParallelizeConfig", "check_degrees", "parallelize"]
+
+ZERO_ENGINE = "llmkern.parallel.zero"
+"""Where ZeRO stages 1-3 will come from; parallelize refuses zero_stage > 0 until it exists."""
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class ParallelizeConfig:
+    """The degrees of a run and how each engine is set up."""
+
+    dp: int = -1
+    """Data-parallel replicas; -1: the world size divided by tp * pp."""
+    tp: int = 1
+    """Tensor-parallel ranks splitting each weight matrix (adjacent ranks of the mesh)."""
+    pp: int = 1
+    """Pipeline stages (the outermost mesh dimension)."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """0: DDP over dp (gradients all-reduced in buckets during backward). 1-3: ZeRO's sharding of the
+    optimizer state, gradients and parameters over dp, applied where DDP is now (see _data_parallel);
+    refused until llmkern.parallel.zero is wired in."""
+    sequence_parallel: bool = False
+    """Split activations between tp regions along the sequence (apply_tensor_parallel); pp == 1 only."""
+    loss_parallel: bool = True
+    """Keep the logits split over the vocabulary and use the vocab-parallel cross-entropy."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward instead of storing its activations."""
+    microbatches: int | None = None
+    """Pipeline micro-batches per step (pp > 1); None: pp."""
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    """The pipeline schedule (llmkern.parallel.PipelineConfig.schedule)."""
+    ddp: DDPConfig = dataclasses.field(default_factory=DDPConfig)
+    """Buckets, communication and timeouts of data parallelism (zero_stage 0)."""
+    tp_comm: TPComm = dataclasses.field(default_factory=TPComm)
+    """Backend, timeout and checks of the tensor-parallel collectives."""
+    timeout_s: float = 120.0
+    """Seconds a rank waits for a pipeline peer before raising."""
+
+
+def _model_shape(model: nn.Module) -> dict[str, int]:
+    """Decoder layers, attention heads and key/value heads of a transformers Llama or GPT-2 (those
+    it has); empty for anything else."""
+    cfg = getattr(model, "config", None)
+    out = {}
+    for key, names in (("layers", ("num_hidden_layers", "n_layer")), ("heads", ("num_attention_heads", "n_head")),
+                       ("kv_heads", ("num_key_value_heads",))):
+        for n in names:
+            v = getattr(cfg, n, None)
+            if isinstance(v, int):
+                out[key] = v
+                break
+    return out
+
+
+def check_degrees(config: ParallelizeConfig, world_size: int, model: nn.Module | None = None) -> ParallelDims:
+    """The checked degrees of `config` on `world_size` ranks for `model`, or a ValueError naming the
+    numbers (dp * tp * pp against the world size, tp against the head counts, layers against the
+    stages) or a NotImplementedError naming what is missing. Builds nothing, so it can run anywhere."""
+    if not isinstance(config, ParallelizeConfig):
+        raise TypeError(f"parallelize: config must be a ParallelizeConfig, got {type(config).__name__}")
+    dims = ParallelDims.from_config(ParallelConfig(dp=config.dp, tp=config.tp, pp=config.pp), world_size)
+    if config.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallelize: zero_stage must be 0, 1, 2 or 3, got {config.zero_stage!r}")
+    if config.zero_stage:
+        raise NotImplementedError(f"parallelize: zero_stage={config.zero_stage} needs the ZeRO engine "
+                                  f"({ZERO_ENGINE}), which this build does not have yet; use zero_stage=0 (DDP)")
+    if config.sequence_parallel and dims.pp > 1:
+        raise NotImplementedError(f"parallelize: sequence_parallel with pp={dims.pp} is not supported: a middle "
+                                  f"stage would receive T/tp tokens and build its causal mask for T/tp")
+    if config.microbatches is not None and (not isinstance(config.microbatches, int) or config.microbatches < 1):
+        raise ValueError(f"parallelize: microbatches must be a positive integer or None, got {config.microbatches!r}")
+    shape = _model_shape(model) if model is not None else {}
+    if dims.tp > 1:
+        for key, what in (("heads", "attention heads"), ("kv_heads", "key/value heads")):
+            if key in shape and shape[key] % dims.tp:
+                raise ValueError(f"parallelize: tp={dims.tp} must divide the model's {shape[key]} {what} (heads are "
+                                 f"split whole)")
+    if dims.pp > 1 and "layers" in shape and shape["layers"] < dims.pp:
+        raise ValueError(f"parallelize: pp={dims.pp} stages need at least {dims.pp} decoder layers, the model has "
+                         f"{shape['layers']}")
+    return dims
+
+
+class _VocabParallelCausalLMSum(CausalLMLoss):
+    """The pipeline's CausalLMLoss (sum over a micro-batch's predicted tokens; the pipeline divides by
+    count() over the batch) on vocab-parallel logits."""
+
+    def __init__(self, group, vocab_size: int, comm: TPComm, ignore_index: int = -100):
+        super().__init__(ignore_index)
+        self.group, self.vocab_size, self.comm = group, vocab_size, comm
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), self.group,
+                                            vocab_size=self.vocab_size, ignore_index=self.ignore_index,
+                                            reduction="sum", comm=self.comm)
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Parallelized:
+    """What parallelize returns: the run's parts and its train_step."""
+
+    dims: ParallelDims
+    """The checked degrees."""
+    mesh: object
+    """The ("pp", "dp", "tp") DeviceMesh."""
+    module: nn.Module | None
+    """pp == 1: the model to call (inside its DDP wrapper when dp > 1); None with a pipeline."""
+    pipeline: object | None
+    """pp > 1: this rank's llmkern.parallel.Pipeline; None otherwise."""
+    tensor_parallel: TensorParallelReport | None
+    """What apply_tensor_parallel split (tp > 1); None otherwise."""
+    coordinates: dict[str, int]
+    """This rank's {"pp", "dp", "tp"} coordinates."""
+
+    def parameters(self):
+        """This rank's parameters (its tp slices of its stages' layers), for the optimizer."""
+        return (self.pipeline if self.pipeline is not None else self.module).parameters()
+
+    def named_parameters(self):
+        """This rank's parameters named as in the original model."""
+        if self.pipeline is not None:
+            return self.pipeline.named_parameters()
+        m = self.module.module if isinstance(self.module, DistributedDataParallel) else self.module
+        return m.named_parameters()
+
+    def local_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """This data-parallel replica's rows of a global batch (every rank holds the same global batch;
+        the tp and pp ranks of a replica take the same rows)."""
+        rows, dp = batch.shape[0], self.dims.dp
+        if rows % dp:
+            raise ValueError(f"parallelize: the global batch has {rows} rows, which dp={dp} does not divide")
+        per = rows // dp
+        return batch[self.coordinates["dp"] * per:(self.coordinates["dp"] + 1) * per]
+
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of this replica's batch (from local_batch); gradients land in .grad of
+        this rank's parameters, reduced over dp. Returns the loss averaged over the dp replicas (a
+        0-dim fp32 tensor, equal on every rank)."""
+        if self.pipeline is not None:
+            return self.pipeline.train_step(input_ids, labels)
+        loss = self.module(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        loss = loss.detach().float().reshape(1).clone()
+        if self.dims.dp > 1:
+            collectives.all_reduce_(loss, self.mesh["dp"], op="avg", backend="torch", check=False)
+        return loss[0]
+
+
+def parallelize(model: nn.Module, config: ParallelizeConfig, *, device_type: str | None = None) -> Parallelized:
+    """Composes tensor parallelism, activation checkpointing and data parallelism on `model` (a
+    transformers Llama or GPT-2; every rank passes the same model with the same weights), with the
+    pipeline outside them, over a new ("pp", "dp", "tp") mesh of the default group. See the module
+    docstring."""
+    if not dist.is_initialized():
+        raise RuntimeError("parallelize: torch.distributed is not initialized (launch with torchrun and call "
+                           "torch.distributed.init_process_group first)")
+    dims = check_degrees(config, dist.get_world_size(), model)
+    mesh = init_mesh(ParallelConfig(dp=dims.dp, tp=dims.tp, pp=dims.pp), device_type=device_type)
+    coords = dims.coordinates(dist.get_rank())
+    report = None
+    if dims.tp > 1:
+        # 1. tensor parallelism on the whole model: with a pipeline, each stage then holds tp slices
+        report = apply_tensor_parallel(model, mesh["tp"], sequence_parallel=config.sequence_parallel,
+                                       loss_parallel=config.loss_parallel, comm=config.tp_comm)
+    if dims.pp > 1:
+        from llmkern.parallel.pipeline import PipelineConfig, apply_pipeline
+
+        # 2.-3. inside the pipeline: layer checkpointing and DDP over dp per stage
+        pcfg = PipelineConfig(stages=dims.pp, microbatches=config.microbatches or dims.pp, schedule=config.schedule,
+                              rematerialize="layer" if config.activation_checkpointing else "none",
+                              timeout_s=config.timeout_s, verbose=False)
+        loss_fn = None
+        if report is not None and config.loss_parallel:
+            loss_fn = _VocabParallelCausalLMSum(mesh["tp"].get_group(), model.lm_head.layout.size, config.tp_comm)
+        pipe = apply_pipeline(model, pcfg, mesh, loss_fn=loss_fn, data_parallel=_data_parallel(config))
+        return Parallelized(dims=dims, mesh=mesh, module=None, pipeline=pipe, tensor_parallel=report,
+                            coordinates=coords)
+    if config.activation_checkpointing:
+        # 2. activation checkpointing of every decoder layer; the layers' tp hooks run inside it
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise TypeError(f"parallelize: activation_checkpointing needs a transformers model "
+                            f"(gradient_checkpointing_enable), got {type(model).__name__}")
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = model
+    if dims.dp > 1:
+        # 3. data parallelism over dp
+        module = _data_parallel(config)(model, mesh["dp"].get_group())
+    return Parallelized(dims=dims, mesh=mesh, module=module, pipeline=None, tensor_parallel=report,
+                        coordinates=coords)
+
+
+def _data_parallel(config: ParallelizeConfig):
+    """(module, dp group) -> the data-parallel wrapper. This is where ZeRO stages 1-3 go: a wrapper with
+    the same no_sync() over the same group (apply_pipeline takes the same callable); check_degrees
+    refuses zero_stage > 0 until then."""
+    def wrap(module: nn.Module, group) -> nn.Module:
+        return DistributedDataParallel(module, config.ddp, group)
+
+    return wrap
