@@ -64,6 +64,9 @@ class Layout:
     """Index of this rank's data-parallel replica: ranks of one replica read the same batches."""
     data_world: int
     """Data-parallel replicas."""
+    optimizer: torch.optim.Optimizer
+    """The optimizer over this rank's trainable parameters (an engine that shards the optimizer
+    state, ZeRO, builds its own: that is why the layout makes it)."""
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """This rank's trainable parameters."""
@@ -79,9 +82,11 @@ class Layout:
             d.close()
 
 
-def parallelize(model: nn.Module, layout, *, loss_fn: Callable | None = None) -> Layout:
-    """Applies `layout` (a ParallelLayout, already checked) to `model` on this rank. Call on every rank
-    with the same model. Gradients are reduced in fp32 whatever the parameters' dtype."""
+def parallelize(model: nn.Module, layout, *, optimizer_class: type, optimizer_kwargs: dict,
+                loss_fn: Callable | None = None) -> Layout:
+    """Applies `layout` (a ParallelLayout, already checked) to `model` on this rank and builds
+    `optimizer_class(this rank's trainable parameters, **optimizer_kwargs)`. Call on every rank with
+    the same model. Gradients are reduced in fp32 whatever the parameters' dtype."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     if world != layout.nproc:
@@ -90,6 +95,16 @@ def parallelize(model: nn.Module, layout, *, loss_fn: Callable | None = None) ->
     if missing:
         raise ValueError(missing[0])
     ddp_config = lpar.DDPConfig(reduce_dtype=torch.float32, timeout_s=layout.timeout_s)
+
+    def optimizer_of(params) -> torch.optim.Optimizer:
+        return optimizer_class([p for p in params if p.requires_grad], **optimizer_kwargs)
+
+    # ZeRO goes here when it is routed: model, optimizer = lpar.apply_zero(model, ZeroConfig(stage=
+    # layout.zero_stage, offload_optimizer=layout.offload, ...), optimizer_class=optimizer_class,
+    # mesh=<the dp group>, **optimizer_kwargs), as the data-parallel wrapper instead of DDP (and as
+    # apply_pipeline's data_parallel= callable under pp); TP before it (apply_tensor_parallel on
+    # mesh["tp"]). The checkpoint then takes the sharded optimizer state from the engine (runner.py
+    # Run._state keys full-size states by parameter name).
     if layout.pp > 1:
         mesh = lpar.init_mesh(lpar.ParallelConfig(dp=layout.dp, tp=layout.tp, pp=layout.pp))
         cfg = lpar.PipelineConfig(stages=layout.pp, microbatches=layout.microbatches, schedule=layout.schedule,
@@ -99,8 +114,10 @@ def parallelize(model: nn.Module, layout, *, loss_fn: Callable | None = None) ->
         coords = lpar.ParallelDims.from_config(lpar.ParallelConfig(dp=layout.dp, tp=layout.tp, pp=layout.pp),
                                                world).coordinates(rank)
         return Layout(kind="pipeline", model=model, forward=None, pipe=pipe, ddp=wrappers,
-                      data_rank=coords["dp"], data_world=layout.dp)
+                      data_rank=coords["dp"], data_world=layout.dp, optimizer=optimizer_of(pipe.parameters()))
     if layout.dp > 1:
         ddp = lpar.DistributedDataParallel(model, ddp_config)
-        return Layout(kind="ddp", model=model, forward=ddp, pipe=None, ddp=[ddp], data_rank=rank, data_world=world)
-    return Layout(kind="single", model=model, forward=model, pipe=None, ddp=[], data_rank=0, data_world=1)
+        return Layout(kind="ddp", model=model, forward=ddp, pipe=None, ddp=[ddp], data_rank=rank, data_world=world,
+                      optimizer=optimizer_of(model.parameters()))
+    return Layout(kind="single", model=model, forward=model, pipe=None, ddp=[], data_rank=0, data_world=1,
+                  optimizer=optimizer_of(model.parameters()))

@@ -162,6 +162,21 @@ def choose_precision(requested: str) -> tuple[str, str]:
     return "fp32", "a CPU: torch's fp32 matmuls are faster here than its bf16 and fp16 ones"
 
 
+def kernels_note(c: C.TrainConfig) -> str:
+    """Which of llmkern's fused kernels the run uses, in words."""
+    import llmkern.patch
+
+    parts = ["FusedAdamW (unscale, clip and AdamW in one fused step over fp32 masters)"]
+    if c.method.name == "lora":
+        parts.append(f"the fused lora_linear op (backend {c.kernels.lora_backend or 'chosen per device and dtype'})")
+    elif c.method.name == "adapter":
+        parts.append("the fused adapter_bottleneck op")
+    if not [n for n in dir(llmkern.patch) if not n.startswith("_")]:
+        # KernelsConfig gets its `patch` field when llmkern.patch has an implementation.
+        parts.append("llmkern.patch is empty in this build, so norms, SwiGLU, RoPE and the loss stay transformers'")
+    return "; ".join(parts)
+
+
 def lr_factor(step: int, s: C.ScheduleConfig) -> float:
     """Linear warm-up over warmup_fraction of the steps, then cosine decay to min_lr_ratio."""
     warm = max(1, round(s.steps * s.warmup_fraction)) if s.warmup_fraction > 0 else 0
@@ -281,6 +296,7 @@ class Run:
         self.say(f"llmkern train: {c.logging.name}: {c.method.name} on {self._layout_words()}, {self.dtype_name} "
                  f"weights ({why}); run folder {self.dir}")
 
+        self.say(f"  kernels: {kernels_note(c)}")
         model = self._build_model()
         fresh_base = not (self.resuming and (self.dir / "base" / "config.json").is_file())
         if fresh_base and c.schedule.pretrain_steps:
@@ -312,7 +328,10 @@ class Run:
         self.say(f"  trainable parameters {trainable:,} of {total:,} ({trainable / total:.2%})")
         # Under a pipeline rank 0 evaluates a whole copy, refreshed from every stage before each use.
         self.eval_model = copy.deepcopy(model) if c.parallel.pp > 1 and self.main else None
-        self.layout = parallelize(model, c.parallel, loss_fn=None)
+        from llmkern.optim import FusedAdamW
+        self.layout = parallelize(model, c.parallel, optimizer_class=FusedAdamW,
+                                  optimizer_kwargs={"lr": c.optim.lr, "betas": c.optim.betas, "eps": c.optim.eps,
+                                                    "weight_decay": c.optim.weight_decay})
         self.model = model
         rc = self._train(dtype, before, trainable, total, t_start)
         self.layout.close()
@@ -328,12 +347,10 @@ class Run:
     def _train(self, dtype, before, trainable, total, t_start) -> int:
         from tqdm import tqdm
 
-        from llmkern.optim import DynamicLossScaler, FusedAdamW, LossScalerConfig
+        from llmkern.optim import DynamicLossScaler, LossScalerConfig
 
         c, layout = self.c, self.layout
-        params = layout.parameters()
-        opt = FusedAdamW(params, lr=c.optim.lr, betas=c.optim.betas, eps=c.optim.eps,
-                         weight_decay=c.optim.weight_decay)
+        opt = layout.optimizer
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, c.schedule))
         scaler = None
         if self.dtype_name == "fp16":
