@@ -362,6 +362,8 @@ class Run:
         if self.resuming:
             start = self._load_checkpoint()
             self.say(f"  resumed from {self.dir / 'checkpoints' / f'step-{start}'}")
+        elif c.eval.every:
+            self._evaluate(0, None)  # the curve's starting point
         per_replica = c.data.batch_size // layout.data_world
         bar = tqdm(range(start, c.schedule.steps), initial=start, total=c.schedule.steps, desc=c.logging.name,
                    unit="step", dynamic_ncols=True, mininterval=0.5, disable=not (self.main and c.logging.progress))

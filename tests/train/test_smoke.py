@@ -105,7 +105,7 @@ def check_run(config: C.TrainConfig, path: Path, run: Path) -> None:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
-    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 3]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 3]
     end = rows[-1]
     assert end["event"] == "end" and len(end["bytes_per_rank"]) == config.parallel.nproc
     assert (run / "loss.png").stat().st_size > 0
