@@ -118,7 +118,8 @@ EXAMPLES = """examples:
   llmkern info --kernels            registers / spills / shared memory per GPU kernel (from ptxas)
   llmkern bench ops --quick         the op benchmarks in seconds; ratios against PEFT and eager PyTorch
   llmkern bench all --out DIR       every benchmark, CSV/JSON/PNG under DIR
-  llmkern train --method lora       the demo fine-tune (make demo); llmkern train --help for its flags
+  llmkern train --config FILE       any method on any layout from a YAML/JSON config (examples/configs/)
+  llmkern train --resume RUN_DIR    continue a run from its newest checkpoint
 """
 
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--all-configs", action="store_true",
                         help="with --kernels: one row per compiled configuration instead of one per kernel")
     sub.add_parser("bench", help="run the benchmarks against the peers; llmkern bench --help", add_help=False)
-    sub.add_parser("train", help="the demo fine-tune of a tiny Llama (make demo); llmkern train --help",
+    sub.add_parser("train", help="train from a config file (llmkern train --config FILE --help)",
                    add_help=False)
     sub.add_parser("plan", help="a pipeline schedule's timeline, bubble and memory (llmkern plan --help)",
                    add_help=False)
@@ -147,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmkern import bench
         return bench.main(rest)
     if args.cmd == "train":
-        from llmkern import demo
+        from llmkern.train import runner
+        if runner.is_config_run(rest):
+            return runner.main(rest)
+        from llmkern import demo  # the flag form: llmkern train --method lora --nproc 2 ...
         return demo.main(rest)
     if args.cmd == "plan":
         from llmkern.parallel import plan

@@ -58,7 +58,7 @@ def test_help_names_only_what_exists(capsys):
 
 
 def test_bench_and_train_help_come_from_their_own_parsers(capsys):
-    for cmd, words in (("bench", "--compare FILE"), ("train", "--method")):
+    for cmd, words in (("bench", "--compare FILE"), ("train", "--config CONFIG")):
         with pytest.raises(SystemExit) as e:
             cli.main([cmd, "--help"])
         assert e.value.code == 0 and words in capsys.readouterr().out
