@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from llmkern import kernel_report as kr
-from llmkern.triton_kernels import adapter_bottleneck, lora_linear
+from llmkern.triton_kernels import (adapter_bottleneck, cross_entropy, fused_linear_cross_entropy, layer_norm,
+                                    lora_linear, rms_norm, rope, swiglu)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +27,8 @@ def rows():
 
 def test_every_shipped_variant_is_reported(rows):
     got = {(r["kernel"], r["config"], r["arch"]) for r in rows}
-    for c in lora_linear.AOT_CONFIGS + adapter_bottleneck.AOT_CONFIGS:
+    fused = (rms_norm, layer_norm, swiglu, rope, cross_entropy, fused_linear_cross_entropy)
+    for c in lora_linear.AOT_CONFIGS + adapter_bottleneck.AOT_CONFIGS + [c for m in fused for c in m.AOT_CONFIGS]:
         for arch in ("sm_80", "sm_90a"):
             assert (c.kernel.__name__, c.name, arch) in got
     assert all(r["registers"] and r["registers"] <= 255 for r in rows)
