@@ -9,7 +9,7 @@ import importlib
 import importlib.util
 from pathlib import Path
 
-import torch
+import torch  # noqa: F401  (loads libtorch/libc10, which the extensions link against, before them)
 
 _status: dict[str, tuple[object | None, str]] = {}
 
@@ -23,10 +23,7 @@ EXTENSIONS = {
 def load(name: str):
     """Import llmkern.<name>; return the module or None. The reason for a failure is kept."""
     if name not in _status:
-        if name == "_C_cuda" and not torch.cuda.is_available():
-            # Loading the CUDA extension needs no GPU, but its ops can only run with one; import
-            # it anyway so that `llmkern info` can say it was built.
-            pass
+        # _C_cuda is imported without a GPU too (it needs none to load), so `llmkern info` can say it was built.
         try:
             # An editable install of another checkout (its import finder maps `llmkern` to that
             # tree) can resolve llmkern.<name> to a binary built from other sources. Its op

@@ -33,7 +33,8 @@ Numerics (same rules as triton_kernels/lora_linear.py, whose module doc gives th
   schedule) and bounded, SPLIT ≈ 264 / (C / BLOCK_C) programs' worth of (R + 3)·BLOCK_C floats
   (≤ 264·(256 + 3)·64·4 B = 17.5 MiB at R = 256, 1.2 MiB at R = 16). grad_d = Σ_t g_z is a (T, R)
   column sum left to torch (g_z is 1/C of the activation traffic).
-- The activation is a runtime code (0 none, 1 relu, 2 gelu, 3 gelu_tanh, 4 silu), as are the
+- The activation is a runtime code (0 none, 1 + its index in llmkern.ops.adapter_bottleneck's
+  ACTIVATIONS: 1 relu, 2 gelu, 3 gelu_tanh, 4 silu), as are the
   "has bias / has residual" flags: they only change a uniform branch in an epilogue of ≤ 20 flops
   per element, while as constexprs they would multiply the variants the static check compiles
   (×5 for the activation alone; 140 variants × 2 archs as it is). Only LayerNorm, which adds a pass
@@ -55,12 +56,13 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, is_aligned as _is_aligned
+from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, distinct, is_aligned as _is_aligned, variant
 
-__all__ = ["adapter_bottleneck_fwd", "adapter_bottleneck_bwd", "ACT_CODES", "AOT_CONFIGS"]
+__all__ = ["adapter_bottleneck_fwd", "adapter_bottleneck_bwd", "AOT_CONFIGS", "NUM_ACTIVATIONS"]
 
-# Runtime activation codes; 0 is the identity (used where a kernel is reused without activation).
-ACT_CODES = {"relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+NUM_ACTIVATIONS = 4
+"""Runtime activation codes are 1..NUM_ACTIVATIONS (the module docstring lists them); 0 is the
+identity, used where a kernel is reused without activation."""
 
 
 
@@ -69,7 +71,7 @@ ACT_CODES = {"relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _adapter_bottleneck_act(z, act):
-    """act(z) for fp32 z; act is the runtime code of ACT_CODES (0: identity).
+    """act(z) for fp32 z; act is the runtime activation code (0: identity).
 
     gelu_tanh uses 0.5·(1 + tanh(v)) = sigmoid(2v): Triton has no tanh, and sigmoid saturates
     cleanly at both ends (exp overflow gives 0, never NaN).
@@ -363,7 +365,6 @@ _MAX_R = 256
 _R_CLASSES = (16, 32, 64, 128, 256)  # tl.dot needs every dim ≥ 16; R is padded to a power of two.
 # Programs wanted for wgrad before it splits T: two waves of an H100's 132 SMs.
 _WGRAD_TARGET_PROGRAMS = 264
-_KERNELS = ("down", "up", "wgrad", "ln_bwd")
 
 
 def _block_r(r: int) -> int:
@@ -419,141 +420,51 @@ def _config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, has_ln: bool
     return {**cfg, "HAS_LN": has_ln, "DOT_PRECISION": prec}
 
 
-def _signature(kernel: str, t: str) -> tuple[object, dict]:
-    """(jit function, runtime signature) of `kernel` for input dtype t; pointers first."""
-    f32, i32 = "fp32", "i32"
-    if kernel == "down":
-        return _adapter_bottleneck_down_kernel, {
-            "a_ptr": f"*{t}", "m_ptr": f"*{t}", "bias_ptr": f"*{t}", "lnw_ptr": f"*{t}", "lnb_ptr": f"*{t}",
-            "zin_ptr": "*fp32", "z_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-            "T": i32, "C": i32, "R": i32, "stride_mr": i32, "stride_mc": i32,
-            "scale": f32, "eps": f32, "act": i32, "has_bias": i32, "has_ln_bias": i32}
-    if kernel == "up":
-        return _adapter_bottleneck_up_kernel, {
-            "out_ptr": f"*{t}", "res_ptr": f"*{t}", "u_ptr": "*fp32", "m_ptr": f"*{t}", "bias_ptr": f"*{t}",
-            "T": i32, "C": i32, "R": i32, "stride_mr": i32, "stride_mc": i32,
-            "alpha": f32, "act": i32, "has_bias": i32, "has_res": i32}
-    if kernel == "wgrad":
-        return _adapter_bottleneck_wgrad_kernel, {
-            "u_ptr": "*fp32", "a_ptr": f"*{t}", "m_ptr": f"*{t}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-            "lnw_ptr": f"*{t}", "lnb_ptr": f"*{t}",
-            "g_ptr": "*fp32", "colsum_ptr": "*fp32", "lng_ptr": "*fp32",
-            "T": i32, "C": i32, "R": i32, "rows_per_split": i32, "stride_mr": i32, "stride_mc": i32,
-            "alpha": f32, "act": i32, "has_ln_bias": i32, "has_colsum": i32}
-    if kernel == "ln_bwd":
-        return _adapter_bottleneck_ln_bwd_kernel, {
-            "gx_ptr": f"*{t}", "gout_ptr": f"*{t}", "x_ptr": f"*{t}", "u_ptr": "*fp32", "m_ptr": f"*{t}",
-            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "lnw_ptr": f"*{t}",
-            "T": i32, "C": i32, "R": i32, "stride_mr": i32, "stride_mc": i32, "has_res": i32}
-    raise KeyError(kernel)
+_KERNEL_FNS = {"down": _adapter_bottleneck_down_kernel, "up": _adapter_bottleneck_up_kernel,
+               "wgrad": _adapter_bottleneck_wgrad_kernel, "ln_bwd": _adapter_bottleneck_ln_bwd_kernel}
+# Runtime argument types besides "*<input dtype>" pointers and i32 scalars: the fp32 buffers and scalars.
+_TYPES = {**dict.fromkeys(("zin_ptr", "z_ptr", "mean_ptr", "rstd_ptr", "u_ptr", "g_ptr", "colsum_ptr", "lng_ptr"),
+                          "*fp32"), **dict.fromkeys(("scale", "eps", "alpha"), "fp32")}
 
 
 def _aot_config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, has_ln: bool) -> AotConfig:
     t = _TL_DTYPE[dtype]
-    fn, sig = _signature(kernel, t)
-    cfg = _config(kernel, dtype, r, aligned, has_ln)
-    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    constexprs = {k: cfg[k] for k in fn.arg_names if k in cfg}
-    signature = {**sig, **{k: "constexpr" for k in constexprs}}
-    div = tuple(a for a in sig if sig[a].startswith("*")) + ("C",) if aligned else ()
-    return AotConfig(kernel=fn, signature=signature, constexprs=constexprs, num_warps=warps,
-                     num_stages=stages, dtype=t, divisible_by_16=div)
+    return variant(_KERNEL_FNS[kernel], _config(kernel, dtype, r, aligned, has_ln), dtype=t, pointee=t,
+                   types=_TYPES, aligned_row="C" if aligned else None)
 
 
-def _aot_configs() -> list[AotConfig]:
-    """Every distinct variant the launchers can compile: kernel × dtype × R class × LN × alignment."""
-    seen, out = set(), []
-    for kernel in _KERNELS:
-        for dtype in _TL_DTYPE:
-            for r in _R_CLASSES:
-                for has_ln in (False, True):
-                    for aligned in (True, False):
-                        c = _aot_config(kernel, dtype, r, aligned, has_ln)
-                        if (kernel, c.name) not in seen:
-                            seen.add((kernel, c.name))
-                            out.append(c)
-    return out
+# Every distinct variant the launchers can compile: kernel × dtype × R class × alignment × LN.
+AOT_CONFIGS: list[AotConfig] = distinct(_aot_config, _KERNEL_FNS, _TL_DTYPE, _R_CLASSES, (True, False), (False, True))
 
 
-AOT_CONFIGS: list[AotConfig] = _aot_configs()
-
-
-# --------------------------------------------------------------------------------------------------
-# Input checks
-# --------------------------------------------------------------------------------------------------
-def _fail(msg: str):
-    raise ValueError(f"adapter_bottleneck (Triton): {msg}")
-
-
-def _check_tensor(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device, *,
-                  contiguous: bool = True):
-    if not isinstance(t, torch.Tensor):
-        _fail(f"{name} must be a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        _fail(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if t.dtype != dtype:
-        _fail(f"{name} has dtype {t.dtype} but must be {dtype}")
-    if t.device != device:
-        _fail(f"{name} is on {t.device} but x is on {device}")
-    if contiguous and not t.is_contiguous():
-        _fail(f"{name} must be contiguous, got strides {tuple(t.stride())} for shape {tuple(t.shape)}; "
-              f"call .contiguous() first")
-
-
-def _check_x(x) -> tuple[int, int]:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        _fail(f"x must be a 2-D (T, C) tensor, got "
-              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dtype not in _TL_DTYPE:
-        _fail(f"x has dtype {x.dtype}; supported: fp32, fp16, bf16")
-    if not x.is_contiguous():
-        _fail(f"x must be contiguous, got strides {tuple(x.stride())} for shape {tuple(x.shape)}; "
-              f"call .contiguous() first")
-    if x.shape[1] < 1:
-        _fail(f"x must have C >= 1 channels, got shape {tuple(x.shape)}")
-    return x.shape
-
-
-def _check_params(x, down_weight, down_bias, up_weight, activation, ln_weight, ln_bias) -> int:
-    t, c = _check_x(x)
-    if not isinstance(down_weight, torch.Tensor) or down_weight.dim() != 2 or down_weight.shape[1] != c:
-        dw = down_weight
-        got = tuple(dw.shape) if isinstance(dw, torch.Tensor) else type(dw).__name__
-        _fail(f"down_weight must be (R, C={c}), got {got}")
-    r = down_weight.shape[0]
+def _check_limits(x, r: int, act: int) -> None:
+    """What only these kernels limit. Shapes, dtypes and devices were checked by the op
+    (llmkern/ops/adapter_bottleneck.py), as the C++ kernels' by csrc/ops/adapter_bottleneck.h."""
+    if x.dtype not in _TL_DTYPE or not x.is_contiguous():
+        raise ValueError(f"adapter_bottleneck (Triton): x must be contiguous fp32, fp16 or bf16, got {x.dtype} "
+                         f"with strides {tuple(x.stride())}")
     if not 1 <= r <= _MAX_R:
-        _fail(f"rank R={r} is outside [1, {_MAX_R}]")
-    # Weights may be strided views (the launchers pass their strides); vectors must be contiguous.
-    _check_tensor("down_weight", down_weight, (r, c), x.dtype, x.device, contiguous=False)
-    _check_tensor("up_weight", up_weight, (c, r), x.dtype, x.device, contiguous=False)
-    for name, v, n in (("down_bias", down_bias, r), ("ln_weight", ln_weight, c), ("ln_bias", ln_bias, c)):
-        if v is not None:
-            _check_tensor(name, v, (n,), x.dtype, x.device)
-    if ln_bias is not None and ln_weight is None:
-        _fail("ln_bias is given without ln_weight; LayerNorm is applied iff ln_weight is given")
-    if activation not in ACT_CODES:
-        _fail(f"activation must be one of {tuple(ACT_CODES)}, got {activation!r}")
-    return r
+        raise ValueError(f"adapter_bottleneck (Triton): rank R={r} is outside [1, {_MAX_R}]")
+    if not 1 <= act <= NUM_ACTIVATIONS:
+        raise ValueError(f"adapter_bottleneck (Triton): the activation code must be in [1, {NUM_ACTIVATIONS}], "
+                         f"got {act!r}")
 
 
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
-def adapter_bottleneck_fwd(x, down_weight, down_bias, up_weight, up_bias, scale: float, activation: str,
+def adapter_bottleneck_fwd(x, down_weight, down_bias, up_weight, up_bias, scale: float, act: int,
                            ln_weight, ln_bias, eps: float, residual):
     """out = r + scale·(act(z)·up_weightᵀ + up_bias), z = LN?(x)·down_weightᵀ + down_bias.
 
     x (T, C) contiguous; down_weight (R, C), up_weight (C, R) any strides; down_bias (R), up_bias,
-    ln_weight, ln_bias (C) or None; residual (T, C) contiguous or None (r = x). All in x's dtype.
+    ln_weight, ln_bias (C) or None; residual (T, C) or None (r = x); all contiguous but the weights, in
+    x's dtype, on x's device, checked by the op (llmkern/ops/adapter_bottleneck.py). act: the code.
     Returns (out (T, C) x.dtype, z (T, R) fp32, mean (T) fp32, rstd (T) fp32); mean/rstd are (0)
     without LayerNorm.
     """
-    r = _check_params(x, down_weight, down_bias, up_weight, activation, ln_weight, ln_bias)
-    t, c = x.shape
-    if up_bias is not None:
-        _check_tensor("up_bias", up_bias, (c,), x.dtype, x.device)
-    if residual is not None:
-        _check_tensor("residual", residual, (t, c), x.dtype, x.device)
+    (t, c), r = x.shape, down_weight.shape[0]
+    _check_limits(x, r, act)
     has_ln = ln_weight is not None
     f32 = dict(dtype=torch.float32, device=x.device)
     z = torch.empty((t, r), **f32)
@@ -577,11 +488,11 @@ def adapter_bottleneck_fwd(x, down_weight, down_bias, up_weight, up_bias, scale:
     grid = (triton.cdiv(t, cfg["BLOCK_T"]), triton.cdiv(c, cfg["BLOCK_C"]))
     _adapter_bottleneck_up_kernel[grid](
         out, res, z, up_weight, ub, t, c, r, up_weight.stride(1), up_weight.stride(0),
-        float(scale), ACT_CODES[activation], int(up_bias is not None), 1, **cfg)
+        float(scale), act, int(up_bias is not None), 1, **cfg)
     return out, z, mean, rstd
 
 
-def adapter_bottleneck_bwd(grad_out, x, down_weight, down_bias, up_weight, scale: float, activation: str,
+def adapter_bottleneck_bwd(grad_out, x, down_weight, down_bias, up_weight, scale: float, act: int,
                            ln_weight, ln_bias, z, mean, rstd, residual_is_x: bool):
     """Every gradient of adapter_bottleneck_fwd, in x's dtype, accumulated in fp32.
 
@@ -592,14 +503,10 @@ def adapter_bottleneck_bwd(grad_out, x, down_weight, down_bias, up_weight, scale
     grad_out when residual_is_x; a separate residual's gradient is grad_out itself (not returned).
     down_bias is only checked: no gradient depends on its value.
     """
-    r = _check_params(x, down_weight, down_bias, up_weight, activation, ln_weight, ln_bias)
-    t, c = x.shape
+    (t, c), r = x.shape, down_weight.shape[0]
+    _check_limits(x, r, act)
     has_ln = ln_weight is not None
     dev = x.device
-    _check_tensor("grad_out", grad_out, (t, c), x.dtype, dev)
-    _check_tensor("z", z, (t, r), torch.float32, dev)
-    for name, v in (("mean", mean), ("rstd", rstd)):
-        _check_tensor(name, v, (t,) if has_ln else (0,), torch.float32, dev)
     dtype, f32 = x.dtype, dict(dtype=torch.float32, device=dev)
     n_ln = c if has_ln else 0
     if t == 0:
@@ -607,7 +514,6 @@ def adapter_bottleneck_bwd(grad_out, x, down_weight, down_bias, up_weight, scale
         return (torch.empty_like(x), z32((r, c), dtype=dtype, device=dev), z32((r,), dtype=dtype, device=dev),
                 z32((c, r), dtype=dtype, device=dev), z32((c,), dtype=dtype, device=dev),
                 z32((n_ln,), dtype=dtype, device=dev), z32((n_ln,), dtype=dtype, device=dev))
-    act = ACT_CODES[activation]
     lnw, lnb = _or(ln_weight, x), _or(ln_bias, x)
     stats = (mean, rstd) if has_ln else (z, z)
 

@@ -1,7 +1,7 @@
 """Triton kernel of llmkern::fused_sgd_ (argument meanings: csrc/ops/fused_sgd.cpp; element math:
 csrc/include/llmkern/optim_math.h sgd_element, which this mirrors line for line).
 
-One launch per tensor, as for fused_adamw (triton_kernels/fused_adamw.py says why). Per launch the
+One launch per tensor (triton_kernels/_optim.py says why). Per launch the
 kernel reads found_inf and masks every load and store off when it is set, so an overflow step moves
 no memory; it reads the step count on the device too (step 1 sets the momentum buffer to the
 gradient, torch.optim.SGD's rule), so nothing waits for the host.
@@ -12,18 +12,16 @@ rounded once, as the CUDA launcher does.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import triton
 import triton.language as tl
 
-from llmkern.triton_kernels.fused_adamw import _TL, _to_storage, check_lists
+from llmkern.triton_kernels._aot import AotConfig
+from llmkern.triton_kernels._optim import BLOCK, aot_variant, to_storage
 
-# BLOCK=1024 elements, 4 warps, as fused_adamw: SGD moves 16-20 B/param (fp32 p, g, buf, and a
-# 16-bit copy), so it is bandwidth-bound by a wider margin than AdamW (28 B/param, a sqrt and a
+# BLOCK (_optim.py: 1024 elements, 4 warps), as fused_adamw: SGD moves 16-20 B/param (fp32 p, g, buf,
+# and a 16-bit copy), so it is bandwidth-bound by a wider margin than AdamW (28 B/param, a sqrt and a
 # divide), and the same 8 fp32 values per thread per array give 16-byte vector accesses.
-BLOCK = 1024
 
 
 @triton.jit
@@ -44,60 +42,44 @@ def _fused_sgd_fwd_kernel(p_ptr, g_ptr, buf_ptr, copy_ptr, n, step_ptr, found_in
         first = tl.load(step_ptr) == 1.0
         buf = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         buf = tl.where(first, g, momentum * buf + one_minus_dampening * g)
-        tl.store(buf_ptr + offs, _to_storage(buf, buf_ptr), mask=mask)
+        tl.store(buf_ptr + offs, to_storage(buf, buf_ptr), mask=mask)
         if NESTEROV:
             d = g + momentum * buf
         else:
             d = buf
     p = p - lr * d
-    tl.store(p_ptr + offs, _to_storage(p, p_ptr), mask=mask)
+    tl.store(p_ptr + offs, to_storage(p, p_ptr), mask=mask)
     if HAS_COPY:
-        tl.store(copy_ptr + offs, _to_storage(p, copy_ptr), mask=mask)
+        tl.store(copy_ptr + offs, to_storage(p, copy_ptr), mask=mask)
 
 
-def _aot_configs() -> list[SimpleNamespace]:
-    """The variants the static check (tests/static/test_triton_aot.py) compiles for sm_80/sm_90:
-    (param, grad, momentum buffer, model copy) dtypes as FusedSGD uses them, with heavy-ball and
-    Nesterov momentum and without momentum (no buffer). ptxas -v measured 23-48 registers (48:
-    bf16 grads and buffer with Nesterov, sm_80) and no spills."""
-    combos = [(torch.float32, torch.float32, torch.float32, None),
-              (torch.float32, torch.float16, torch.float32, torch.float16),
-              (torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16),
-              (torch.bfloat16, torch.bfloat16, torch.float32, None),
-              (torch.float16, torch.float16, torch.float32, None)]
-    out = []
-    for pd, gd, bd, cd in combos:
-        for mode in ("none", "momentum", "nesterov"):
-            sig = {"p_ptr": f"*{_TL[pd]}", "g_ptr": f"*{_TL[gd]}",
-                   "buf_ptr": f"*{_TL[bd] if mode != 'none' else _TL[pd]}", "copy_ptr": f"*{_TL[cd or pd]}",
-                   "n": "i64", "step_ptr": "*fp32", "found_inf_ptr": "*fp32", "grad_coef_ptr": "*fp32",
-                   "lr": "fp32", "momentum": "fp32", "one_minus_dampening": "fp32", "weight_decay": "fp32",
-                   "HAS_MOMENTUM": "constexpr", "NESTEROV": "constexpr", "HAS_COPY": "constexpr",
-                   "BLOCK": "constexpr"}
-            consts = {"HAS_MOMENTUM": mode != "none", "NESTEROV": mode == "nesterov", "HAS_COPY": cd is not None,
-                      "BLOCK": BLOCK}
-            name = f"p={_TL[pd]},g={_TL[gd]},buf={_TL[bd] if mode != 'none' else '-'},copy={_TL[cd] if cd else '-'},{mode},w4,s3"
-            out.append(SimpleNamespace(kernel=_fused_sgd_fwd_kernel, signature=sig, constexprs=consts,
-                                       num_warps=4, num_stages=3, name=name))
-    return out
+_SCALARS = {**dict.fromkeys(("step_ptr", "found_inf_ptr", "grad_coef_ptr"), "*fp32"), "n": "i64",
+            **dict.fromkeys(("lr", "momentum", "one_minus_dampening", "weight_decay"), "fp32")}
 
 
-AOT_CONFIGS = _aot_configs()
+def _aot_config(pd, gd, bd, cd, mode: str) -> AotConfig:
+    """The variant for (param, grad, momentum buffer, model copy) dtypes (cd None: no copy) and mode
+    "none" (no buffer), "momentum" or "nesterov". ptxas -v measured 23-48 registers (48: bf16 grads
+    and buffer with Nesterov, sm_80) and no spills."""
+    bd = bd if mode != "none" else None
+    pointers = {"p_ptr": pd, "g_ptr": gd, "buf_ptr": bd or pd, "copy_ptr": cd or pd}
+    return aot_variant(_fused_sgd_fwd_kernel, pointers, dict(p=pd, g=gd, buf=bd, copy=cd), _SCALARS,
+                       HAS_MOMENTUM=mode != "none", NESTEROV=mode == "nesterov", HAS_COPY=cd is not None)
 
 
-def _check(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, momentum) -> None:
-    """The C++ op's checks (csrc/ops/fused_sgd.h) that the kernel relies on, with the same wording."""
-    if (momentum == 0.0) != (len(momentum_buffers) == 0):
-        raise RuntimeError(f"momentum_buffers must be given exactly when momentum > 0 (momentum {momentum}, "
-                           f"{len(momentum_buffers)} buffers)")
-    check_lists({"params": params, "grads": grads, "momentum_buffers": momentum_buffers,
-                 "model_copies": model_copies}, (step, found_inf, grad_coef))
+# (param, grad, momentum buffer, model copy) dtypes as FusedSGD uses them.
+_COMBOS = [(torch.float32, torch.float32, torch.float32, None),
+           (torch.float32, torch.float16, torch.float32, torch.float16),
+           (torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+           (torch.bfloat16, torch.bfloat16, torch.float32, None),
+           (torch.float16, torch.float16, torch.float32, None)]
+AOT_CONFIGS: list[AotConfig] = [_aot_config(*combo, mode) for combo in _COMBOS
+                                for mode in ("none", "momentum", "nesterov")]
 
 
 def fused_sgd_triton_(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, lr, momentum,
                       dampening, weight_decay, nesterov) -> None:
-    """Launcher: every check first (nothing is written when one fails), then one launch per tensor."""
-    _check(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, momentum)
+    """Launcher, one launch per tensor; the arguments were checked by the op (llmkern/ops/fused_sgd.py)."""
     for j, p in enumerate(params):
         n = p.numel()
         if n == 0:

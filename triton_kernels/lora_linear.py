@@ -9,8 +9,8 @@ The base GEMM x·Wᵀ stays in torch (cuBLAS); the three LoRA kernels here do th
     lora_wgrad    G = alpha·uᵀ·drop(x)                (N, R) × (N, K) → (R, K) fp32
 
 Backward saves x and u = drop(x)·Aᵀ (fp32) only; the dropout mask is regenerated from (seed, offset)
-by the counter-based hash of csrc/include/llmkern/rng.h, re-implemented here in uint32 arithmetic
-and tested bit for bit against llmkern/ops/_rng.py. Element (n, k) of an (N, K) row-major view
+by the counter-based hash of csrc/include/llmkern/rng.h (triton_kernels/_rng.py, in uint32
+arithmetic), tested bit for bit against llmkern/_rng.py. Element (n, k) of an (N, K) row-major view
 uses counter offset + n·K + k (64-bit, split into lo/hi 32-bit words).
 
 Numerics and tiles (decided on paper and with the static check; nothing is timed, as the build
@@ -45,8 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.ops._rng import dropout_key, dropout_threshold
-from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, is_aligned as _is_aligned
+from llmkern._rng import as_int32, dropout_key, dropout_threshold
+from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, distinct, is_aligned as _is_aligned, variant
+from llmkern.triton_kernels._rng import counter_hash
 
 __all__ = ["lora_down", "lora_up_add_", "lora_wgrad", "lora_linear_fwd", "lora_linear_bwd", "AOT_CONFIGS"]
 
@@ -54,17 +55,6 @@ __all__ = ["lora_down", "lora_up_add_", "lora_wgrad", "lora_linear_fwd", "lora_l
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
-@triton.jit
-def _lora_linear_fmix32(h):
-    # MurmurHash3's finalizer on uint32 (the constants are uint32 literals; products wrap mod 2^32).
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    h ^= h >> 16
-    return h
-
-
 @triton.jit
 def _lora_linear_row_counter(offset, row_start):
     """(lo, hi) uint32 words of the 64-bit counters offset + row_start (row_start: int64 tensor)."""
@@ -82,7 +72,7 @@ def _lora_linear_keep(row_lo, row_hi, cols, key, threshold):
     """
     lo = row_lo + cols.to(tl.uint32)
     hi = row_hi + (lo < row_lo).to(tl.uint32)
-    h = _lora_linear_fmix32(_lora_linear_fmix32(lo ^ tl.cast(key, tl.uint32, bitcast=True)) ^ hi ^ 0x85EBCA6B)
+    h = counter_hash(lo, hi, tl.cast(key, tl.uint32, bitcast=True))
     return (h >> 8).to(tl.int32) >= threshold
 
 
@@ -273,49 +263,22 @@ def _config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, dropout: boo
     return cfg
 
 
-_SIGNATURES = {
-    "down": (_lora_linear_down_kernel, "K", lambda t: {
-        "x_ptr": f"*{t}", "m_ptr": f"*{t}", "u_ptr": "*fp32", "N": "i32", "K": "i32", "R": "i32",
-        "stride_mr": "i32", "stride_mk": "i32", "scale": "fp32"}),
-    "up_add": (_lora_linear_up_add_kernel, "C", lambda t: {
-        "out_ptr": f"*{t}", "u_ptr": "*fp32", "m_ptr": f"*{t}", "N": "i32", "C": "i32", "R": "i32",
-        "stride_mc": "i32", "stride_mr": "i32", "alpha": "fp32"}),
-    "wgrad": (_lora_linear_wgrad_kernel, "K", lambda t: {
-        "u_ptr": "*fp32", "x_ptr": f"*{t}", "g_ptr": "*fp32", "N": "i32", "K": "i32", "R": "i32",
-        "rows_per_split": "i32", "alpha": "fp32"}),
-}
+# kernel -> (jit function, its row-length argument); runtime argument types besides "*<input dtype>"
+# pointers and i32 scalars.
+_KERNEL_FNS = {"down": (_lora_linear_down_kernel, "K"), "up_add": (_lora_linear_up_add_kernel, "C"),
+               "wgrad": (_lora_linear_wgrad_kernel, "K")}
+_TYPES = {"u_ptr": "*fp32", "g_ptr": "*fp32", "scale": "fp32", "alpha": "fp32", "offset": "i64"}
 
 
 def _aot_config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, dropout: bool) -> AotConfig:
-    fn, row_len, sig = _SIGNATURES[kernel]
+    fn, row_len = _KERNEL_FNS[kernel]
     t = _TL_DTYPE[dtype]
-    sig = sig(t)
-    cfg = _config(kernel, dtype, r, aligned, dropout)
-    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    constexprs = {k: cfg[k] for k in fn.arg_names if k in cfg}
-    signature = {**sig, "key": "i32", "threshold": "i32", "offset": "i64",
-                 **{k: "constexpr" for k in constexprs}}
-    div = tuple(a for a in sig if sig[a].startswith("*")) + (row_len,) if aligned else ()
-    return AotConfig(kernel=fn, signature=signature, constexprs=constexprs, num_warps=warps,
-                     num_stages=stages, dtype=t, divisible_by_16=div)
+    return variant(fn, _config(kernel, dtype, r, aligned, dropout), dtype=t, pointee=t, types=_TYPES,
+                   aligned_row=row_len if aligned else None)
 
 
-def _aot_configs() -> list[AotConfig]:
-    """Every distinct variant the launchers can compile: kernel × dtype × R class × dropout × alignment."""
-    seen, out = set(), []
-    for kernel in _SIGNATURES:
-        for dtype in _TL_DTYPE:
-            for r in _BLOCK_RS:
-                for dropout in (False, True):
-                    for aligned in (True, False):
-                        c = _aot_config(kernel, dtype, r, aligned, dropout)
-                        if (kernel, c.name) not in seen:
-                            seen.add((kernel, c.name))
-                            out.append(c)
-    return out
-
-
-AOT_CONFIGS: list[AotConfig] = _aot_configs()
+# Every distinct variant the launchers can compile: kernel × dtype × R class × dropout × alignment.
+AOT_CONFIGS: list[AotConfig] = distinct(_aot_config, _KERNEL_FNS, _TL_DTYPE, _BLOCK_RS, (True, False), (False, True))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,10 +321,8 @@ def _dropout_args(p: float, seed: int, scale: float) -> tuple[bool, float, int, 
         raise ValueError(f"lora_linear (Triton): dropout_p must be in [0, 1], got {p}")
     if p == 0.0:
         return False, float(scale), 0, 0
-    key = dropout_key(seed)
-    key_i32 = key - (1 << 32) if key >= (1 << 31) else key  # passed as i32, bitcast to uint32 inside
     inv_keep = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)  # p = 1 drops everything (threshold 2^24)
-    return True, float(scale) * inv_keep, key_i32, dropout_threshold(p)
+    return True, float(scale) * inv_keep, as_int32(dropout_key(seed)), dropout_threshold(p)
 
 
 def lora_down(x: torch.Tensor, m: torch.Tensor, *, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0,

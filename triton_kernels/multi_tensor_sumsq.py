@@ -4,19 +4,17 @@ fp32 only for short runs of squares, as the CPU and CUDA kernels: each of a prog
 64 squares of its 64Ki-element chunk in fp32, the lanes are summed in double into the chunk's
 partial, and the partials are summed in double by one torch reduction on the device (no host
 sync); the result is rounded to float32 once. No atomics, so the result does
-not depend on the order programs finish. One launch per tensor, as for fused_adamw (see there).
+not depend on the order programs finish. One launch per tensor (triton_kernels/_optim.py says why).
 A non-finite element makes the sum inf or nan, which is the optimizers' overflow flag.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import triton
 import triton.language as tl
-from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 
-from llmkern.triton_kernels.fused_adamw import _TL
+from llmkern.triton_kernels._aot import AotConfig, variant
+from llmkern.triton_kernels._optim import TL
 
 # CHUNK = 64Ki elements per program, as the CUDA kernel's chunk (csrc/include/llmkern/
 # multi_tensor_apply.cuh): the partials are 1/65536 of the input. BLOCK = 1024 elements per
@@ -37,29 +35,16 @@ def _multi_tensor_sumsq_fwd_kernel(x_ptr, n, partial_ptr, CHUNK: tl.constexpr, B
     tl.store(partial_ptr + pid, tl.sum(acc.to(tl.float64), axis=0))
 
 
-AOT_CONFIGS = [
-    SimpleNamespace(kernel=_multi_tensor_sumsq_fwd_kernel,
-                    signature={"x_ptr": f"*{_TL[dt]}", "n": "i64", "partial_ptr": "*fp64", "CHUNK": "constexpr",
-                               "BLOCK": "constexpr"},
-                    constexprs={"CHUNK": CHUNK, "BLOCK": BLOCK}, num_warps=4, num_stages=3,
-                    name=f"x={_TL[dt]},w4,s3")
-    for dt in (torch.float32, torch.float16, torch.bfloat16)
-]
+AOT_CONFIGS: list[AotConfig] = [
+    variant(_multi_tensor_sumsq_fwd_kernel, dict(CHUNK=CHUNK, BLOCK=BLOCK, num_warps=4, num_stages=3), dtype=TL[dt],
+            types={"x_ptr": f"*{TL[dt]}", "n": "i64", "partial_ptr": "*fp64"})
+    for dt in (torch.float32, torch.float16, torch.bfloat16)]
 
 
 def multi_tensor_sumsq_triton(tensors) -> torch.Tensor:
-    """float32 [1] on tensors[0]'s device; the checks are the C++ op's, with its wording."""
-    device = tensors[0].device
-    for j, t in enumerate(tensors):
-        if t.device != device:
-            raise RuntimeError(f"multi_tensor_sumsq: tensors[{j}] must be on {device} like tensors[0], got {t.device}")
-        if t.dtype not in _TL:
-            raise RuntimeError(f"multi_tensor_sumsq: tensors[{j}] must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.numel() > 1 and not is_non_overlapping_and_dense(t):
-            raise RuntimeError(f"multi_tensor_sumsq: tensors[{j}] must be dense (non-overlapping); got shape "
-                               f"{tuple(t.shape)} and strides {t.stride()}; pass .contiguous()")
+    """float32 [1] on tensors[0]'s device; the tensors were checked by the op (llmkern/ops/multi_tensor_sumsq.py)."""
     chunks = [triton.cdiv(t.numel(), CHUNK) for t in tensors]
-    partial = torch.zeros(max(sum(chunks), 1), dtype=torch.float64, device=device)
+    partial = torch.zeros(max(sum(chunks), 1), dtype=torch.float64, device=tensors[0].device)
     off = 0
     for t, c in zip(tensors, chunks):
         if c:

@@ -85,12 +85,14 @@ def validate(mods: dict[str, nn.Module], h: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llmkern.ops.adapter_bottleneck import ACTIVATIONS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T=128, C=256, R=16, 2 rounds, no waiting: seconds")
     ap.add_argument("--T", type=int, default=None, help="tokens (default 2048)")
     ap.add_argument("--C", type=int, default=None, help="channels (default 4096)")
     ap.add_argument("--R", type=int, default=None, help="bottleneck (default 64)")
-    ap.add_argument("--activation", default="gelu", choices=["relu", "gelu", "gelu_tanh", "silu"])
+    ap.add_argument("--activation", default="gelu", choices=ACTIVATIONS)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--compiled", action="store_true", help="also time the eager module under torch.compile")
     ap.add_argument("--rounds", type=int, default=None, help="default 7 (2 with --quick)")

@@ -8,6 +8,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <string>
 #include <string_view>
 
 #include "llmkern/activation.h"
@@ -22,11 +23,12 @@ struct AdapterShapes {
 };
 
 inline Act parse_activation(std::string_view a) {
-  if (a == "relu") return Act::kRelu;
-  if (a == "gelu") return Act::kGelu;
-  if (a == "gelu_tanh") return Act::kGeluTanh;
-  if (a == "silu") return Act::kSilu;
-  TORCH_CHECK(false, "adapter_bottleneck: activation must be one of relu, gelu, gelu_tanh, silu; got '", a, "'");
+  std::string names;
+  for (size_t i = 0; i < kActNames.size(); ++i) {
+    if (a == kActNames[i]) return static_cast<Act>(i);
+    names += (i ? ", " : "") + std::string(kActNames[i]);
+  }
+  TORCH_CHECK(false, "adapter_bottleneck: activation must be one of ", names, "; got '", a, "'");
 }
 
 inline void check_vec(const at::Tensor& x, const at::Tensor& v, const char* name, int64_t n, const char* what) {

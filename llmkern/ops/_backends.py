@@ -1,20 +1,37 @@
-"""Backends as data, and the one function that picks among them.
+"""Backends as data, the one function that picks among them, and the one registration path.
 
 Each backend says why it refuses an input (xformers' not_supported_reasons); nothing falls back
 silently. The choice is, in order: the `backend=` argument, the LLMKERN_BACKEND environment
 variable, then the first backend in PREFERENCE that accepts every input.
 
-  cpu     C++ kernels in llmkern._C (OpenMP), CPU tensors
-  cuda    our CUDA kernels in llmkern._C_cuda, CUDA tensors
-  triton  Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
-  emu     the CUDA kernels compiled for the CPU (llmkern._C_emu), CPU tensors; for tests
-  ref     pure PyTorch, any device; the oracle
+  backend  kernels (LIBRARIES)                op namespace     tensors
+  cpu      llmkern._C: C++, OpenMP            llmkern          CPU
+  cuda     llmkern._C_cuda: our CUDA kernels  llmkern          CUDA (kernels attached to _C's schemas)
+  emu      llmkern._C_emu: the CUDA kernels   llmkern_emu      CPU; a test vehicle
+           compiled for the CPU (csrc/emu)
+  triton   triton_kernels/<op>.py             llmkern_triton   CUDA, or CPU under TRITON_INTERPRET=1
+  ref      <op>_ref, pure PyTorch             -                any; the oracle
+
+Adding an op, rms_norm as the example:
+  1. csrc/ops/rms_norm.cpp: the schema of rms_norm (and _rms_norm_backward), the only copy: every
+     other namespace's op is defined from it (schema()); tests/ops/test_schemas.py compares them.
+  2. The kernels: csrc/ops/cpu/rms_norm_kernel.cpp (LLMKERN_CPU_IMPL), csrc/ops/cuda/
+     rms_norm_kernel.cu (LLMKERN_DEVICE_IMPL; also built for llmkern_emu), triton_kernels/rms_norm.py.
+  3. llmkern/ops/rms_norm.py: rms_norm_ref; a fake per schema; the autograd formula; a function that
+     imports the Triton launchers and returns {op name: implementation} (a missing triton then
+     becomes a reason, not an ImportError); one call
+         UNAVAILABLE = register_op("rms_norm", fake=..., backward=Backward(...), triton=...)
+     and the public function: check the inputs, b = choose("rms_norm", tensors, DTYPES, backend),
+     then run("rms_norm", b, rms_norm_ref, *args): rms_norm_ref for "ref", else op("rms_norm", b).
+  4. Export rms_norm and rms_norm_ref from llmkern/ops/__init__.py; tests in tests/ops/test_rms_norm.py.
+Registrations made per namespace later (autocast, vmap) loop over namespaces(name).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
-from typing import Literal, Mapping, Sequence, Union
+from typing import Callable, Literal, Mapping, Sequence, Union
 
 import torch
 
@@ -24,6 +41,15 @@ Backend = Literal["cpu", "cuda", "triton", "emu", "ref"]
 BACKENDS: tuple[Backend, ...] = ("cpu", "cuda", "triton", "emu", "ref")
 # Automatic choice never picks "emu" (it is a test vehicle, ~1000x slower than "cpu").
 PREFERENCE: dict[str, tuple[Backend, ...]] = {"cpu": ("cpu", "ref"), "cuda": ("cuda", "triton", "ref")}
+
+LIBRARIES: dict[str, tuple[str | None, str]] = {
+    "cpu": ("_C", "llmkern"), "cuda": ("_C_cuda", "llmkern"), "emu": ("_C_emu", "llmkern_emu"),
+    "triton": (None, "llmkern_triton")}
+"""Backend -> (the extension llmkern.<ext> that carries its kernels, None for Python; its op namespace).
+The schemas are C++'s (csrc/ops/<op>.cpp), defined by _C under llmkern and by _C_emu under llmkern_emu."""
+
+FP32_FP16_BF16 = (torch.float32, torch.float16, torch.bfloat16)
+FP32_FP16_BF16_FP64 = FP32_FP16_BF16 + (torch.float64,)
 
 
 class BackendRefused(RuntimeError):
@@ -65,17 +91,13 @@ def not_supported_reasons(backend: Backend, tensors: Sequence[torch.Tensor], dty
             break
     if backend == "ref":
         return reasons
-    if backend in ("cpu", "emu"):
-        if dev != "cpu":
-            reasons.append(f"needs CPU tensors, got {dev}")
-        ext = "_C" if backend == "cpu" else "_C_emu"
-        if not _ext.available(ext) and not (unavailable and backend in unavailable):
+    if backend in ("cpu", "emu", "cuda"):
+        want = "cuda" if backend == "cuda" else "cpu"
+        if dev != want:
+            reasons.append(f"needs {want.upper()} tensors, got {dev}")
+        ext = LIBRARIES[backend][0]
+        if not _ext.available(ext) and not (unavailable and backend in unavailable and backend != "cuda"):
             reasons.append(f"llmkern.{ext}: {_ext.status(ext)}")
-    elif backend == "cuda":
-        if dev != "cuda":
-            reasons.append(f"needs CUDA tensors, got {dev}")
-        if not _ext.available("_C_cuda"):
-            reasons.append(f"llmkern._C_cuda: {_ext.status('_C_cuda')}")
     elif backend == "triton":
         r = _triton_reason()
         if r:
@@ -92,7 +114,10 @@ def not_supported_reasons(backend: Backend, tensors: Sequence[torch.Tensor], dty
 def choose(op: str, tensors: Sequence[torch.Tensor], dtypes: DTypes, backend: Backend | None = None,
            supported: Sequence[Backend] = BACKENDS, unavailable: Mapping[str, str] | None = None) -> Backend:
     """Pick the backend for one call of `op`. A named backend that refuses raises BackendRefused;
-    an automatic choice that skips a preferred backend warns once with the reason."""
+    an automatic choice that skips a preferred backend warns once with the reason. `unavailable`
+    defaults to what register_op recorded for `op`."""
+    if unavailable is None:
+        unavailable = REGISTERED.get(op)
     requested = backend or os.environ.get("LLMKERN_BACKEND") or None
     if requested is not None:
         if requested not in BACKENDS:
@@ -119,47 +144,70 @@ def choose(op: str, tensors: Sequence[torch.Tensor], dtypes: DTypes, backend: Ba
                          "; ".join(f"{b}: {', '.join(r)}" for b, r in skipped))
 
 
-# The extension that carries each compiled backend's kernels, and the op namespace it registers.
-_COMPILED: dict[str, tuple[str, str]] = {"cpu": ("_C", "llmkern"), "emu": ("_C_emu", "llmkern_emu")}
+def op(name: str, backend: Backend) -> torch._ops.OpOverloadPacket:
+    """The dispatcher op that runs `name` on `backend`: torch.ops.<namespace>.<name>. "ref" has none: the
+    op's module calls its <op>_ref."""
+    if backend not in LIBRARIES:
+        raise ValueError(f"{name}: backend {backend!r} has no dispatcher op; expected one of {tuple(LIBRARIES)} "
+                         f"(ref is the op's <op>_ref, called by its module)")
+    return getattr(getattr(torch.ops, LIBRARIES[backend][1]), name)
 
 
-def register_compiled_op(name: str, fake, backends: Sequence[Backend] = ("cpu", "emu")) -> dict[str, str]:
-    """Registers `fake` for ``<ns>::<name>`` in every compiled namespace that defines the op, and
-    returns, per backend, why its kernels are unavailable (the `unavailable` of :func:`choose`).
-    The CUDA kernels attach to the schema that _C defines, so "cuda" is unavailable when "cpu" is."""
-    return _for_compiled(name, backends, lambda ns: torch.library.register_fake(f"{ns}::{name}")(fake))
+def run(name: str, backend: Backend, ref: Callable, *args):
+    """Runs `name` on the chosen backend: `ref` for "ref", else its dispatcher op."""
+    return ref(*args) if backend == "ref" else op(name, backend)(*args)
 
 
-def register_autograd_op(name: str, fake, backward_name: str, fake_backward, make_backward, setup_context,
-                         define_triton=None) -> dict[str, str]:
-    """For an op with a backward op of its own (``<ns>::<name>`` and ``<ns>::<backward_name>``):
-    registers both fakes and the autograd formula ``make_backward(ns)`` in every compiled namespace
-    that defines the op, and in ``llmkern_triton`` once ``define_triton()`` has defined the Triton
-    ops there. Returns, per backend, why its kernels are unavailable, as register_compiled_op."""
+def schema(name: str) -> str:
+    """The schema of `name` as C++ defines it (csrc/ops/<op>.cpp), without its namespace:
+    ``"lora_linear(Tensor x, ...) -> (Tensor, Tensor)"``. Read from llmkern (llmkern._C), or from
+    llmkern_emu when only _C_emu is built."""
+    for backend in ("cpu", "emu"):
+        ext, ns = LIBRARIES[backend]
+        if _ext.available(ext) and hasattr(getattr(torch.ops, ns), name):
+            return str(getattr(getattr(torch.ops, ns), name).default._schema).split("::", 1)[1]
+    raise RuntimeError(f"no compiled extension defines {name} (llmkern._C: {_ext.status('_C')}; llmkern._C_emu: "
+                       f"{_ext.status('_C_emu')}), and its schema is defined only there")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Backward:
+    """The autograd of an op whose backward is an op of its own, ``_<op>_backward``."""
+
+    name: str
+    """The backward op ("_lora_linear_backward"); its schema sits beside the forward's in C++."""
+    fake: Callable
+    """Its fake (meta) function."""
+    formula: Callable[[str], Callable]
+    """formula(namespace) -> backward(ctx, *grads), which calls torch.ops.<namespace>.<name>."""
+    setup_context: Callable
+    """What the forward saves for the formula (torch.library.register_autograd's setup_context)."""
+
+
+REGISTERED: dict[str, dict[str, str]] = {}
+"""Op name -> per backend, why its kernels are unavailable (the `unavailable` of choose())."""
+_NAMESPACES: dict[str, list[str]] = {}
+_triton_library: torch.library.Library | None = None
+
+
+def register_op(name: str, *, fake: Callable, backward: Backward | None = None,
+                triton: Callable[[], Mapping[str, Callable]] | None = None) -> dict[str, str]:
+    """Registers `fake` (and the autograd of `backward`) for `name` in every namespace that carries it,
+    after defining it under llmkern_triton from C++'s schema when `triton` is given: ``triton()``
+    imports the Triton launchers and returns {op name: implementation} for `name` (and its backward).
+    Returns, per backend, why its kernels are unavailable; REGISTERED[name] keeps it."""
 
     def register(ns: str) -> None:
         torch.library.register_fake(f"{ns}::{name}")(fake)
-        torch.library.register_fake(f"{ns}::{backward_name}")(fake_backward)
-        torch.library.register_autograd(f"{ns}::{name}", make_backward(ns), setup_context=setup_context)
+        if backward is not None:
+            torch.library.register_fake(f"{ns}::{backward.name}")(backward.fake)
+            torch.library.register_autograd(f"{ns}::{name}", backward.formula(ns),
+                                            setup_context=backward.setup_context)
+        _NAMESPACES.setdefault(name, []).append(ns)
 
-    unavailable = _for_compiled(name, ("cpu", "emu"), register)
-    if "cpu" not in unavailable:
-        _ext.available("_C_cuda")  # its CUDA kernels attach to the llmkern ops that _C defines
-    if define_triton is not None:
-        try:
-            define_triton()
-            register("llmkern_triton")
-        except Exception as e:  # triton missing or its kernels failed to import: say so, never crash
-            unavailable["triton"] = f"{type(e).__name__}: {e}"
-    return unavailable
-
-
-def _for_compiled(name: str, backends: Sequence[Backend], register) -> dict[str, str]:
-    """Calls ``register(ns)`` for every compiled backend whose extension defines ``<ns>::<name>``;
-    returns why the others are unavailable ("cuda" shares "cpu"'s reason: it needs _C's schema)."""
     unavailable: dict[str, str] = {}
-    for b in backends:
-        ext, ns = _COMPILED[b]
+    for b in ("cpu", "emu"):
+        ext, ns = LIBRARIES[b]
         if not _ext.available(ext):
             unavailable[b] = f"llmkern.{ext}: {_ext.status(ext)}"
         elif not hasattr(getattr(torch.ops, ns), name):
@@ -167,8 +215,38 @@ def _for_compiled(name: str, backends: Sequence[Backend], register) -> dict[str,
         else:
             register(ns)
     if "cpu" in unavailable:
-        unavailable["cuda"] = unavailable["cpu"]
+        unavailable["cuda"] = unavailable["cpu"]  # the CUDA kernels attach to the schema _C defines
+    else:
+        _ext.available("_C_cuda")  # loads them
+    if triton is None:
+        unavailable["triton"] = "not implemented for this op"
+    else:
+        try:
+            _define_triton(triton())
+            register(LIBRARIES["triton"][1])
+        except Exception as e:  # triton missing, its kernels failed to import, or no schema: say so
+            unavailable["triton"] = f"{type(e).__name__}: {e}"
+    REGISTERED[name] = unavailable
     return unavailable
+
+
+def _define_triton(impls: Mapping[str, Callable]) -> None:
+    """Defines each op of `impls` under llmkern_triton with C++'s schema and its implementation for
+    CPU tensors (the interpreter) and CUDA tensors."""
+    global _triton_library
+    if _triton_library is None:
+        _triton_library = torch.library.Library(LIBRARIES["triton"][1], "FRAGMENT")
+    schemas = {n: schema(n) for n in impls}  # all or nothing: a missing schema defines none
+    for n, impl in impls.items():
+        _triton_library.define(schemas[n])
+        for key in ("CPU", "CUDA"):
+            _triton_library.impl(n, impl, key)
+
+
+def namespaces(name: str) -> tuple[str, ...]:
+    """The namespaces in which `name` is registered on this machine (llmkern, llmkern_emu,
+    llmkern_triton): where a per-namespace registration (autocast, vmap) goes."""
+    return tuple(_NAMESPACES.get(name, ()))
 
 
 _warned: set[tuple[str, str, str]] = set()

@@ -17,21 +17,25 @@ function and autograd formula, registered below.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from llmkern.ops import _backends
+from llmkern.ops._backends import FP32_FP16_BF16, FP32_FP16_BF16_FP64
 
-__all__ = ["adapter_bottleneck", "adapter_bottleneck_ref", "check_adapter_inputs", "ACTIVATIONS", "UNAVAILABLE"]
+__all__ = ["adapter_bottleneck", "adapter_bottleneck_ref", "check_adapter_inputs", "check_backward_inputs",
+           "Activation", "ACTIVATIONS", "UNAVAILABLE"]
 
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")  # the order of llmkern::Act (csrc/include/llmkern/activation.h)
+"""The adapter's nonlinearity: the one spelling in Python. C++ has the same names in the same order in
+csrc/include/llmkern/activation.h (tests/ops/test_adapter_bottleneck.py checks that they agree); the
+Triton kernels take the code 1 + index (triton_kernels/adapter_bottleneck.py)."""
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
-_LOW = (torch.float32, torch.float16, torch.bfloat16)
-DTYPES = {"cpu": _LOW, "cuda": _LOW, "emu": _LOW, "triton": _LOW, "ref": _LOW + (torch.float64,)}
-NAMESPACES = {"cpu": "llmkern", "cuda": "llmkern", "emu": "llmkern_emu", "triton": "llmkern_triton"}
+DTYPES = {"cpu": FP32_FP16_BF16, "cuda": FP32_FP16_BF16, "emu": FP32_FP16_BF16, "triton": FP32_FP16_BF16,
+          "ref": FP32_FP16_BF16_FP64}
 
 
 def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -80,7 +84,7 @@ def check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, activati
                          f"{tuple(residual.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"adapter_bottleneck: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if x.dtype not in DTYPES["ref"]:
+    if x.dtype not in FP32_FP16_BF16_FP64:
         raise TypeError(f"adapter_bottleneck: dtype must be one of float32, float16, bfloat16, float64; got {x.dtype}")
     for name, t in (("down_weight", down_weight), ("down_bias", down_bias), ("up_weight", up_weight),
                     ("up_bias", up_bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias), ("residual", residual)):
@@ -91,6 +95,24 @@ def check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, activati
         if t.device != x.device:
             raise ValueError(f"adapter_bottleneck: x and {name} must be on the same device, got {x.device} and "
                              f"{t.device}")
+
+
+def check_backward_inputs(grad_out, x, down_weight, down_bias, up_weight, activation, ln_weight, ln_bias, z, mean,
+                          rstd) -> None:
+    """The checks of _adapter_bottleneck_backward (csrc/ops/adapter_bottleneck.h prepare_adapter_backward), for
+    the Triton backend: x (T, C) and the parameters as in the forward, grad_out like x, z (T, R) and
+    mean/rstd (T) with LayerNorm, (0) without, in fp32 on x's device."""
+    check_adapter_inputs(x, down_weight, down_bias, up_weight, None, activation, ln_weight, ln_bias, None)
+    if x.dim() != 2:
+        raise ValueError(f"_adapter_bottleneck_backward: x must be (T, C), got shape {tuple(x.shape)}")
+    (t, _), r = x.shape, down_weight.shape[0]
+    nstat = t if ln_weight is not None else 0
+    for name, v, shape in (("grad_out", grad_out, tuple(x.shape)), ("z", z, (t, r)), ("mean", mean, (nstat,)),
+                           ("rstd", rstd, (nstat,))):
+        dtype = x.dtype if name == "grad_out" else torch.float32
+        if tuple(v.shape) != shape or v.dtype != dtype or v.device != x.device:
+            raise ValueError(f"_adapter_bottleneck_backward: {name} has shape {tuple(v.shape)}, dtype {v.dtype} on "
+                             f"{v.device}; expected {shape}, {dtype} on {x.device}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,45 +162,42 @@ def _make_backward(ns: str):
     return backward
 
 
-_SCHEMA_FWD = ("(Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, Tensor? up_bias, float scale, "
-               "str activation, Tensor? ln_weight, Tensor? ln_bias, float eps, Tensor? residual) "
-               "-> (Tensor out, Tensor z, Tensor mean, Tensor rstd)")
-_SCHEMA_BWD = ("(Tensor grad_out, Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, float scale, "
-               "str activation, Tensor? ln_weight, Tensor? ln_bias, Tensor z, Tensor mean, Tensor rstd, "
-               "bool residual_is_x) -> (Tensor grad_x, Tensor grad_down_weight, Tensor grad_down_bias, "
-               "Tensor grad_up_weight, Tensor grad_up_bias, Tensor grad_ln_weight, Tensor grad_ln_bias)")
+def _triton():
+    """The Triton backend as the dispatcher ops llmkern_triton::adapter_bottleneck and its backward, checked
+    here as the C++ ops check theirs. The launchers take contiguous rows and vectors, and the activation
+    as its code (1 + its index)."""
+    from llmkern.triton_kernels import adapter_bottleneck as tk
 
-def _define_triton_ops() -> None:
-    """The Triton backend as dispatcher ops under ``llmkern_triton``, so it gets the same fake,
-    autograd and torch.compile treatment as the C++ ops. The launchers take the schema's
-    positional arguments and return its tuples."""
-    from llmkern.triton_kernels import adapter_bottleneck as tk  # first: nothing is defined if it fails
+    def code(activation: str) -> int:  # the name was checked
+        return ACTIVATIONS.index(activation) + 1
 
-    lib = torch.library.Library("llmkern_triton", "FRAGMENT")
-    lib.define("adapter_bottleneck" + _SCHEMA_FWD)
-    lib.define("_adapter_bottleneck_backward" + _SCHEMA_BWD)
+    def vec(t):
+        return None if t is None else t.contiguous()
 
     def fwd(x, down_weight, down_bias, up_weight, up_bias, scale, activation, ln_weight, ln_bias, eps, residual):
-        res = residual.contiguous() if residual is not None else None
-        return tuple(tk.adapter_bottleneck_fwd(x.contiguous(), down_weight.contiguous(), down_bias,
-                                               up_weight.contiguous(), up_bias, scale, activation, ln_weight,
-                                               ln_bias, eps, res))
+        check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight, ln_bias, residual)
+        if x.dim() != 2:
+            raise ValueError(f"adapter_bottleneck: x must be (T, C) here (the op flattens x), got {tuple(x.shape)}")
+        return tuple(tk.adapter_bottleneck_fwd(
+            x.contiguous(), down_weight.contiguous(), vec(down_bias), up_weight.contiguous(), vec(up_bias), scale,
+            code(activation), vec(ln_weight), vec(ln_bias), eps, vec(residual)))
 
     def bwd(grad_out, x, down_weight, down_bias, up_weight, scale, activation, ln_weight, ln_bias, z, mean, rstd,
             residual_is_x):
-        return tuple(tk.adapter_bottleneck_bwd(grad_out.contiguous(), x.contiguous(), down_weight.contiguous(),
-                                               down_bias, up_weight.contiguous(), scale, activation, ln_weight,
-                                               ln_bias, z.contiguous(), mean, rstd, residual_is_x))
+        check_backward_inputs(grad_out, x, down_weight, down_bias, up_weight, activation, ln_weight, ln_bias, z, mean,
+                              rstd)
+        return tuple(tk.adapter_bottleneck_bwd(
+            grad_out.contiguous(), x.contiguous(), down_weight.contiguous(), vec(down_bias), up_weight.contiguous(),
+            scale, code(activation), vec(ln_weight), vec(ln_bias), z.contiguous(), vec(mean), vec(rstd),
+            residual_is_x))
 
-    for key in ("CPU", "CUDA"):
-        lib.impl("adapter_bottleneck", fwd, key)
-        lib.impl("_adapter_bottleneck_backward", bwd, key)
-    _define_triton_ops.lib = lib  # keep the Library alive
+    return {"adapter_bottleneck": fwd, "_adapter_bottleneck_backward": bwd}
 
 
-UNAVAILABLE = _backends.register_autograd_op(
-    "adapter_bottleneck", _fake_forward, "_adapter_bottleneck_backward", _fake_backward, _make_backward, _setup_context,
-    _define_triton_ops)
+UNAVAILABLE = _backends.register_op(
+    "adapter_bottleneck", fake=_fake_forward, triton=_triton,
+    backward=_backends.Backward(name="_adapter_bottleneck_backward", fake=_fake_backward, formula=_make_backward,
+                                setup_context=_setup_context))
 
 
 def adapter_bottleneck(x, down_weight, down_bias, up_weight, up_bias, scale: float = 1.0,
@@ -193,14 +212,14 @@ def adapter_bottleneck(x, down_weight, down_bias, up_weight, up_bias, scale: flo
     check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight, ln_bias, residual)
     tensors = [t for t in (x, down_weight, down_bias, up_weight, up_bias, ln_weight, ln_bias, residual)
                if t is not None]
-    chosen = _backends.choose("adapter_bottleneck", tensors, DTYPES, backend, unavailable=UNAVAILABLE)
+    chosen = _backends.choose("adapter_bottleneck", tensors, DTYPES, backend)
     if chosen == "ref":
         return adapter_bottleneck_ref(x, down_weight, down_bias, up_weight, up_bias, scale, activation, ln_weight,
                                       ln_bias, eps, residual)
     c = x.shape[-1]
     x2 = x.reshape(-1, c)
     res2 = residual.reshape(-1, c) if residual is not None else None
-    op = getattr(torch.ops, NAMESPACES[chosen]).adapter_bottleneck
+    op = _backends.op("adapter_bottleneck", chosen)
     out = op(x2, down_weight, down_bias, up_weight, up_bias, float(scale), activation, ln_weight, ln_bias,
              float(eps), res2)[0]
     return out.reshape(x.shape)

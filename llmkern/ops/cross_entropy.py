@@ -26,16 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from llmkern.ops import _backends
-from llmkern.ops.rms_norm import _cpp_schema
 
 __all__ = ["cross_entropy", "cross_entropy_ref", "Reduction", "UNAVAILABLE"]
 
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-DTYPES = {"cpu": FLOATS, "triton": FLOATS, "ref": FLOATS + (torch.float64,)}
-SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")
-NAMESPACES = {"cpu": "llmkern", "triton": "llmkern_triton"}
+DTYPES = {"cpu": _backends.FP32_FP16_BF16, "triton": _backends.FP32_FP16_BF16, "ref": _backends.FP32_FP16_BF16_FP64}
+SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")  # on GPU this family runs on Triton
 
 
 def cross_entropy_ref(logits, labels, *, ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -106,20 +103,16 @@ def _make_backward(ns: str):
     return backward
 
 
-def _define_triton_ops() -> None:
-    from llmkern.triton_kernels import cross_entropy as tk  # first: nothing is defined if it fails
+def _triton():
+    from llmkern.triton_kernels import cross_entropy as tk
 
-    lib = torch.library.Library("llmkern_triton", "FRAGMENT")
-    for name, launcher in (("cross_entropy", tk.cross_entropy_fwd), ("_cross_entropy_backward", tk.cross_entropy_bwd)):
-        lib.define(_cpp_schema(name))
-        for key in ("CPU", "CUDA"):
-            lib.impl(name, launcher, key)
-    _define_triton_ops.lib = lib
+    return {"cross_entropy": tk.cross_entropy_fwd, "_cross_entropy_backward": tk.cross_entropy_bwd}
 
 
-UNAVAILABLE = _backends.register_autograd_op(
-    "cross_entropy", _fake_forward, "_cross_entropy_backward", _fake_backward, _make_backward, _setup_context,
-    _define_triton_ops)
+UNAVAILABLE = _backends.register_op(
+    "cross_entropy", fake=_fake_forward, triton=_triton,
+    backward=_backends.Backward(name="_cross_entropy_backward", fake=_fake_backward, formula=_make_backward,
+                                setup_context=_setup_context))
 
 
 def cross_entropy(logits, labels, *, ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -130,13 +123,12 @@ def cross_entropy(logits, labels, *, ignore_index: int = -100, label_smoothing: 
     (fp64 for fp64 logits on ``ref``).
     """
     check_cross_entropy_inputs(logits, labels, ignore_index, label_smoothing, z_loss, reduction)
-    chosen = _backends.choose("cross_entropy", [logits], DTYPES, backend, supported=SUPPORTED,
-                              unavailable=UNAVAILABLE)
+    chosen = _backends.choose("cross_entropy", [logits], DTYPES, backend, supported=SUPPORTED)
     if chosen == "ref":
         return cross_entropy_ref(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
                                  z_loss=z_loss, reduction=reduction)
     v = logits.shape[-1]
     y = labels.reshape(-1)
-    losses = getattr(torch.ops, NAMESPACES[chosen]).cross_entropy(
+    losses = _backends.op("cross_entropy", chosen)(
         logits.reshape(-1, v), y, ignore_index, float(label_smoothing), float(z_loss))[0]
     return _reduce(losses, y, ignore_index, reduction, labels.shape)

@@ -6,8 +6,8 @@ gradient clip, the overflow skip and the 16-bit model-copy write fused into the 
                  state_rounding="nearest", rounding_seed=0, backend=None)
 
 Lists hold one tensor per parameter (any shapes; tensor j of every list has the shape and strides of
-params[j]); max_exp_avg_sqs is empty, or AMSGrad's running max. `step`, `found_inf` and `grad_coef` are float32 one-element tensors on the parameters'
-device, so a GPU step never waits for the host:
+params[j]); max_exp_avg_sqs is empty, or AMSGrad's running max. `step`, `found_inf` and `grad_coef`
+are float32 one-element tensors on the parameters' device, so a GPU step never waits for the host:
   step       the 1-based number t of this update (the caller counts it only for clean steps)
   found_inf  nonzero: the gradients overflowed and nothing is changed
   grad_coef  every gradient is multiplied by it; = clip_coef / loss_scale
@@ -26,17 +26,20 @@ from typing import Literal, Sequence
 
 import torch
 
-from llmkern.ops import _rng
-from llmkern.ops._backends import Backend, choose, register_compiled_op
+from llmkern import _rng
+from llmkern.ops import _backends
+from llmkern.ops._backends import FP32_FP16_BF16, FP32_FP16_BF16_FP64, Backend
+from llmkern.ops._multi_tensor import check_model_copies, check_scalar_tensors, check_tensor_lists
+
+__all__ = ["fused_adamw_", "fused_adamw_ref", "check_hyperparameters", "StateRounding", "UNAVAILABLE"]
 
 Tensors = Sequence[torch.Tensor]
-_HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 # fp64 only for the reference, which is also the fp64 test oracle.
-DTYPES = {"cpu": _HALF_AND_FLOAT, "cuda": _HALF_AND_FLOAT, "emu": _HALF_AND_FLOAT, "triton": _HALF_AND_FLOAT,
-          "ref": _HALF_AND_FLOAT + (torch.float64,)}
-SUPPORTED: tuple[Backend, ...] = ("cpu", "cuda", "triton", "emu", "ref")
+DTYPES = {"cpu": FP32_FP16_BF16, "cuda": FP32_FP16_BF16, "emu": FP32_FP16_BF16, "triton": FP32_FP16_BF16,
+          "ref": FP32_FP16_BF16_FP64}
 StateRounding = Literal["nearest", "stochastic"]
 _INT64 = (1 << 63) - 1
+_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "model_copies")
 
 
 def _fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr, beta1,
@@ -44,9 +47,35 @@ def _fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, s
     return None  # in place on its inputs, nothing new is allocated
 
 
-# The same schema is defined by _C (namespace llmkern, CPU and CUDA kernels) and by _C_emu
-# (namespace llmkern_emu: the CUDA kernel compiled for the CPU).
-UNAVAILABLE: dict[str, str] = register_compiled_op("fused_adamw_", _fake)
+def check_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf,
+                grad_coef) -> None:
+    """The tensor checks of csrc/ops/fused_adamw.h, for the backends written in Python (triton, ref)."""
+    device = step.device
+    check_scalar_tensors((step, found_inf, grad_coef), device)
+    lists = dict(zip(_LISTS, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies)))
+    check_tensor_lists(lists, ("max_exp_avg_sqs", "model_copies"), device)
+    for j in range(len(params)):
+        m, v = exp_avgs[j].dtype, exp_avg_sqs[j].dtype
+        if m != v or m not in (torch.float32, torch.bfloat16):
+            raise RuntimeError(f"exp_avgs[{j}] and exp_avg_sqs[{j}] must both be float32 or both bfloat16, got "
+                               f"{m} and {v}")
+        if max_exp_avg_sqs and max_exp_avg_sqs[j].dtype != v:
+            raise RuntimeError(f"max_exp_avg_sqs[{j}] must have exp_avg_sqs[{j}]'s dtype {v}, got "
+                               f"{max_exp_avg_sqs[j].dtype}")
+    check_model_copies(params, model_copies)
+
+
+def _triton():
+    from llmkern.triton_kernels.fused_adamw import fused_adamw_triton_
+
+    def fused_adamw_triton(*args) -> None:
+        check_lists(*args[:9])
+        fused_adamw_triton_(*args)
+
+    return {"fused_adamw_": fused_adamw_triton}
+
+
+UNAVAILABLE: dict[str, str] = _backends.register_op("fused_adamw_", fake=_fake, triton=_triton)
 
 
 def check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
@@ -62,8 +91,9 @@ def check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, wei
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
 
-def check_devices(op: str, lists, scalars) -> None:
-    """Every tensor of one call on one device; the message names the first one that is not."""
+def check_devices(op: str, lists, scalars) -> list[torch.Tensor]:
+    """Every tensor of one call on one device; the message names the first one that is not. Returns
+    the tensors that choose() probes: step and the first tensor of each list."""
     device = scalars[0].device
     names = ("step", "found_inf", "grad_coef")
     for name, t in zip(names, scalars):
@@ -74,6 +104,7 @@ def check_devices(op: str, lists, scalars) -> None:
             if t.device != device:
                 raise ValueError(f"{op}: tensor {j} of list {k} is on {t.device} but step is on {device}; "
                                  f"one call takes tensors on one device")
+    return [scalars[0]] + [lst[0] for lst in lists if lst]
 
 
 def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
@@ -91,24 +122,9 @@ def fused_adamw_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs
             list(model_copies), step,
             found_inf, grad_coef, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             bool(decoupled_weight_decay), state_rounding == "stochastic", int(rounding_seed))
-    check_devices("fused_adamw_", args[:6], (step, found_inf, grad_coef))
-    probe = [step] + [lst[0] for lst in args[:6] if lst]
-    b = choose("fused_adamw_", probe, DTYPES, backend, SUPPORTED, UNAVAILABLE)
-    if b == "cpu" or b == "cuda":
-        torch.ops.llmkern.fused_adamw_(*args)
-    elif b == "emu":
-        torch.ops.llmkern_emu.fused_adamw_(*args)
-    elif b == "triton":
-        from llmkern.triton_kernels.fused_adamw import fused_adamw_triton_
-        fused_adamw_triton_(*args)
-    else:
-        fused_adamw_ref(*args)
-
-
-def fused_adam_(*args, **kwargs) -> None:
-    """Adam with L2 weight decay (g += wd * p before the moments): fused_adamw_ with
-    decoupled_weight_decay=False."""
-    fused_adamw_(*args, decoupled_weight_decay=False, **kwargs)
+    probe = check_devices("fused_adamw_", args[:6], (step, found_inf, grad_coef))
+    b = _backends.choose("fused_adamw_", probe, DTYPES, backend)
+    _backends.run("fused_adamw_", b, fused_adamw_ref, *args)
 
 
 def _store(dst: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None, shift: int) -> None:

@@ -29,15 +29,12 @@ import torch.nn.functional as F
 
 from llmkern.ops import _backends
 from llmkern.ops.cross_entropy import REDUCTIONS, Reduction, cross_entropy_ref
-from llmkern.ops.rms_norm import _cpp_schema
 
 __all__ = ["fused_linear_cross_entropy", "fused_linear_cross_entropy_ref", "chunk_size_for", "DEFAULT_MAX_CHUNK_BYTES",
            "UNAVAILABLE"]
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-DTYPES = {"cpu": FLOATS, "triton": FLOATS, "ref": FLOATS + (torch.float64,)}
-SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")
-NAMESPACES = {"cpu": "llmkern", "triton": "llmkern_triton"}
+DTYPES = {"cpu": _backends.FP32_FP16_BF16, "triton": _backends.FP32_FP16_BF16, "ref": _backends.FP32_FP16_BF16_FP64}
+SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")  # on GPU this family runs on Triton
 
 DEFAULT_MAX_CHUNK_BYTES = 256 << 20
 """The logits buffer's cap: 1024 tokens at V = 128K in bf16, 4096 at V = 32K. At T = 2048, C = 2048 that
@@ -133,26 +130,21 @@ def _make_backward(ns: str):
     return backward
 
 
-def _define_triton_ops() -> None:
-    from llmkern.triton_kernels import fused_linear_cross_entropy as tk  # first: nothing is defined if it fails
+def _triton():
+    from llmkern.triton_kernels import fused_linear_cross_entropy as tk
 
-    lib = torch.library.Library("llmkern_triton", "FRAGMENT")
-    for name, launcher in (("fused_linear_cross_entropy", tk.fused_linear_cross_entropy_fwd),
-                           ("_fused_linear_cross_entropy_backward", tk.fused_linear_cross_entropy_bwd),
-                           ("_fused_linear_cross_entropy_scale", tk.fused_linear_cross_entropy_scale)):
-        lib.define(_cpp_schema(name))
-        for key in ("CPU", "CUDA"):
-            lib.impl(name, launcher, key)
-    _define_triton_ops.lib = lib
+    return {"fused_linear_cross_entropy": tk.fused_linear_cross_entropy_fwd,
+            "_fused_linear_cross_entropy_backward": tk.fused_linear_cross_entropy_bwd,
+            "_fused_linear_cross_entropy_scale": tk.fused_linear_cross_entropy_scale}
 
 
-UNAVAILABLE = _backends.register_autograd_op(
-    "fused_linear_cross_entropy", _fake_forward, "_fused_linear_cross_entropy_backward", _fake_backward,
-    _make_backward, _setup_context, _define_triton_ops)
-for _ns in ("llmkern", "llmkern_triton"):
-    if hasattr(getattr(torch.ops, _ns), "_fused_linear_cross_entropy_scale"):
-        torch.library.register_fake(f"{_ns}::_fused_linear_cross_entropy_scale")(
-            lambda gh, gw, g: (torch.empty_like(gh), torch.empty_like(gw)))
+UNAVAILABLE = _backends.register_op(
+    "fused_linear_cross_entropy", fake=_fake_forward, triton=_triton,
+    backward=_backends.Backward(name="_fused_linear_cross_entropy_backward", fake=_fake_backward,
+                                formula=_make_backward, setup_context=_setup_context))
+for _ns in _backends.namespaces("fused_linear_cross_entropy"):
+    torch.library.register_fake(f"{_ns}::_fused_linear_cross_entropy_scale")(
+        lambda gh, gw, g: (torch.empty_like(gh), torch.empty_like(gw)))
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index: int = -100, label_smoothing: float = 0.0,
@@ -164,8 +156,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index: int = -1
     Returns a 0-d fp32 tensor for "mean" and "sum", per-label fp32 losses of labels' shape for "none".
     """
     check_inputs(hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, chunk_size)
-    chosen = _backends.choose("fused_linear_cross_entropy", [hidden, weight], DTYPES, backend, supported=SUPPORTED,
-                              unavailable=UNAVAILABLE)
+    chosen = _backends.choose("fused_linear_cross_entropy", [hidden, weight], DTYPES, backend, supported=SUPPORTED)
     if chosen == "ref":
         return fused_linear_cross_entropy_ref(hidden, weight, labels, ignore_index=ignore_index,
                                               label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction)
@@ -173,7 +164,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index: int = -1
     h2, y = hidden.reshape(-1, c), labels.reshape(-1)
     chunk = chunk_size or chunk_size_for(h2.shape[0], v, hidden.element_size(), max_chunk_bytes)
     grad = torch.is_grad_enabled()
-    loss = getattr(torch.ops, NAMESPACES[chosen]).fused_linear_cross_entropy(
+    loss = _backends.op("fused_linear_cross_entropy", chosen)(
         h2, weight, y, ignore_index, float(label_smoothing), float(z_loss), "none" if reduction == "none" else "sum",
         int(chunk), grad and hidden.requires_grad, grad and weight.requires_grad)[0]
     if reduction == "none":

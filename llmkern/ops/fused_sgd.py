@@ -14,19 +14,41 @@ import math
 
 import torch
 
-from llmkern.ops._backends import Backend, choose, register_compiled_op
+from llmkern.ops import _backends
+from llmkern.ops._backends import Backend
+from llmkern.ops._multi_tensor import check_model_copies, check_scalar_tensors, check_tensor_lists
 from llmkern.ops.fused_adamw import DTYPES, Tensors, check_devices
 
-SUPPORTED: tuple[Backend, ...] = ("cpu", "cuda", "triton", "emu", "ref")
+__all__ = ["fused_sgd_", "fused_sgd_ref", "check_hyperparameters", "UNAVAILABLE"]
 
-def _fake(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, lr, momentum,
-              dampening, weight_decay, nesterov):
+
+def _fake(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, lr, momentum, dampening,
+          weight_decay, nesterov):
     return None  # in place on its inputs, nothing new is allocated
 
 
-# The same schema is defined by _C (namespace llmkern, CPU and CUDA kernels) and by _C_emu
-# (namespace llmkern_emu: the CUDA kernel compiled for the CPU).
-UNAVAILABLE: dict[str, str] = register_compiled_op("fused_sgd_", _fake)
+def check_lists(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, momentum) -> None:
+    """The tensor checks of csrc/ops/fused_sgd.h, for the backends written in Python (triton, ref)."""
+    if (momentum == 0.0) != (len(momentum_buffers) == 0):
+        raise RuntimeError(f"momentum_buffers must be given exactly when momentum > 0 (momentum {momentum}, "
+                           f"{len(momentum_buffers)} buffers)")
+    check_scalar_tensors((step, found_inf, grad_coef), step.device)
+    check_tensor_lists({"params": params, "grads": grads, "momentum_buffers": momentum_buffers,
+                        "model_copies": model_copies}, ("momentum_buffers", "model_copies"), step.device)
+    check_model_copies(params, model_copies)
+
+
+def _triton():
+    from llmkern.triton_kernels.fused_sgd import fused_sgd_triton_
+
+    def fused_sgd_triton(*args) -> None:
+        check_lists(*args[:7], args[8])
+        fused_sgd_triton_(*args)
+
+    return {"fused_sgd_": fused_sgd_triton}
+
+
+UNAVAILABLE: dict[str, str] = _backends.register_op("fused_sgd_", fake=_fake, triton=_triton)
 
 
 def check_hyperparameters(lr: float, momentum: float, dampening: float, weight_decay: float,
@@ -50,18 +72,9 @@ def fused_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, model
     check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
     args = (list(params), list(grads), list(momentum_buffers), list(model_copies), step, found_inf,
             grad_coef, float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov))
-    check_devices("fused_sgd_", args[:4], (step, found_inf, grad_coef))
-    probe = [step] + [lst[0] for lst in args[:4] if lst]
-    b = choose("fused_sgd_", probe, DTYPES, backend, SUPPORTED, UNAVAILABLE)
-    if b == "cpu" or b == "cuda":
-        torch.ops.llmkern.fused_sgd_(*args)
-    elif b == "emu":
-        torch.ops.llmkern_emu.fused_sgd_(*args)
-    elif b == "triton":
-        from llmkern.triton_kernels.fused_sgd import fused_sgd_triton_
-        fused_sgd_triton_(*args)
-    else:
-        fused_sgd_ref(*args)
+    probe = check_devices("fused_sgd_", args[:4], (step, found_inf, grad_coef))
+    b = _backends.choose("fused_sgd_", probe, DTYPES, backend)
+    _backends.run("fused_sgd_", b, fused_sgd_ref, *args)
 
 
 @torch.no_grad()

@@ -13,14 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from llmkern.ops import _backends
-from llmkern.ops.rms_norm import _cpp_schema
 
 __all__ = ["layer_norm", "layer_norm_ref", "UNAVAILABLE"]
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-DTYPES = {"cpu": FLOATS, "triton": FLOATS, "ref": FLOATS + (torch.float64,)}
-SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")
-NAMESPACES = {"cpu": "llmkern", "triton": "llmkern_triton"}
+DTYPES = {"cpu": _backends.FP32_FP16_BF16, "triton": _backends.FP32_FP16_BF16, "ref": _backends.FP32_FP16_BF16_FP64}
+SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")  # on GPU this family runs on Triton
 
 
 def layer_norm_ref(x, weight=None, bias=None, eps: float = 1e-5):
@@ -78,30 +75,25 @@ def _make_backward(ns: str):
     return backward
 
 
-def _define_triton_ops() -> None:
-    from llmkern.triton_kernels import layer_norm as tk  # first: nothing is defined if it fails
+def _triton():
+    from llmkern.triton_kernels import layer_norm as tk
 
-    lib = torch.library.Library("llmkern_triton", "FRAGMENT")
-    for name in ("layer_norm", "_layer_norm_backward"):
-        lib.define(_cpp_schema(name))
-    for key in ("CPU", "CUDA"):
-        lib.impl("layer_norm", tk.layer_norm_fwd, key)
-        lib.impl("_layer_norm_backward", tk.layer_norm_bwd, key)
-    _define_triton_ops.lib = lib
+    return {"layer_norm": tk.layer_norm_fwd, "_layer_norm_backward": tk.layer_norm_bwd}
 
 
-UNAVAILABLE = _backends.register_autograd_op(
-    "layer_norm", _fake_forward, "_layer_norm_backward", _fake_backward, _make_backward, _setup_context,
-    _define_triton_ops)
+UNAVAILABLE = _backends.register_op(
+    "layer_norm", fake=_fake_forward, triton=_triton,
+    backward=_backends.Backward(name="_layer_norm_backward", fake=_fake_backward, formula=_make_backward,
+                                setup_context=_setup_context))
 
 
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, *, backend: _backends.Backend | None = None):
     """LayerNorm of x over its last dimension (see the module docstring); x: (..., C)."""
     check_layer_norm_inputs(x, weight, bias, eps)
     tensors = [t for t in (x, weight, bias) if t is not None]
-    chosen = _backends.choose("layer_norm", tensors, DTYPES, backend, supported=SUPPORTED, unavailable=UNAVAILABLE)
+    chosen = _backends.choose("layer_norm", tensors, DTYPES, backend, supported=SUPPORTED)
     if chosen == "ref":
         return layer_norm_ref(x, weight, bias, eps)
     c = x.shape[-1]
-    y = getattr(torch.ops, NAMESPACES[chosen]).layer_norm(x.reshape(-1, c), weight, bias, float(eps))[0]
+    y = _backends.op("layer_norm", chosen)(x.reshape(-1, c), weight, bias, float(eps))[0]
     return y.reshape(x.shape)

@@ -5,7 +5,7 @@ lora_b (C_out, R). fp32, fp16 and bf16 (fp64 too, except Triton), accumulating i
 
 What PEFT runs as 3-5 kernels and what it stores (dropout(x), the mask) is here one base GEMM plus
 a few memory-bound passes, and the backward saves only x and the (..., R) product dropout(x)·Aᵀ.
-The dropout mask is regenerated from (seed, offset) by the counter-based RNG of ``_rng``.
+The dropout mask is regenerated from (seed, offset) by the counter-based RNG of ``llmkern._rng``.
 
 Backends (see ``_backends``): ``cpu`` (llmkern._C), ``cuda`` (llmkern._C_cuda), ``triton``,
 ``emu`` (the CUDA kernels compiled for the CPU) and ``ref`` (:func:`lora_linear_ref`).
@@ -17,14 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmkern.ops import _backends, _rng
+from llmkern import _rng
+from llmkern.ops import _backends
+from llmkern.ops._backends import FP32_FP16_BF16, FP32_FP16_BF16_FP64
 
-__all__ = ["lora_linear", "lora_linear_ref", "check_lora_inputs"]
+__all__ = ["lora_linear", "lora_linear_ref", "check_lora_inputs", "UNAVAILABLE"]
 
-_ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-DTYPES = {"cpu": _ALL, "cuda": _ALL, "emu": _ALL, "ref": _ALL,
-          "triton": (torch.float32, torch.float16, torch.bfloat16)}
-NAMESPACES = {"cpu": "llmkern", "cuda": "llmkern", "emu": "llmkern_emu", "triton": "llmkern_triton"}
+DTYPES = {"cpu": FP32_FP16_BF16_FP64, "cuda": FP32_FP16_BF16_FP64, "emu": FP32_FP16_BF16_FP64,
+          "ref": FP32_FP16_BF16_FP64, "triton": FP32_FP16_BF16}
 
 
 def lora_linear_ref(x, weight, bias, lora_a, lora_b, scale=1.0, dropout_p=0.0, seed=0, offset=0):
@@ -68,7 +68,7 @@ def check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p):
         if t.device != x.device:
             raise ValueError(f"lora_linear: x and {name} must be on the same device, got {x.device} and "
                              f"{t.device}")
-    if x.dtype not in _ALL:
+    if x.dtype not in FP32_FP16_BF16_FP64:
         raise TypeError(f"lora_linear: dtype must be one of float32, float16, bfloat16, float64; got {x.dtype}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
@@ -109,18 +109,9 @@ def _make_backward(ns: str):
     return backward
 
 
-_SCHEMA_FWD = ("(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, "
-               "float dropout_p, int seed, int offset) -> (Tensor, Tensor)")
-
-def _define_triton_ops() -> None:
-    """The Triton backend as dispatcher ops under ``llmkern_triton``, so it gets the same fake,
-    autograd and torch.compile treatment as the C++ ops."""
+def _triton():
+    """The Triton backend as the dispatcher ops llmkern_triton::lora_linear and _lora_linear_backward."""
     from llmkern.triton_kernels import lora_linear as tk
-
-    lib = torch.library.Library("llmkern_triton", "FRAGMENT")
-    lib.define("lora_linear" + _SCHEMA_FWD)
-    lib.define("_lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
-               "Tensor xa, float scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor)")
 
     def fwd(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, offset):
         lead = tuple(x.shape[:-1])
@@ -137,15 +128,13 @@ def _define_triton_ops() -> None:
                                         xa2, scale, dropout_p, seed, offset)
         return gx.reshape(x.shape), ga.contiguous(), gb.contiguous()
 
-    for key in ("CPU", "CUDA"):
-        lib.impl("lora_linear", fwd, key)
-        lib.impl("_lora_linear_backward", bwd, key)
-    _define_triton_ops.lib = lib  # keep the Library alive
+    return {"lora_linear": fwd, "_lora_linear_backward": bwd}
 
 
-UNAVAILABLE = _backends.register_autograd_op(
-    "lora_linear", _fake_forward, "_lora_linear_backward", _fake_backward, _make_backward, _setup_context,
-    _define_triton_ops)
+UNAVAILABLE = _backends.register_op(
+    "lora_linear", fake=_fake_forward, triton=_triton,
+    backward=_backends.Backward(name="_lora_linear_backward", fake=_fake_backward, formula=_make_backward,
+                                setup_context=_setup_context))
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
@@ -158,8 +147,8 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float = 1.0, dropout_p: 
     """
     check_lora_inputs(x, weight, bias, lora_a, lora_b, dropout_p)
     tensors = [t for t in (x, weight, bias, lora_a, lora_b) if t is not None]
-    chosen = _backends.choose("lora_linear", tensors, DTYPES, backend, unavailable=UNAVAILABLE)
+    chosen = _backends.choose("lora_linear", tensors, DTYPES, backend)
     if chosen == "ref":
         return lora_linear_ref(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, offset)
-    op = getattr(torch.ops, NAMESPACES[chosen]).lora_linear
+    op = _backends.op("lora_linear", chosen)
     return op(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), int(seed), int(offset))[0]

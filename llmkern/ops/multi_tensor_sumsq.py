@@ -17,19 +17,48 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 
-from llmkern.ops._backends import Backend, choose, register_compiled_op
+from llmkern.ops import _backends
+from llmkern.ops._backends import FP32_FP16_BF16, FP32_FP16_BF16_FP64, Backend
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-DTYPES = {"cpu": _FLOATS, "cuda": _FLOATS, "emu": _FLOATS, "triton": _FLOATS, "ref": _FLOATS + (torch.float64,)}
-SUPPORTED: tuple[Backend, ...] = ("cpu", "cuda", "triton", "emu", "ref")
+__all__ = ["multi_tensor_sumsq", "multi_tensor_sumsq_ref", "UNAVAILABLE"]
+
+DTYPES = {"cpu": FP32_FP16_BF16, "cuda": FP32_FP16_BF16, "emu": FP32_FP16_BF16, "triton": FP32_FP16_BF16,
+          "ref": FP32_FP16_BF16_FP64}
 
 
 def _fake(tensors):
     return tensors[0].new_empty(1, dtype=torch.float32)
 
 
-UNAVAILABLE: dict[str, str] = register_compiled_op("multi_tensor_sumsq", _fake)
+def check_tensors(tensors: Sequence[torch.Tensor]) -> None:
+    """The checks of csrc/ops/multi_tensor_sumsq.h with its wording, for the Triton backend."""
+    device = tensors[0].device
+    for j, t in enumerate(tensors):
+        if t.device != device:
+            raise RuntimeError(f"multi_tensor_sumsq: tensors[{j}] must be on {device} like tensors[0], got {t.device}")
+        if t.dtype not in FP32_FP16_BF16:
+            raise RuntimeError(f"multi_tensor_sumsq: tensors[{j}] must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.numel() > 1 and not is_non_overlapping_and_dense(t):
+            raise RuntimeError(f"multi_tensor_sumsq: tensors[{j}] must be dense (non-overlapping); got shape "
+                               f"{tuple(t.shape)} and strides {t.stride()}; pass .contiguous()")
+
+
+def _triton():
+    from llmkern.triton_kernels.multi_tensor_sumsq import multi_tensor_sumsq_triton
+
+    def multi_tensor_sumsq_triton_op(tensors):
+        if not tensors:
+            raise RuntimeError("multi_tensor_sumsq: tensors must not be empty (the result's device comes from "
+                               "tensors[0])")
+        check_tensors(tensors)
+        return multi_tensor_sumsq_triton(tensors)
+
+    return {"multi_tensor_sumsq": multi_tensor_sumsq_triton_op}
+
+
+UNAVAILABLE: dict[str, str] = _backends.register_op("multi_tensor_sumsq", fake=_fake, triton=_triton)
 
 
 def multi_tensor_sumsq(tensors: Sequence[torch.Tensor], *, backend: Backend | None = None) -> torch.Tensor:
@@ -43,15 +72,8 @@ def multi_tensor_sumsq(tensors: Sequence[torch.Tensor], *, backend: Backend | No
         if t.device != device:  # before dispatch: a CPU + meta list would otherwise reach the fake
             raise ValueError(f"multi_tensor_sumsq: tensors[{j}] is on {t.device} but tensors[0] is on {device}; "
                              f"one call takes tensors on one device")
-    b = choose("multi_tensor_sumsq", tensors[:1], DTYPES, backend, SUPPORTED, UNAVAILABLE)
-    if b in ("cpu", "cuda"):
-        return torch.ops.llmkern.multi_tensor_sumsq(tensors)
-    if b == "emu":
-        return torch.ops.llmkern_emu.multi_tensor_sumsq(tensors)
-    if b == "triton":
-        from llmkern.triton_kernels.multi_tensor_sumsq import multi_tensor_sumsq_triton
-        return multi_tensor_sumsq_triton(tensors)
-    return multi_tensor_sumsq_ref(tensors)
+    b = _backends.choose("multi_tensor_sumsq", tensors[:1], DTYPES, backend)
+    return _backends.run("multi_tensor_sumsq", b, multi_tensor_sumsq_ref, tensors)
 
 
 def multi_tensor_sumsq_ref(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -27,10 +27,8 @@ __all__ = ["rms_norm", "rms_norm_ref", "Convention", "CONVENTIONS", "UNAVAILABLE
 Convention = Literal["llama", "gemma"]
 CONVENTIONS = ("llama", "gemma")
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-DTYPES = {"cpu": FLOATS, "triton": FLOATS, "ref": FLOATS + (torch.float64,)}
-SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")
-NAMESPACES = {"cpu": "llmkern", "triton": "llmkern_triton"}
+DTYPES = {"cpu": _backends.FP32_FP16_BF16, "triton": _backends.FP32_FP16_BF16, "ref": _backends.FP32_FP16_BF16_FP64}
+SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")  # on GPU this family runs on Triton
 
 
 def rms_norm_ref(x, weight, eps: float = 1e-6, *, residual=None, convention: Convention = "llama"):
@@ -107,27 +105,16 @@ def _make_backward(ns: str):
     return backward
 
 
-def _define_triton_ops() -> None:
-    """The Triton backend as dispatcher ops under ``llmkern_triton``, with the C++ schema's text."""
-    from llmkern.triton_kernels import rms_norm as tk  # first: nothing is defined if it fails
+def _triton():
+    from llmkern.triton_kernels import rms_norm as tk
 
-    lib = torch.library.Library("llmkern_triton", "FRAGMENT")
-    for name in ("rms_norm", "_rms_norm_backward"):
-        lib.define(_cpp_schema(name))
-    for key in ("CPU", "CUDA"):
-        lib.impl("rms_norm", tk.rms_norm_fwd, key)
-        lib.impl("_rms_norm_backward", tk.rms_norm_bwd, key)
-    _define_triton_ops.lib = lib  # keep the Library alive
+    return {"rms_norm": tk.rms_norm_fwd, "_rms_norm_backward": tk.rms_norm_bwd}
 
 
-def _cpp_schema(name: str) -> str:
-    """``name(args) -> returns`` of ``llmkern::<name>`` as csrc/ops defines it (the text lives once, in C++)."""
-    return name + str(getattr(torch.ops.llmkern, name).default._schema).split(name, 1)[1]
-
-
-UNAVAILABLE = _backends.register_autograd_op(
-    "rms_norm", _fake_forward, "_rms_norm_backward", _fake_backward, _make_backward, _setup_context,
-    _define_triton_ops)
+UNAVAILABLE = _backends.register_op(
+    "rms_norm", fake=_fake_forward, triton=_triton,
+    backward=_backends.Backward(name="_rms_norm_backward", fake=_fake_backward, formula=_make_backward,
+                                setup_context=_setup_context))
 
 
 def rms_norm(x, weight, eps: float = 1e-6, *, residual=None, convention: Convention = "llama",
@@ -140,12 +127,11 @@ def rms_norm(x, weight, eps: float = 1e-6, *, residual=None, convention: Convent
     """
     check_rms_norm_inputs(x, weight, eps, convention, residual)
     tensors = [t for t in (x, weight, residual) if t is not None]
-    chosen = _backends.choose("rms_norm", tensors, DTYPES, backend, supported=SUPPORTED, unavailable=UNAVAILABLE)
+    chosen = _backends.choose("rms_norm", tensors, DTYPES, backend, supported=SUPPORTED)
     if chosen == "ref":
         return rms_norm_ref(x, weight, eps, residual=residual, convention=convention)
     c = x.shape[-1]
     res2 = residual.reshape(-1, c) if residual is not None else None
-    y, res_out, _ = getattr(torch.ops, NAMESPACES[chosen]).rms_norm(x.reshape(-1, c), weight, float(eps),
-                                                                    convention, res2)
+    y, res_out, _ = _backends.op("rms_norm", chosen)(x.reshape(-1, c), weight, float(eps), convention, res2)
     y = y.reshape(x.shape)
     return y if residual is None else (y, res_out.reshape(x.shape))

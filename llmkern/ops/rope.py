@@ -22,14 +22,11 @@ from __future__ import annotations
 import torch
 
 from llmkern.ops import _backends
-from llmkern.ops.rms_norm import _cpp_schema
 
 __all__ = ["rope", "rope_ref", "UNAVAILABLE"]
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-DTYPES = {"cpu": FLOATS, "triton": FLOATS, "ref": FLOATS + (torch.float64,)}
-SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")
-NAMESPACES = {"cpu": "llmkern", "triton": "llmkern_triton"}
+DTYPES = {"cpu": _backends.FP32_FP16_BF16, "triton": _backends.FP32_FP16_BF16, "ref": _backends.FP32_FP16_BF16_FP64}
+SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")  # on GPU this family runs on Triton
 
 
 def _rotate_half(x):
@@ -99,22 +96,18 @@ def _make_backward(ns: str):
     return backward
 
 
-def _define_triton_ops() -> None:
-    from llmkern.triton_kernels import rope as tk  # first: nothing is defined if it fails
+def _triton():
+    from llmkern.triton_kernels import rope as tk
 
-    lib = torch.library.Library("llmkern_triton", "FRAGMENT")
-    for name, launcher in (("rope", tk.rope_fwd), ("rope_", tk.rope_inplace), ("_rope_backward", tk.rope_bwd)):
-        lib.define(_cpp_schema(name))
-        for key in ("CPU", "CUDA"):
-            lib.impl(name, launcher, key)
-    _define_triton_ops.lib = lib
+    return {"rope": tk.rope_fwd, "_rope_backward": tk.rope_bwd, "rope_": tk.rope_inplace}
 
 
-UNAVAILABLE = _backends.register_autograd_op(
-    "rope", _fake_forward, "_rope_backward", _fake_backward, _make_backward, _setup_context, _define_triton_ops)
-for _ns in ("llmkern", "llmkern_triton"):  # rope_ returns nothing: its fake only checks it is callable
-    if hasattr(getattr(torch.ops, _ns), "rope_"):
-        torch.library.register_fake(f"{_ns}::rope_")(lambda q, k, cos, sin: None)
+UNAVAILABLE = _backends.register_op(
+    "rope", fake=_fake_forward, triton=_triton,
+    backward=_backends.Backward(name="_rope_backward", fake=_fake_backward, formula=_make_backward,
+                                setup_context=_setup_context))
+for _ns in _backends.namespaces("rope"):  # rope_ (in place, no autograd) returns nothing: a fake that checks nothing
+    torch.library.register_fake(f"{_ns}::rope_")(lambda q, k, cos, sin: None)
 
 
 def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False,
@@ -128,7 +121,7 @@ def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False,
     if inplace and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         raise ValueError("rope: inplace=True needs q and k that autograd does not track (torch.no_grad(), or "
                          "inputs without requires_grad); call it with inplace=False")
-    chosen = _backends.choose("rope", [q, k, cos, sin], DTYPES, backend, supported=SUPPORTED, unavailable=UNAVAILABLE)
+    chosen = _backends.choose("rope", [q, k, cos, sin], DTYPES, backend, supported=SUPPORTED)
     if chosen == "ref":
         qe, ke = rope_ref(q, k, cos, sin, unsqueeze_dim)
         if inplace:
@@ -140,14 +133,13 @@ def rope(q, k, cos, sin, unsqueeze_dim: int = 1, *, inplace: bool = False,
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     # The kernels take (B, H, T, D) views with a unit last stride; (B, T, H, D) is a free transpose.
     q4, k4 = (q, k) if unsqueeze_dim == 1 else (q.transpose(1, 2), k.transpose(1, 2))
-    ops = getattr(torch.ops, NAMESPACES[chosen])
     if inplace:
         if q4.stride(-1) != 1 or k4.stride(-1) != 1:
             raise ValueError(f"rope: inplace=True needs q and k with a unit last stride, got strides {q.stride()} and "
                              f"{k.stride()}")
-        ops.rope_(q4, k4, cos, sin)
+        _backends.op("rope_", chosen)(q4, k4, cos, sin)
         return q, k
     q4 = q4 if q4.stride(-1) == 1 else q4.contiguous()
     k4 = k4 if k4.stride(-1) == 1 else k4.contiguous()
-    qo, ko = ops.rope(q4, k4, cos, sin)
+    qo, ko = _backends.op("rope", chosen)(q4, k4, cos, sin)
     return (qo, ko) if unsqueeze_dim == 1 else (qo.transpose(1, 2), ko.transpose(1, 2))

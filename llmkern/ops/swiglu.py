@@ -19,15 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from llmkern.ops import _backends
-from llmkern.ops.rms_norm import _cpp_schema
 
 __all__ = ["swiglu", "geglu", "swiglu_ref", "geglu_ref", "Approximate", "UNAVAILABLE"]
 
 Approximate = Literal["none", "tanh"]
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-DTYPES = {"cpu": FLOATS, "triton": FLOATS, "ref": FLOATS + (torch.float64,)}
-SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")
-NAMESPACES = {"cpu": "llmkern", "triton": "llmkern_triton"}
+DTYPES = {"cpu": _backends.FP32_FP16_BF16, "triton": _backends.FP32_FP16_BF16, "ref": _backends.FP32_FP16_BF16_FP64}
+SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")  # on GPU this family runs on Triton
 
 
 def swiglu_ref(gate, up):
@@ -80,38 +77,31 @@ def _backward_of(name: str):
     return make
 
 
-_LIBRARIES: list = []
+def _triton(op: str):
+    def impls():
+        from llmkern.triton_kernels import swiglu as tk
 
-
-def _triton_definer(op: str):
-    """Defines ``llmkern_triton::<op>`` and ``_<op>_backward`` with the C++ schemas, implemented by the
-    launchers ``<op>_fwd`` and ``<op>_bwd`` of triton_kernels/swiglu.py."""
-    def define() -> None:
-        from llmkern.triton_kernels import swiglu as tk  # first: nothing is defined if it fails
-
-        lib = torch.library.Library("llmkern_triton", "FRAGMENT")
-        for name, launcher in ((op, f"{op}_fwd"), (f"_{op}_backward", f"{op}_bwd")):
-            lib.define(_cpp_schema(name))
-            for key in ("CPU", "CUDA"):
-                lib.impl(name, getattr(tk, launcher), key)
-        _LIBRARIES.append(lib)  # keep the Library alive (its ops go when it is collected)
-    return define
+        return {op: getattr(tk, f"{op}_fwd"), f"_{op}_backward": getattr(tk, f"{op}_bwd")}
+    return impls
 
 
 def _register(op: str) -> dict[str, str]:
-    return _backends.register_autograd_op(op, _fake_forward, f"_{op}_backward", _fake_backward,
-                                          _backward_of(f"_{op}_backward"), _setup_context, _triton_definer(op))
+    return _backends.register_op(
+        op, fake=_fake_forward, triton=_triton(op),
+        backward=_backends.Backward(name=f"_{op}_backward", fake=_fake_backward, formula=_backward_of(f"_{op}_backward"),
+                                    setup_context=_setup_context))
 
 
-# One op per activation family; both share the kernels. An op's backends are unavailable if either is.
+# One op per activation family; both share the kernels. UNAVAILABLE says, per backend, why swiglu's or
+# geglu's kernels are missing (the same reasons for both on any build).
 UNAVAILABLE = {**_register("swiglu"), **_register("geglu")}
 
 
 def _call(op: str, gate, up, *extra, backend):
-    chosen = _backends.choose(op, [gate, up], DTYPES, backend, supported=SUPPORTED, unavailable=UNAVAILABLE)
+    chosen = _backends.choose(op, [gate, up], DTYPES, backend, supported=SUPPORTED)
     if chosen == "ref":
         return None
-    return getattr(getattr(torch.ops, NAMESPACES[chosen]), op)(gate, up, *extra)
+    return _backends.op(op, chosen)(gate, up, *extra)
 
 
 def swiglu(gate, up, *, backend: _backends.Backend | None = None):

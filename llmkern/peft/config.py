@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from llmkern.ops.adapter_bottleneck import Activation
+
 __all__ = ["LoraConfig", "PromptTuningConfig", "PTuningConfig", "PrefixTuningConfig", "AdapterConfig"]
 
 
@@ -86,7 +88,7 @@ class AdapterConfig:
     form: Literal["series", "parallel"] = "series"
     """``series``: Houlsby adapters after the attention output and after the FFN output;
     ``parallel``: He et al., one adapter beside each FFN, fed the FFN's input."""
-    activation: Literal["relu", "gelu", "gelu_tanh", "silu"] = "relu"
+    activation: Activation = "relu"
     """Nonlinearity between down and up projections."""
     scale: float = 1.0
     """s in ``h + s·up(act(down(h)))``."""

@@ -19,11 +19,11 @@ EMULATED_TESTS = {
     "adapter_bwd_rows_kernel": ("tests/ops/test_adapter_bottleneck.py", "test_emu"),
     "adapter_wgrad_kernel": ("tests/ops/test_adapter_bottleneck.py", "test_emu"),
     "adapter_colgrad_kernel": ("tests/ops/test_adapter_bottleneck.py", "test_emu"),
-    "fused_adamw_kernel": ("tests/optim/test_fused_adamw.py", "test_matches_fp64_reference"),
-    "fused_sgd_kernel": ("tests/optim/test_fused_sgd.py", "test_matches_fp64_reference"),
+    "fused_adamw_kernel": ("tests/ops/test_fused_adamw.py", "test_matches_fp64_reference"),
+    "fused_sgd_kernel": ("tests/ops/test_fused_sgd.py", "test_matches_fp64_reference"),
     "ring_reduce_kernel": ("tests/parallel/test_nccl_ring.py", "test_ring_matches_fp64_reference"),
-    "multi_tensor_sumsq_kernel": ("tests/optim/test_multi_tensor_sumsq.py", "test_emulated_kernel_is_schedule_independent"),
-    "sumsq_finalize_kernel": ("tests/optim/test_multi_tensor_sumsq.py", "test_emulated_kernel_is_schedule_independent"),
+    "multi_tensor_sumsq_kernel": ("tests/ops/test_multi_tensor_sumsq.py", "test_emulated_kernel_is_schedule_independent"),
+    "sumsq_finalize_kernel": ("tests/ops/test_multi_tensor_sumsq.py", "test_emulated_kernel_is_schedule_independent"),
 }
 # Only csrc/ is scanned: the emulator's own test kernels (tests/emu/kernels) are run by tests/emu directly.
 

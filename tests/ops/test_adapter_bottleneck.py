@@ -289,6 +289,18 @@ def test_cpp_op_checks_too(ns):
         op._adapter_bottleneck_backward(out, x, dw, db, uw, 1.0, "relu", lw, lb, z.half(), mean, rstd, True)
 
 
+@pytest.mark.parametrize("ns", ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif(
+    "emu" in UNAVAILABLE, reason="emulated build missing"))])
+def test_activation_names_agree_with_cpp(ns):
+    """Python spells the activations once (Activation); C++ keeps its own list in activation.h
+    (kActNames, in Act's order). Both lists, in order, are the ones the C++ op names when it refuses one."""
+    x, dw, db, uw, ub, lw, lb, _ = make_inputs((5,), 12, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="activation must be one of") as e:
+        getattr(torch.ops, ns).adapter_bottleneck(x, dw, db, uw, ub, 1.0, "elu", lw, lb, 1e-5, None)
+    listed = str(e.value).split("activation must be one of ")[1].split(";")[0].split(", ")
+    assert tuple(listed) == ACTIVATIONS
+
+
 def test_refused_backend_says_why():
     ins = make_inputs((2,), 8, 2, torch.float32)
     with pytest.raises(_backends.BackendRefused, match=r"backend 'cuda' refused: needs CUDA tensors, got cpu"):

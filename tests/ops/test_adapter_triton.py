@@ -5,7 +5,9 @@ the same computation in plain PyTorch in the same dtype (3× for gradients). The
 llmkern.ops.adapter_bottleneck.adapter_bottleneck_ref under autograd, in fp64 (oracle) and in the
 input dtype (PyTorch's error). Every dtype meets all four activations and all four (series |
 parallel) × (LN | no LN) forms; odd shapes (T = 97, 1, 0; C = 100, 1025; R = 1, 7, 64, 200), strided
-weights, the 16-aligned variants (C = 128) and bad input are covered separately.
+weights, the 16-aligned variants (C = 128) and bad input (through the dispatcher ops
+llmkern_triton::adapter_bottleneck and its backward, which check what the C++ ops check) are
+covered separately. The launchers take the activation as its code, 1 + its index in ACTIVATIONS.
 """
 import os
 
@@ -18,14 +20,14 @@ if not torch.cuda.is_available():  # must precede the first @triton.jit (decorat
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from llmkern.ops.adapter_bottleneck import adapter_bottleneck_ref  # noqa: E402
+from llmkern.ops.adapter_bottleneck import ACTIVATIONS, UNAVAILABLE, adapter_bottleneck_ref  # noqa: E402
 from llmkern.testing import assert_close_to_ref  # noqa: E402
 from llmkern.triton_kernels import adapter_bottleneck as K  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ACTS = ["relu", "gelu", "gelu_tanh", "silu"]
+ACTS = list(ACTIVATIONS)
 EPS, SCALE = 1e-5, 0.7
 NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias", "ln_weight", "ln_bias")
 
@@ -75,11 +77,15 @@ def _torch(p, residual, grad_out, activation, dtype):
     return out.detach(), z, mean, rstd, grads
 
 
+def _code(activation):
+    return ACTIVATIONS.index(activation) + 1
+
+
 def _run(p, residual, grad_out, activation):
     x, dw, db, uw, ub, lw, lb = (p[k] for k in NAMES)
-    out, z, mean, rstd = K.adapter_bottleneck_fwd(x, dw, db, uw, ub, SCALE, activation, lw, lb, EPS, residual)
-    grads = K.adapter_bottleneck_bwd(grad_out, x, dw, db, uw, SCALE, activation, lw, lb, z, mean, rstd,
-                                     residual is None)
+    act = _code(activation)
+    out, z, mean, rstd = K.adapter_bottleneck_fwd(x, dw, db, uw, ub, SCALE, act, lw, lb, EPS, residual)
+    grads = K.adapter_bottleneck_bwd(grad_out, x, dw, db, uw, SCALE, act, lw, lb, z, mean, rstd, residual is None)
     return out, z, mean, rstd, grads
 
 
@@ -182,7 +188,7 @@ def test_activation_and_derivative(activation):
     torch; PyTorch's error is its own fp32 F.<act> and autograd."""
     z = torch.cat([torch.linspace(-12, 12, 1001), torch.tensor([-100.0, -30.0, 0.0, 30.0, 100.0])]).to(DEVICE)
     a, g = torch.empty_like(z), torch.empty_like(z)
-    _act_kernel[(1,)](z, a, g, z.numel(), K.ACT_CODES[activation], BLOCK=triton.next_power_of_2(z.numel()))
+    _act_kernel[(1,)](z, a, g, z.numel(), _code(activation), BLOCK=triton.next_power_of_2(z.numel()))
     from llmkern.ops.adapter_bottleneck import _act
 
     def torch_act(dt):
@@ -197,58 +203,68 @@ def test_activation_and_derivative(activation):
 
 
 # ------------------------------------------------------------------------------------------ checks
+@pytest.mark.skipif("triton" in UNAVAILABLE, reason=UNAVAILABLE.get("triton", ""))
 def test_input_checks():
+    """The dispatcher ops check what csrc/ops/adapter_bottleneck.h checks, before any launch."""
     t, c, r = 8, 32, 4
     p, _ = _inputs(t, c, r, torch.float32, ln=True, parallel=False)
+    names = ["x", "down_weight", "down_bias", "up_weight", "up_bias", "scale", "activation", "ln_weight",
+             "ln_bias", "eps", "residual"]
     args = [p["x"], p["down_weight"], p["down_bias"], p["up_weight"], p["up_bias"], SCALE, "relu",
             p["ln_weight"], p["ln_bias"], EPS, None]
 
     def fwd(**over):
         a = list(args)
-        names = ["x", "down_weight", "down_bias", "up_weight", "up_bias", "scale", "activation", "ln_weight",
-                 "ln_bias", "eps", "residual"]
         for k, v in over.items():
             a[names.index(k)] = v
-        return K.adapter_bottleneck_fwd(*a)
+        return torch.ops.llmkern_triton.adapter_bottleneck(*a)
 
     bad = [
-        (dict(x=p["x"].t().contiguous().t()), r"x must be contiguous"),
-        (dict(x=p["x"][None]), r"x must be a 2-D \(T, C\) tensor"),
-        (dict(x=p["x"].double()), r"x has dtype torch.float64; supported"),
-        (dict(down_weight=p["down_weight"][:, :16]), r"down_weight must be \(R, C=32\)"),
-        (dict(down_weight=torch.randn(257, c)), r"rank R=257 is outside \[1, 256\]"),
-        (dict(up_weight=p["up_weight"][:, :2]), r"up_weight must have shape \(32, 4\)"),
-        (dict(up_weight=p["up_weight"].half()), r"up_weight has dtype torch.float16 but must be "
-                                                r"torch.float32"),
-        (dict(down_bias=torch.randn(5)), r"down_bias must have shape \(4,\)"),
-        (dict(up_bias=torch.randn(2 * c)[::2]), r"up_bias must be contiguous"),
-        (dict(ln_weight=p["ln_weight"].bfloat16()), r"ln_weight has dtype torch.bfloat16"),
+        (dict(x=p["x"][None]), r"x must be \(T, C\) here"),
+        (dict(down_weight=p["down_weight"][:, :16]), r"down_weight must be \(R, 32\)"),
+        (dict(up_weight=p["up_weight"][:, :2]), r"up_weight must be \(C, R\) = \(32, 4\)"),
+        (dict(up_weight=p["up_weight"].half()), r"x and up_weight must have the same dtype"),
+        (dict(down_bias=torch.randn(5)), r"down_bias must be \(4,\)"),
+        (dict(ln_weight=p["ln_weight"].bfloat16()), r"x and ln_weight must have the same dtype"),
         (dict(ln_weight=None), r"ln_bias is given without ln_weight"),
-        (dict(residual=torch.randn(t, c + 1)), r"residual must have shape \(8, 32\)"),
-        (dict(residual=torch.randn(c, t).t()), r"residual must be contiguous"),
+        (dict(residual=torch.randn(t, c + 1)), r"residual must have x's shape \(8, 32\)"),
         (dict(activation="tanh"), r"activation must be one of \('relu', 'gelu', 'gelu_tanh', 'silu'\)"),
         (dict(x=torch.randn(t, 0), down_weight=torch.randn(r, 0), up_weight=torch.randn(0, r), down_bias=None,
               up_bias=None, ln_weight=None, ln_bias=None), r"C >= 1"),
+        # what only the Triton kernels limit
+        (dict(down_weight=torch.randn(257, c), up_weight=torch.randn(c, 257), down_bias=None),
+         r"rank R=257 is outside \[1, 256\]"),
+        ({k: v.double() for k, v in p.items() if v is not None}, r"x must be contiguous fp32, fp16 or bf16"),
     ]
-    bad.append((dict(up_bias=torch.randn(c, device="meta")), r"up_bias is on meta but x is on"))
     for over, msg in bad:
-        with pytest.raises(ValueError, match=msg):
+        with pytest.raises((ValueError, TypeError), match=msg):
             fwd(**over)
 
-    out, z, mean, rstd = fwd()
+    out, z, mean, rstd = fwd(x=p["x"].t().contiguous().t())  # strided rows are made contiguous
     g = torch.randn(t, c, device=DEVICE)
     bwd_args = [g, p["x"], p["down_weight"], p["down_bias"], p["up_weight"], SCALE, "relu", p["ln_weight"],
                 p["ln_bias"], z, mean, rstd, True]
-    for i, v, msg in [(0, g.t().contiguous().t(), r"grad_out must be contiguous"),
-                      (0, g.half(), r"grad_out has dtype torch.float16"),
-                      (9, z.half(), r"z has dtype torch.float16 but must be torch.float32"),
-                      (9, z[:, :2], r"z must have shape \(8, 4\)"),
-                      (10, mean[:0], r"mean must have shape \(8,\)"),
-                      (11, rstd[:0], r"rstd must have shape \(8,\)")]:
+    for i, v, msg in [(0, g.half(), r"grad_out has shape \(8, 32\), dtype torch.float16"),
+                      (9, z.half(), r"z has shape \(8, 4\), dtype torch.float16 on cpu; expected \(8, 4\), "
+                                    r"torch.float32"),
+                      (9, z[:, :2], r"z has shape \(8, 2\)"),
+                      (10, mean[:0], r"mean has shape \(0,\)"),
+                      (11, rstd[:0], r"rstd has shape \(0,\)"),
+                      (6, "tanh", r"activation must be one of")]:
         a = list(bwd_args)
         a[i] = v
         with pytest.raises(ValueError, match=msg):
-            K.adapter_bottleneck_bwd(*a)
+            torch.ops.llmkern_triton._adapter_bottleneck_backward(*a)
+
+
+def test_launcher_limits():
+    """What the launchers check themselves: the kernels' own limits, whoever calls them."""
+    x = torch.randn(4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"activation code must be in \[1, 4\], got 5"):
+        K.adapter_bottleneck_fwd(x, torch.randn(2, 16), None, torch.randn(16, 2), None, 1.0, 5, None, None, EPS, None)
+    with pytest.raises(ValueError, match=r"x must be contiguous"):
+        K.adapter_bottleneck_fwd(x.t().contiguous().t(), torch.randn(2, 16), None, torch.randn(16, 2), None, 1.0, 1,
+                                 None, None, EPS, None)
 
 
 # -------------------------------------------------------------------------------------- AOT configs
@@ -256,7 +272,7 @@ def test_aot_configs_cover_launcher_choices():
     """Every variant a launcher can pick (any R in 1..256, LN or not, aligned or not) is in AOT_CONFIGS,
     so tests/static/test_triton_aot.py compiles it for sm_80 and sm_90."""
     shipped = {(c.kernel.__name__, c.name) for c in K.AOT_CONFIGS}
-    for kernel in K._KERNELS:
+    for kernel in K._KERNEL_FNS:
         for dtype in DTYPES:
             for r in range(1, K._MAX_R + 1):
                 for aligned in (False, True):

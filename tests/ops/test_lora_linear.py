@@ -6,7 +6,8 @@ Error rule (llmkern.testing.assert_close_to_ref): our error against the fp64 ref
 import pytest
 import torch
 
-from llmkern.ops import _backends, _rng
+from llmkern import _rng
+from llmkern.ops import _backends
 from llmkern.ops.lora_linear import UNAVAILABLE, lora_linear, lora_linear_ref
 from llmkern.testing import assert_close_to_ref
 

@@ -3,7 +3,7 @@
 Error rule (STYLE.md): the kernel's max error against an fp64 reference is at most 2× the error of
 the same computation in plain PyTorch in the same dtype (3× for gradients). Shapes are odd (97,
 123, 1025) and every launcher runs with N = 0 and N = 1. The dropout mask is checked bit for bit
-against llmkern.ops._rng.dropout_keep_mask, across a 2^32 counter boundary.
+against llmkern._rng.dropout_keep_mask, across a 2^32 counter boundary.
 """
 import os
 
@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from llmkern.ops._rng import dropout_key, dropout_keep_mask, dropout_threshold  # noqa: E402
+from llmkern._rng import dropout_key, dropout_keep_mask, dropout_threshold  # noqa: E402
 from llmkern.triton_kernels import lora_linear as K  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

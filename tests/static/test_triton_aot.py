@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from llmkern import kernel_report as kr
-from llmkern.triton_kernels import (adapter_bottleneck, cross_entropy, fused_linear_cross_entropy, layer_norm,
-                                    lora_linear, rms_norm, rope, swiglu)
+from llmkern.triton_kernels import (_aot, adapter_bottleneck, cross_entropy, fused_adamw, fused_linear_cross_entropy,
+                                    fused_sgd, layer_norm, lora_linear, multi_tensor_sumsq, rms_norm, rope, swiglu)
+
+MODULES = (adapter_bottleneck, fused_adamw, fused_sgd, lora_linear, multi_tensor_sumsq, rms_norm, layer_norm, swiglu,
+           rope, cross_entropy, fused_linear_cross_entropy)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,8 +30,8 @@ def rows():
 
 def test_every_shipped_variant_is_reported(rows):
     got = {(r["kernel"], r["config"], r["arch"]) for r in rows}
-    fused = (rms_norm, layer_norm, swiglu, rope, cross_entropy, fused_linear_cross_entropy)
-    for c in lora_linear.AOT_CONFIGS + adapter_bottleneck.AOT_CONFIGS + [c for m in fused for c in m.AOT_CONFIGS]:
+    for c in (c for m in MODULES for c in m.AOT_CONFIGS):
+        assert isinstance(c, _aot.AotConfig)
         for arch in ("sm_80", "sm_90a"):
             assert (c.kernel.__name__, c.name, arch) in got
     assert all(r["registers"] and r["registers"] <= 255 for r in rows)

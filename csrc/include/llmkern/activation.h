@@ -3,15 +3,19 @@
 // pre-activation z is always kept in fp32. Formulas are torch's: F.gelu (erf), F.gelu(approximate=
 // "tanh") and F.silu.
 #pragma once
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <string_view>
 
 #include "llmkern/rng.h"  // LLMKERN_HD
 
 namespace llmkern {
 
-// The order is the schema's string order; llmkern/ops/adapter_bottleneck.py::ACTIVATIONS matches it.
 enum class Act : int32_t { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
+// The schema's activation strings, in Act's order: the names of llmkern/ops/adapter_bottleneck.py's
+// Activation, in its order (tests/ops/test_adapter_bottleneck.py checks both against this op's error).
+constexpr std::array<std::string_view, 4> kActNames = {"relu", "gelu", "gelu_tanh", "silu"};
 
 constexpr float kSqrtHalf = 0.70710678118654752f;   // 1/√2
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1/√(2π)

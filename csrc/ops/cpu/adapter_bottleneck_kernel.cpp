@@ -24,6 +24,7 @@
 
 #include "../adapter_bottleneck.h"
 #include "llmkern/activation.h"
+#include "llmkern/cpu_dot.h"
 #include "llmkern/cpu_float.h"
 #include "llmkern/registration.h"
 
@@ -31,7 +32,7 @@ namespace llmkern::ops {
 namespace detail {
 namespace {
 
-constexpr int64_t RB = 8;
+constexpr int64_t RB = cpu::kDotRows;
 constexpr int64_t CB = 512;
 
 // Threads for a pass of `work` multiply-adds: below ~64K the OpenMP fork costs more than it saves
@@ -52,32 +53,11 @@ Params params_of(const AdapterShapes& sh, const AdapterParams& p, double scale, 
           sh.ln ? p.lnw.data_ptr<float>() : nullptr, sh.ln ? p.lnb.data_ptr<float>() : nullptr};
 }
 
-// part[j*R + r] = Σ_c buf[j*C + c] · M[r*C + c] for the RB rows of a block (M is R×C).
+// part[j*R + r] = Σ_c buf[j*C + c] · M[r*C + c] for the RB rows of a block (M is R×C), in CB-column
+// chunks so that the block's rows stay in L1.
 inline void block_dot(const float* buf, const float* M, int64_t C, int64_t R, float* part) {
   std::fill(part, part + RB * R, 0.f);
-  for (int64_t c0 = 0; c0 < C; c0 += CB) {
-    const int64_t cc = std::min(CB, C - c0);
-    const float *b0 = buf + c0, *b1 = b0 + C, *b2 = b1 + C, *b3 = b2 + C;
-    const float *b4 = b3 + C, *b5 = b4 + C, *b6 = b5 + C, *b7 = b6 + C;
-    for (int64_t r = 0; r < R; ++r) {
-      const float* m = M + r * C + c0;
-      float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
-      for (int64_t k = 0; k < cc; ++k) {
-        const float mk = m[k];
-        s0 += b0[k] * mk;
-        s1 += b1[k] * mk;
-        s2 += b2[k] * mk;
-        s3 += b3[k] * mk;
-        s4 += b4[k] * mk;
-        s5 += b5[k] * mk;
-        s6 += b6[k] * mk;
-        s7 += b7[k] * mk;
-      }
-      const float s[RB] = {s0, s1, s2, s3, s4, s5, s6, s7};
-      for (int64_t j = 0; j < RB; ++j) part[j * R + r] += s[j];
-    }
-  }
+  for (int64_t c0 = 0; c0 < C; c0 += CB) cpu::dot_rows8(buf + c0, C, std::min(CB, C - c0), M + c0, C, R, part);
 }
 
 // out[j*C + c] = Σ_r coef[j*R + r] · M[r*C + c]  (M is R×C).

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../lora_linear.h"
+#include "llmkern/cpu_dot.h"
 #include "llmkern/cpu_float.h"
 #include "llmkern/registration.h"
 #include "llmkern/rng.h"
@@ -29,7 +30,7 @@ namespace {
 // per 8 tokens. Columns per chunk: an 8×512 fp32 tile (16 KiB) plus a 512-wide factor row stay in
 // the 32 KiB L1d of the Zen 4 dev machine. (4 rows and whole rows measured 11-40 ms per pass at
 // T=2048, C=4096, R=16, L2-bound; see bench/ops/bench_lora.py --profile.)
-constexpr int64_t RB = 8;
+constexpr int64_t RB = cpu::kDotRows;
 constexpr int64_t CB = 512;
 
 template <typename T>
@@ -107,31 +108,6 @@ inline void load_tile(const T* src, int64_t K, int64_t n0, int64_t nr, int64_t k
   }
 }
 
-// part[j*R + r] += Σ_k buf[j, k] · M[r, k0 + k] for the RB rows of a tile (M is R×K).
-template <typename A>
-inline void tile_dot(const A* buf, int64_t kc, const A* M, int64_t K, int64_t k0, int64_t R, A* part) {
-  const A *b0 = buf, *b1 = buf + CB, *b2 = buf + 2 * CB, *b3 = buf + 3 * CB;
-  const A *b4 = buf + 4 * CB, *b5 = buf + 5 * CB, *b6 = buf + 6 * CB, *b7 = buf + 7 * CB;
-  for (int64_t r = 0; r < R; ++r) {
-    const A* m = M + r * K + k0;
-    A s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
-    for (int64_t k = 0; k < kc; ++k) {
-      const A mk = m[k];
-      s0 += b0[k] * mk;
-      s1 += b1[k] * mk;
-      s2 += b2[k] * mk;
-      s3 += b3[k] * mk;
-      s4 += b4[k] * mk;
-      s5 += b5[k] * mk;
-      s6 += b6[k] * mk;
-      s7 += b7[k] * mk;
-    }
-    const A s[RB] = {s0, s1, s2, s3, s4, s5, s6, s7};
-    for (int64_t j = 0; j < RB; ++j) part[j * R + r] += s[j];
-  }
-}
-
 // out (RB, CB) = Σ_r coef[j, r] · M[r, c0 + c]  (M is R×C, coef is RB×R; zero rows give zero).
 template <typename A>
 inline void tile_lowrank(const A* coef, int64_t R, const A* M, int64_t C, int64_t c0, int64_t cc, A* out) {
@@ -196,7 +172,7 @@ void forward_down(const T* x, int64_t N, int64_t K, const A* a, int64_t R, const
       for (int64_t k0 = 0; k0 < K; k0 += CB) {
         const int64_t kc = std::min(CB, K - k0);
         load_tile(x, K, n0, nr, k0, kc, d, buf.data(), mult.data());
-        tile_dot(buf.data(), kc, a, K, k0, R, part.data());
+        cpu::dot_rows8(buf.data(), CB, kc, a + k0, K, R, part.data());
       }
       for (int64_t j = 0; j < nr; ++j) std::copy_n(part.data() + j * R, R, xa + (n0 + j) * R);
     }
@@ -239,7 +215,7 @@ void backward_gy(const T* gy, int64_t N, int64_t C, const A* bt, int64_t R, A sc
       for (int64_t c0 = 0; c0 < C; c0 += CB) {
         const int64_t cc = std::min(CB, C - c0);
         load_tile(gy, C, n0, nr, c0, cc, none, buf.data(), static_cast<A*>(nullptr));
-        tile_dot(buf.data(), cc, bt, C, c0, R, part.data());
+        cpu::dot_rows8(buf.data(), CB, cc, bt + c0, C, R, part.data());
         tile_outer(buf.data(), cc, coef.data(), R, gpart.data(), C, c0);
       }
       for (int64_t j = 0; j < nr; ++j)

@@ -25,6 +25,7 @@
 
 #include "../adapter_bottleneck.h"
 #include "llmkern/activation.h"
+#include "llmkern/column_reduce.cuh"
 #include "llmkern/element.cuh"
 #include "llmkern/launch.cuh"
 #include "llmkern/registration.h"
@@ -38,6 +39,7 @@ constexpr int kRowThreads = 256;  // row kernels: 8 warps per row
 constexpr int kRowWarps = kRowThreads / kWarp;
 constexpr int kRC = 8;            // ranks per register chunk
 constexpr int kLanes = 8;         // wgrad/colgrad block: 32 columns × 8 row lanes
+static_assert(kWarp == cuda::kColumns, "the wgrad grid is ceil(K / kWarp) blocks of kWarp columns");
 
 struct Dev {
   int64_t N, C, R;
@@ -196,38 +198,17 @@ template <typename T>
 __global__ void adapter_wgrad_kernel(Dev p, const float* __restrict__ U, const T* __restrict__ src, bool ln_src,
                                      const float* __restrict__ mean, const float* __restrict__ rstd,
                                      int64_t rows_per_block, float* __restrict__ P) {
-  __shared__ float red[kLanes][kRC][kWarp];
-  const int tx = threadIdx.x % kWarp, ty = threadIdx.x / kWarp;
-  const int64_t C = p.C, R = p.R;
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kWarp + tx;
+  const int64_t C = p.C;
   const int64_t n_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
   const int64_t n_end = n_begin + rows_per_block < p.N ? n_begin + rows_per_block : p.N;
-  float* Pb = P + static_cast<int64_t>(blockIdx.y) * R * C;
-  for (int64_t r0 = 0; r0 < R; r0 += kRC) {
-    float acc[kRC];
-#pragma unroll
-    for (int j = 0; j < kRC; ++j) acc[j] = 0.f;
-    if (k < C) {
-      for (int64_t n = n_begin + ty; n < n_end; n += kLanes) {
-        float v = Elem<T>::load(src[n * C + k]);
-        if (ln_src) v = (v - mean[n]) * rstd[n] * p.lnw[k] + p.lnb[k];
-#pragma unroll
-        for (int j = 0; j < kRC; ++j)
-          if (r0 + j < R) acc[j] += U[n * R + r0 + j] * v;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kRC; ++j) red[ty][j][tx] = acc[j];
-    __syncthreads();
-    // Thread (ty, tx) sums rank r0+ty of column k over the 8 row lanes.
-    if (k < C && r0 + ty < R) {
-      float s = 0.f;
-#pragma unroll
-      for (int l = 0; l < kLanes; ++l) s += red[l][ty][tx];
-      Pb[(r0 + ty) * C + k] = s;
-    }
-    __syncthreads();  // red is rewritten by the next chunk
-  }
+  float* Pb = P + static_cast<int64_t>(blockIdx.y) * p.R * C;
+  cuda::column_reduce<kLanes, kRC>(
+      U, p.R, C, n_begin, n_end,
+      [&](int64_t n, int64_t k) {
+        const float v = Elem<T>::load(src[n * C + k]);
+        return ln_src ? (v - mean[n]) * rstd[n] * p.lnw[k] + p.lnb[k] : v;
+      },
+      [&](int64_t r, int64_t k, float s) { Pb[r * C + k] = s; });
 }
 
 // Q[blockIdx.y, 0..3, c] = (s·Σ g, Σ gh·x̂, Σ gh) over this block's rows; gh = gz·D. Rows 1-2 only with LN.

@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "../lora_linear.h"
+#include "llmkern/column_reduce.cuh"
 #include "llmkern/element.cuh"
 #include "llmkern/launch.cuh"
 #include "llmkern/registration.h"
@@ -27,7 +28,8 @@ constexpr int kRowsDotWarps = 8;  // 256 threads: one row per warp
 constexpr int kRC = 8;            // ranks per register chunk in rows_dot and wgrad
 constexpr int kUpRows = 4;        // rows per block iteration in add_lowrank
 constexpr int kUpThreads = 256;
-constexpr int kWgradLanes = 8;    // wgrad block: 32 columns × 8 row lanes (= kRC)
+constexpr int kWgradLanes = 8;    // wgrad block: 32 columns × 8 row lanes (= kRC; llmkern/column_reduce.cuh)
+static_assert(kWarp == cuda::kColumns, "the wgrad grid is ceil(K / kWarp) blocks of kWarp columns");
 
 template <typename T, typename A>
 __global__ void lora_rows_dot_kernel(const T* __restrict__ src, int64_t N, int64_t K, const A* __restrict__ M,
@@ -95,35 +97,14 @@ __global__ void lora_add_lowrank_kernel(T* __restrict__ dst, int64_t N, int64_t 
 template <typename T, typename A>
 __global__ void lora_wgrad_kernel(const A* __restrict__ U, const T* __restrict__ src, int64_t N, int64_t K,
                                   int64_t R, A alpha, DropoutParams d, int64_t rows_per_block, A* __restrict__ G) {
-  __shared__ A red[kWgradLanes][kRC][kWarp];
-  const int tx = threadIdx.x % kWarp, ty = threadIdx.x / kWarp;
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kWarp + tx;
   const int64_t n_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
   const int64_t n_end = n_begin + rows_per_block < N ? n_begin + rows_per_block : N;
-  for (int64_t r0 = 0; r0 < R; r0 += kRC) {
-    A acc[kRC];
-#pragma unroll
-    for (int j = 0; j < kRC; ++j) acc[j] = A(0);
-    if (k < K) {
-      for (int64_t n = n_begin + ty; n < n_end; n += kWgradLanes) {
-        const A v = Elem<T>::load(src[n * K + k]) * dropout_mult<A>(d, static_cast<uint64_t>(n * K + k));
-#pragma unroll
-        for (int j = 0; j < kRC; ++j)
-          if (r0 + j < R) acc[j] += U[n * R + r0 + j] * v;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kRC; ++j) red[ty][j][tx] = acc[j];
-    __syncthreads();
-    // Thread (ty, tx) sums rank r0+ty of column k over the 8 row lanes.
-    if (k < K && r0 + ty < R) {
-      A s = A(0);
-#pragma unroll
-      for (int l = 0; l < kWgradLanes; ++l) s += red[l][ty][tx];
-      atomicAdd(G + (r0 + ty) * K + k, alpha * s);
-    }
-    __syncthreads();  // red is rewritten by the next chunk
-  }
+  cuda::column_reduce<kWgradLanes, kRC>(
+      U, R, K, n_begin, n_end,
+      [&](int64_t n, int64_t k) {
+        return Elem<T>::load(src[n * K + k]) * dropout_mult<A>(d, static_cast<uint64_t>(n * K + k));
+      },
+      [&](int64_t r, int64_t k, A s) { atomicAdd(G + r * K + k, alpha * s); });
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

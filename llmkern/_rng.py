@@ -1,5 +1,6 @@
 """The dropout RNG and the optimizers' stochastic rounding in pure PyTorch: the bit-exact twin of
-csrc/include/llmkern/rng.h.
+csrc/include/llmkern/rng.h. A leaf module (it imports torch only): the ops' references use it, and the
+Triton kernels (triton_kernels/_rng.py, the same hash in Triton) take their host-side keys from it.
 
 The mask of element i of a row-major (N, C) view is a function of (seed, offset + i) only, so every
 backend (C++, CUDA, Triton, this reference) draws the same mask, and backward regenerates it
@@ -27,6 +28,12 @@ def seed_key(seed: int) -> int:
     """32-bit key for a 64-bit seed (rng.h: seed_key)."""
     s = seed & 0xFFFFFFFFFFFFFFFF
     return _fmix32_int((s & _M32) ^ _fmix32_int((s >> 32) ^ 0x9E3779B9))
+
+
+def as_int32(key: int) -> int:
+    """A 32-bit key as the signed int32 with the same bits: how the Triton kernels take it (an i32
+    argument bitcast to uint32 inside)."""
+    return key - (1 << 32) if key >= (1 << 31) else key
 
 
 dropout_key = seed_key  # rng.h: dropout_key

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmkern.ops import multi_tensor_sumsq as M
+from llmkern.ops.multi_tensor_sumsq import UNAVAILABLE, multi_tensor_sumsq
 from llmkern.ops._backends import BackendRefused
 from llmkern.testing import assert_close_to_ref
 
@@ -15,7 +15,19 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _emu():
-    return pytest.param("emu", marks=pytest.mark.skipif("emu" in M.UNAVAILABLE, reason=M.UNAVAILABLE.get("emu", "")))
+    return pytest.param("emu", marks=pytest.mark.skipif("emu" in UNAVAILABLE, reason=UNAVAILABLE.get("emu", "")))
+
+
+NAMESPACES = ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif("emu" in UNAVAILABLE, reason=UNAVAILABLE.get("emu", ""))),
+              pytest.param("llmkern_triton", marks=pytest.mark.skipif("triton" in UNAVAILABLE,
+                                                                      reason=UNAVAILABLE.get("triton", "")))]
+
+
+def namespace(ns, request):
+    """torch.ops.<ns>; the Triton op runs its kernels in the interpreter on CPU tensors."""
+    if ns == "llmkern_triton":
+        request.getfixturevalue("triton_interpret")
+    return getattr(torch.ops, ns)
 
 
 BACKENDS = ["cpu", "triton", "ref", _emu()]
@@ -45,7 +57,7 @@ def oracle(ts):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_fp64_oracle(backend, dtype):
     ts = make_tensors(dtype)
-    out = M.multi_tensor_sumsq(ts, backend=backend)
+    out = multi_tensor_sumsq(ts, backend=backend)
     assert out.dtype == torch.float32 and out.shape == (1,) and out.device == ts[0].device
     # baseline: plain PyTorch in fp32 (the squares of the 16-bit values are exact in fp32)
     base = sum(t.float().pow(2).sum() for t in ts).reshape(1)
@@ -59,7 +71,7 @@ def test_many_tensors_span_several_launch_tables(backend):
     partials of several launches and dtype buckets land in their own slots."""
     g = torch.Generator().manual_seed(3)
     ts = [torch.randn(1 + (7 * j) % 131, generator=g).to(DTYPES[j % 3]) for j in range(300)]
-    out = M.multi_tensor_sumsq(ts, backend=backend)
+    out = multi_tensor_sumsq(ts, backend=backend)
     base = sum(t.float().pow(2).sum() for t in ts).reshape(1)
     assert_close_to_ref(out, oracle(ts), base, name=backend)
 
@@ -78,7 +90,7 @@ def test_non_finite_element_gives_non_finite_sum(backend, dtype, bad, where):
         ts[j].fill_(float(bad))
     else:
         ts[j].view(-1)[i] = float(bad)
-    out = M.multi_tensor_sumsq(ts, backend=backend)
+    out = multi_tensor_sumsq(ts, backend=backend)
     if bad == "nan":
         assert torch.isnan(out).all(), out
     else:
@@ -90,12 +102,12 @@ def test_non_finite_element_gives_non_finite_sum(backend, dtype, bad, where):
 def test_largest_fp16_values_stay_finite(backend):
     """65504^2 = 4.3e9 per element: finite in the fp32 accumulator (the fp16 norm would be inf)."""
     ts = [torch.full((4097,), 65504.0, dtype=torch.float16)]
-    out = M.multi_tensor_sumsq(ts, backend=backend)
+    out = multi_tensor_sumsq(ts, backend=backend)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), oracle(ts), rtol=1e-6, atol=0)
 
 
-@pytest.mark.skipif("emu" in M.UNAVAILABLE, reason=M.UNAVAILABLE.get("emu", ""))
+@pytest.mark.skipif("emu" in UNAVAILABLE, reason=UNAVAILABLE.get("emu", ""))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_kernel_is_schedule_independent(dtype, monkeypatch):
     """The block reduction (warp shuffles, shared memory, __syncthreads) under the forward, reverse
@@ -105,30 +117,31 @@ def test_emulated_kernel_is_schedule_independent(dtype, monkeypatch):
     outs = []
     for schedule in ("forward", "reverse", "random:7"):
         monkeypatch.setenv("LLMKERN_EMU_SCHEDULE", schedule)
-        outs.append(M.multi_tensor_sumsq(ts, backend="emu"))
+        outs.append(multi_tensor_sumsq(ts, backend="emu"))
         assert_close_to_ref(outs[-1], oracle(ts), base, name=f"emu {schedule}")
     assert all(torch.equal(outs[0], o) for o in outs[1:]), outs
 
 
-@pytest.mark.parametrize("ns", ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif(
-    "emu" in M.UNAVAILABLE, reason=M.UNAVAILABLE.get("emu", "")))])
-def test_opcheck(ns):
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_opcheck(ns, request):
     finite = [torch.randn(97).half(), torch.randn(33, 17).bfloat16(), torch.randn(9, 4).t()]
-    torch.library.opcheck(getattr(torch.ops, ns).multi_tensor_sumsq.default, (finite,))
+    torch.library.opcheck(namespace(ns, request).multi_tensor_sumsq.default, (finite,))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("ns", ["llmkern", NAMESPACES[2]])
+def test_torch_compile_fullgraph(ns, request):
     ts = [torch.randn(97), torch.randn(33, 17).half()]
+    op = namespace(ns, request).multi_tensor_sumsq
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def norm(xs):
-        return torch.ops.llmkern.multi_tensor_sumsq(xs).sqrt()
+        return op(xs).sqrt()
 
-    torch.testing.assert_close(norm(ts), M.multi_tensor_sumsq(ts, backend="cpu").sqrt(), rtol=0, atol=0)
+    torch.testing.assert_close(norm(ts), op(ts).sqrt(), rtol=0, atol=0)
 
 
 def test_empty_list_is_zero():
-    out = M.multi_tensor_sumsq([])
+    out = multi_tensor_sumsq([])
     assert out.shape == (1,) and float(out) == 0.0
 
 
@@ -143,6 +156,6 @@ def test_bad_input(backend, what, message):
     ts = [torch.randn(5), torch.randn(10)]
     ts[1] = {"strided": ts[1][::2], "float64": ts[1].double(), "meta": ts[1].to("meta")}[what]
     with pytest.raises(ValueError if what == "meta" else RuntimeError, match=message):
-        M.multi_tensor_sumsq(ts, backend=backend)
+        multi_tensor_sumsq(ts, backend=backend)
     with pytest.raises(BackendRefused, match="dtype torch.float64"):  # the first tensor is probed
-        M.multi_tensor_sumsq([torch.randn(3).double()], backend=backend)
+        multi_tensor_sumsq([torch.randn(3).double()], backend=backend)

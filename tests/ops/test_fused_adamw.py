@@ -65,6 +65,18 @@ def run(backend, case, steps=3, coef=0.5, decoupled=True):
     return case
 
 
+NAMESPACES = ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif("emu" in F.UNAVAILABLE, reason=F.UNAVAILABLE.get("emu", ""))),
+              pytest.param("llmkern_triton", marks=pytest.mark.skipif("triton" in F.UNAVAILABLE,
+                                                                      reason=F.UNAVAILABLE.get("triton", "")))]
+
+
+def namespace(ns, request):
+    """torch.ops.<ns>; the Triton op runs its kernels in the interpreter on CPU tensors."""
+    if ns == "llmkern_triton":
+        request.getfixturevalue("triton_interpret")
+    return getattr(torch.ops, ns)
+
+
 def backends():
     out = ["cpu", "ref"]
     out.append(pytest.param("emu", marks=pytest.mark.skipif("emu" in F.UNAVAILABLE,
@@ -138,20 +150,23 @@ def test_grad_coef_is_unscale_times_clip():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_opcheck(ns, request):
     case = make_case(COMBOS[1], shapes=[(97,), "t(33, 17)"], amsgrad=True)
     args = (*case, *scalars(2.0), 1e-2, 0.9, 0.999, 1e-8, 0.01, True)
-    torch.library.opcheck(torch.ops.llmkern.fused_adamw_.default, args)
+    torch.library.opcheck(namespace(ns, request).fused_adamw_.default, args)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("ns", ["llmkern", NAMESPACES[2]])
+def test_torch_compile_fullgraph(ns, request):
     case = make_case(COMBOS[1], shapes=[(97,), (33, 5)])
     expect = clone(case)
-    F.fused_adamw_(*expect, *scalars(), **HP, backend="cpu")
+    op = namespace(ns, request).fused_adamw_
+    F.fused_adamw_(*expect, *scalars(), **HP, backend="cpu" if ns == "llmkern" else "triton")
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(params, grads, m, v, vmax, copies, s, fi, c):
-        torch.ops.llmkern.fused_adamw_(params, grads, m, v, vmax, copies, s, fi, c, 3e-2, 0.9, 0.99, 1e-8, 0.1, True)
+        op(params, grads, m, v, vmax, copies, s, fi, c, 3e-2, 0.9, 0.99, 1e-8, 0.1, True)
 
     step(*case, *scalars())
     for la, lb in zip(case, expect):
@@ -303,13 +318,12 @@ def test_stochastic_rounding_is_unbiased(backend, request):
     assert error_in_ulps(nearest[2][0], values).max() > 0.1  # the bound separates the two
 
 
-@pytest.mark.parametrize("ns", ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif(
-    "emu" in F.UNAVAILABLE, reason=F.UNAVAILABLE.get("emu", "")))])
-def test_opcheck_stochastic_rounding(ns):
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_opcheck_stochastic_rounding(ns, request):
     case = make_case((torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16), shapes=[(97,), "t(33, 17)"],
                      amsgrad=True)
     args = (*case, *scalars(2.0), 1e-2, 0.9, 0.999, 1e-8, 0.01, True, True, -5)
-    torch.library.opcheck(getattr(torch.ops, ns).fused_adamw_.default, args)
+    torch.library.opcheck(namespace(ns, request).fused_adamw_.default, args)
 
 
 def test_state_rounding_bad_input():

@@ -51,6 +51,18 @@ def flat(lst):
     return torch.cat([t.reshape(-1).double() for t in lst]).to(lst[0].dtype) if lst else torch.zeros(0)
 
 
+NAMESPACES = ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif("emu" in S.UNAVAILABLE, reason=S.UNAVAILABLE.get("emu", ""))),
+              pytest.param("llmkern_triton", marks=pytest.mark.skipif("triton" in S.UNAVAILABLE,
+                                                                      reason=S.UNAVAILABLE.get("triton", "")))]
+
+
+def namespace(ns, request):
+    """torch.ops.<ns>; the Triton op runs its kernels in the interpreter on CPU tensors."""
+    if ns == "llmkern_triton":
+        request.getfixturevalue("triton_interpret")
+    return getattr(torch.ops, ns)
+
+
 BACKENDS = ["cpu", "ref", "triton", pytest.param("emu", marks=pytest.mark.skipif("emu" in S.UNAVAILABLE,
                                                                                    reason=S.UNAVAILABLE.get("emu", "")))]
 
@@ -84,21 +96,22 @@ def test_overflow_step_changes_nothing(backend, request):
             assert torch.equal(b, a)
 
 
-@pytest.mark.parametrize("ns", ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif(
-    "emu" in S.UNAVAILABLE, reason=S.UNAVAILABLE.get("emu", "")))])
-def test_opcheck(ns):
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_opcheck(ns, request):
     case = make_case(COMBOS[1], 0.9)
-    torch.library.opcheck(getattr(torch.ops, ns).fused_sgd_.default, (*case, *scalars(2), 0.05, 0.9, 0.1, 0.01, False))
+    torch.library.opcheck(namespace(ns, request).fused_sgd_.default, (*case, *scalars(2), 0.05, 0.9, 0.1, 0.01, False))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("ns", ["llmkern", NAMESPACES[2]])
+def test_torch_compile_fullgraph(ns, request):
     case = make_case(COMBOS[1], 0.9)
     expect = [[t.clone() for t in lst] for lst in case]
-    S.fused_sgd_(*expect, *scalars(2), **HPS[0], backend="cpu")
+    op = namespace(ns, request).fused_sgd_
+    S.fused_sgd_(*expect, *scalars(2), **HPS[0], backend="cpu" if ns == "llmkern" else "triton")
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(params, grads, bufs, copies, st, fi, c):
-        torch.ops.llmkern.fused_sgd_(params, grads, bufs, copies, st, fi, c, 0.05, 0.9, 0.1, 0.01, False)
+        op(params, grads, bufs, copies, st, fi, c, 0.05, 0.9, 0.1, 0.01, False)
 
     step(*case, *scalars(2))
     for la, lb in zip(case, expect):
