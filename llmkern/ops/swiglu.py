@@ -97,22 +97,15 @@ def _register(op: str) -> dict[str, str]:
 UNAVAILABLE = {**_register("swiglu"), **_register("geglu")}
 
 
-def _call(op: str, gate, up, *extra, backend):
-    chosen = _backends.choose(op, [gate, up], DTYPES, backend, supported=SUPPORTED)
-    if chosen == "ref":
-        return None
-    return _backends.op(op, chosen)(gate, up, *extra)
-
-
 def swiglu(gate, up, *, backend: _backends.Backend | None = None):
     """``silu(gate)·up`` (see the module docstring)."""
     _check("swiglu", gate, up)
-    out = _call("swiglu", gate, up, backend=backend)
-    return swiglu_ref(gate, up) if out is None else out
+    chosen = _backends.choose("swiglu", [gate, up], DTYPES, backend, supported=SUPPORTED)
+    return _backends.run("swiglu", chosen, swiglu_ref, gate, up)
 
 
 def geglu(gate, up, approximate: Approximate = "tanh", *, backend: _backends.Backend | None = None):
     """``gelu(gate, approximate)·up`` (see the module docstring)."""
     _check("geglu", gate, up, approximate)
-    out = _call("geglu", gate, up, approximate, backend=backend)
-    return geglu_ref(gate, up, approximate) if out is None else out
+    chosen = _backends.choose("geglu", [gate, up], DTYPES, backend, supported=SUPPORTED)
+    return _backends.run("geglu", chosen, geglu_ref, gate, up, approximate)

@@ -115,8 +115,8 @@ def test_every_label_ignored_and_empty(backend):
 
 
 def test_chunk_size_for():
-    assert chunk_size_for(2048, 128256, 2, 256 << 20) == 1024  # 256 MiB of bf16 logits
-    assert chunk_size_for(2048, 32000, 2, 256 << 20) == 2048  # everything fits: one chunk
+    assert chunk_size_for(2048, 128256, 2, 128 << 20) == 512  # 128 MiB of bf16 logits
+    assert chunk_size_for(2048, 32000, 2, 128 << 20) == 2048  # everything fits: one chunk
     assert chunk_size_for(1000, 1000, 4, 4000 * 300) == 250  # 300 rows fit: 4 equal chunks, not 300+300+300+100
     assert chunk_size_for(10, 10 ** 9, 2, 1) == 1
 
