@@ -1,14 +1,23 @@
 """The benchmark harness shared by every ``bench/**/bench_*.py`` script.
 
-Method (shared/research/baselines.md): this VM's absolute times drift by 15-50 % between runs, while
-ratios between candidates that run interleaved in one process are stable to about ±0.05-0.1. So:
+Method: absolute times on these shared 2-core VMs drift by 15-50 % between runs, while ratios
+between candidates that run interleaved in one process are stable to about ±0.05-0.1. So:
 
 - :func:`wait_for_quiet_cpu` waits until other processes use less than ``max_share`` of the CPU;
 - :func:`measure` warms every candidate up, then runs them round-robin, rotating the order every
   round, and returns per-candidate medians plus **per-round paired ratios** (a ratio is the median of
   the per-round ratios, so drift that hits a whole round cancels);
+- a :class:`Ratio` states one comparison of llmkern with a peer measured in the same run: its value
+  (the median over rounds), its spread (the min and max over rounds: the noise band that
+  ``llmkern bench --compare`` uses), the goal and whether higher is better;
 - the CPU share other processes took *during* the measurement is recorded as ``contention``;
-- :func:`write_results` writes ``bench/results/<name>.csv`` and ``.json`` in one schema.
+- :func:`write_results` writes ``<results>/<name>.json``, ``<name>.csv`` and ``<name>.ratios.csv``
+  in one schema (SCHEMA_VERSION), each with the environment (CPU model and ISA, versions, load).
+
+A distributed benchmark declares the rank counts it runs at with a module-level line
+``TORCHRUN_NPROC = (2, 4)``; ``llmkern bench`` reads it (without importing the script) and starts the
+script under ``python -m torch.distributed.run --standalone --nproc-per-node N`` once per count. Every
+script takes ``--quick`` (seconds, for the smoke test in ``make test``); rank 0 writes the results.
 """
 from __future__ import annotations
 
@@ -18,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,9 +35,16 @@ from typing import Callable
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-# The columns every results file has, in this order; a script's extra fields follow, sorted.
+# Version of the results files' layout: 2 added ratios, the spread and the environment columns.
+SCHEMA_VERSION = 2
+# The columns every results row has, in this order; a script's extra fields follow, sorted.
 SCHEMA = ("op", "candidate", "dtype", "shape", "mode", "median_ms", "ratio_vs_baseline", "baseline",
           "gbytes_per_s", "gflops")
+# The fields of a ratio record (Ratio.to_dict), in this order.
+RATIO_FIELDS = ("name", "value", "lo", "hi", "peer", "goal", "higher_is_better", "met")
+# Appended to every CSV line (rows and ratios), so that one CSV file on its own tells an Intel run
+# from an AMD run, and the lines of several runs can be concatenated.
+ENV_COLUMNS = ("cpu", "cpu_isa", "timestamp", "git_commit")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +139,70 @@ class Measurement:
         return min(r), max(r)
 
 
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """The min, median and max of one quantity over the interleaved rounds of a measurement."""
+    min: float
+    median: float
+    max: float
+
+    @classmethod
+    def of(cls, values) -> "Spread":
+        v = [float(x) for x in values]
+        if not v:
+            raise ValueError("a spread needs at least one value")
+        return cls(min(v), statistics.median(v), max(v))
+
+
+@dataclass(kw_only=True, slots=True)
+class Ratio:
+    """One comparison of llmkern with a peer measured in the same run, and its goal.
+
+    The orientation is the bench's choice and is stated by ``higher_is_better``: a speed-up
+    (peer time / llmkern time) is higher-is-better, a time or memory fraction (llmkern / peer) is
+    lower-is-better."""
+
+    name: str
+    """What is compared, unique within its results file, e.g. "fwd+bwd bf16 p=0.05: overhead / PEFT's"."""
+    value: float
+    """The ratio: the median of the per-round values when it comes from timed rounds."""
+    peer: str
+    """The peer or bound it is taken against, e.g. "peft", "torch AdamW(fused=True)", "roofline"."""
+    goal: float | None = None
+    """The value to reach (>= goal when higher_is_better, else <= goal); None: reported only."""
+    higher_is_better: bool = True
+    """Whether a larger value is the better one."""
+    lo: float | None = None
+    """The smallest per-round value (None for a deterministic count, e.g. bytes)."""
+    hi: float | None = None
+    """The largest per-round value (None for a deterministic count)."""
+
+    @classmethod
+    def from_rounds(cls, name: str, values, **kw) -> "Ratio":
+        """A ratio whose value is the median of per-round `values` and whose spread is their range."""
+        sp = Spread.of(values)
+        return cls(name=name, value=sp.median, lo=sp.min, hi=sp.max, **kw)
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the goal is reached (None when there is no goal)."""
+        if self.goal is None:
+            return None
+        return self.value >= self.goal if self.higher_is_better else self.value <= self.goal
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "value": self.value, "lo": self.lo, "hi": self.hi, "peer": self.peer,
+                "goal": self.goal, "higher_is_better": self.higher_is_better, "met": self.met}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Ratio":
+        return cls(**{k: d.get(k) for k in ("name", "value", "peer", "goal", "lo", "hi")},
+                   higher_is_better=bool(d.get("higher_is_better", True)))
+
+    def describe_goal(self) -> str:
+        return "-" if self.goal is None else f"{'>=' if self.higher_is_better else '<='} {self.goal:g}"
+
+
 def measure(candidates: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 1, rounds: int = 5,
             sync: Callable[[], None] | None = None) -> Measurement:
     """Times each zero-argument callable: `warmup` untimed calls each, then `rounds` rounds in which
@@ -211,71 +290,93 @@ def saved_storages(fn: Callable[[], object], exclude=()) -> dict[int, int]:
 # ---------------------------------------------------------------------------------------------
 # Environment and results
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+# Started when the script imports the harness: `contention_script` in the environment block is the
+# CPU share other processes took over the script's whole life, warm-up and setup included.
+_SCRIPT_METER = ContentionMeter().start()
 
 
 def environment(contention: float | None = None, **extra) -> dict:
-    """The environment block of a results file. `contention`: the largest CPU share other processes
-    took during any measurement of the run (None where /proc/stat is unavailable)."""
-    import torch
+    """The environment block of a results file:
 
-    env = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": _git_commit(),
-           "torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_model(),
-           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "contention": contention,
-           "argv": sys.argv}
-    try:
-        import llmkern
-        env["llmkern"] = llmkern.__version__
-    except ImportError:
-        env["llmkern"] = None
+    - ``cpu``: model, vendor, ISA flags, cores, torch's CPU capability and threads;
+    - ``versions``: llmkern, torch, triton, numpy and the peers (transformers, peft, accelerate,
+      deepspeed), None where not installed;
+    - ``contention``: the largest CPU share other processes took during any measurement (the
+      script passes it; None where /proc/stat is unavailable); ``contention_script``: the same over
+      the script's whole life; ``load_after``: load averages and a 0.5 s busy/steal/idle sample;
+    - ``timestamp``, ``git_commit``, ``python``, ``argv``, and the script's `extra` fields.
+    """
+    from llmkern import bench_env
+
+    env = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "git_commit": bench_env.git_commit(ROOT), "python": platform.python_version(),
+           "cpu": bench_env.cpu(), "versions": bench_env.versions(), "contention": contention,
+           "contention_script": _SCRIPT_METER.stop(), "load_after": bench_env.load(0.5), "argv": sys.argv}
     env.update(extra)
     return env
 
 
 def results_dir() -> Path:
-    """``bench/results``, or ``$LLMKERN_BENCH_RESULTS`` (tests write to a temporary folder)."""
+    """``bench/results``, or ``$LLMKERN_BENCH_RESULTS`` (``llmkern bench`` and the tests set it)."""
     return Path(os.environ.get("LLMKERN_BENCH_RESULTS", BENCH_DIR / "results"))
 
 
-def write_results(name: str, rows: list[dict], env: dict) -> tuple[Path, Path]:
-    """Writes ``<results>/<name>.csv`` (the rows, SCHEMA columns first) and ``<name>.json``
-    (``{"name", "env", "rows"}``). Missing schema fields are written empty / null."""
+def write_results(name: str, rows: list[dict], env: dict, ratios=()) -> tuple[Path, Path]:
+    """Writes, under results_dir():
+
+    - ``<name>.json``: ``{"schema": SCHEMA_VERSION, "name", "env", "rows", "ratios"}``, every row with
+      the SCHEMA fields first (null where missing) and every ratio as Ratio.to_dict();
+    - ``<name>.csv``: the rows, SCHEMA columns first, then the script's extra fields sorted, then
+      ENV_COLUMNS;
+    - ``<name>.ratios.csv`` (when there are ratios): RATIO_FIELDS, then ENV_COLUMNS.
+
+    Returns the paths of the rows CSV and the JSON."""
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     extra = sorted({k for r in rows for k in r} - set(SCHEMA))
     cols = list(SCHEMA) + extra
     full = [{c: r.get(c) for c in cols} for r in rows]
+    ratio_dicts = [r.to_dict() if isinstance(r, Ratio) else Ratio.from_dict(r).to_dict() for r in ratios]
+    names = [r["name"] for r in ratio_dicts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{name}: ratio names must be unique within a results file, got {names}")
+    env_cols = csv_env_columns(env)
     csv_path, json_path = out / f"{name}.csv", out / f"{name}.json"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in full:
-            w.writerow({k: _fmt_csv(v) for k, v in r.items()})
-    json_path.write_text(json.dumps({"name": name, "env": env, "rows": full}, indent=1, default=str) + "\n")
+    _write_csv(csv_path, cols, full, env_cols)
+    if ratio_dicts:
+        _write_csv(out / f"{name}.ratios.csv", list(RATIO_FIELDS), ratio_dicts, env_cols)
+    doc = {"schema": SCHEMA_VERSION, "name": name, "env": env, "rows": full, "ratios": ratio_dicts}
+    json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     return csv_path, json_path
 
 
-def _fmt_csv(v):
+def csv_env_columns(env: dict) -> dict:
+    cpu = env.get("cpu") if isinstance(env.get("cpu"), dict) else {}
+    return {"cpu": cpu.get("model"), "cpu_isa": " ".join(cpu.get("isa", [])),
+            "timestamp": env.get("timestamp"), "git_commit": env.get("git_commit")}
+
+
+def _write_csv(path: Path, cols: list[str], rows: list[dict], env_cols: dict) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols + [c for c in ENV_COLUMNS if c not in cols])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: csv_value(r.get(k)) for k in cols}, **env_cols})
+
+
+def format_ratios(ratios) -> str:
+    """A plain-text table of Ratio records: value [min-max over rounds], goal, met / MISSED / -."""
+    rows = []
+    for r in ratios:
+        r = r if isinstance(r, Ratio) else Ratio.from_dict(r)
+        spread = "-" if r.lo is None else f"{r.lo:.3g} .. {r.hi:.3g}"
+        status = {None: "-", True: "met", False: "MISSED"}[r.met]
+        rows.append({"ratio": r.name, "peer": r.peer, "value": f"{r.value:.3g}", "rounds min-max": spread,
+                     "goal": r.describe_goal(), "status": status})
+    return format_table(rows, ["ratio", "peer", "value", "rounds min-max", "goal", "status"]) if rows else "(no ratios)"
+
+
+def csv_value(v):
     if v is None:
         return ""
     if isinstance(v, float):

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import llmkern.peft as lp
 
 METHODS = {
-    "lora": lambda m: lp.apply_lora(m, lp.LoraConfig(r=8, alpha=16, target_modules="all-linear")),
+    "lora": lambda m: lp.apply_lora(m, lp.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")),
     "adapter": lambda m: lp.apply_adapters(m, lp.AdapterConfig(bottleneck=16)),
     "prefix": lambda m: lp.apply_prefix_tuning(m, lp.PrefixTuningConfig(num_virtual_tokens=8, projection=True)),
     "prompt": lambda m: lp.apply_prompt_tuning(m, lp.PromptTuningConfig(num_virtual_tokens=8)),

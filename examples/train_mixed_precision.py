@@ -6,7 +6,8 @@ A small MLP is trained with fp16 (or bf16) weights and gradients. FusedAdamW kee
 weights and, in one fused pass per step, unscales, checks for overflow, clips, updates the masters
 and moments and writes the 16-bit weights. With fp16 the DynamicLossScaler starts at 2^16 and
 doubles after every 50 clean steps; a step whose gradients overflow is skipped (nothing changes,
-not even the lr schedule) and halves the scale. The script prints the loss, the loss scale and the number of skipped steps.
+not even the lr schedule) and halves the scale. The script prints the loss, the gradient norm, the
+loss scale and the number of skipped steps.
 """
 from __future__ import annotations
 
@@ -39,17 +40,22 @@ def main() -> None:
             loss = (model(xb.to(dtype)).float() - yb).pow(2).mean() / len(chunks)
             (scaler.scale(loss) if scaler else loss).backward()
             total += loss.item()
-        opt.clip_grad_norm_(1.0, loss_scaler=scaler)
+        # The clip applies inside the next step's fused update; the norm is that of the unscaled
+        # gradients (the scaler hands its scale to the optimizer).
+        norm = scaler.clip_grad_norm_(opt, 1.0) if scaler else opt.clip_grad_norm_(1.0)
         if scaler:
-            scaler.step(opt, lr_scheduler=sched)
+            scaler.step(opt, lr_scheduler=sched)   # a skipped step advances neither the weights nor the lr
             scaler.update()
         else:
-            opt.step(lr_scheduler=sched)
+            opt.step()
+            if not opt.last_step_skipped:          # a non-finite gradient norm skips the step
+                sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == 1:
             extra = (f"  loss scale {scaler.get_scale():9.0f}  skipped steps {scaler.overflow_steps}"
                      if scaler else "")
-            print(f"step {step:4d}  loss {total:.4f}  lr {sched.get_last_lr()[0]:.2e}{extra}")
+            print(f"step {step:4d}  loss {total:.4f}  grad norm {float(norm):.3f}  "
+                  f"lr {sched.get_last_lr()[0]:.2e}{extra}")
 
 
 if __name__ == "__main__":

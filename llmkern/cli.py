@@ -1,4 +1,4 @@
-"""`llmkern info | train | bench`.
+"""llmkern's command line: `llmkern info | bench | train`.
 
 `info` tells what was built, which backends can run here and why the others cannot, and what the
 CPU offers. It never raises because something is missing: it says so.
@@ -6,7 +6,6 @@ CPU offers. It never raises because something is missing: it says so.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import re
 import shutil
@@ -14,25 +13,14 @@ import subprocess
 import sys
 
 
-def _cpu_isa() -> dict[str, str]:
-    flags: set[str] = set()
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-                elif line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    vec = [name for flag, name in (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512F"),
-                                   ("avx512bw", "AVX-512BW"), ("avx512_bf16", "AVX-512-BF16"),
-                                   ("avx512_fp16", "AVX-512-FP16"), ("amx_bf16", "AMX-BF16")) if flag in flags]
-    import torch
-    return {"model": model, "vector ISA": ", ".join(vec) or "none of AVX2/AVX-512",
-            "torch CPU capability": torch.backends.cpu.get_cpu_capability(),
-            "cores (torch threads)": f"{os.cpu_count()} ({torch.get_num_threads()})"}
+def _cpu_lines() -> dict[str, str]:
+    from llmkern import bench_env
+
+    cpu = bench_env.cpu()
+    return {"model": f"{cpu['model']} ({cpu['vendor'] or 'vendor unknown'})",
+            "vector ISA": " ".join(cpu["isa"]) or "none of " + ", ".join(bench_env.ISA_FLAGS),
+            "torch CPU capability": cpu.get("torch_capability", "?"),
+            "cores (torch threads)": f"{cpu['cores']} ({cpu.get('torch_threads', '?')})"}
 
 
 def _nvcc_version() -> str:
@@ -56,7 +44,7 @@ def _nccl_version() -> str:
         return f"unavailable ({type(e).__name__}: {e})"
 
 
-def info(kernels: bool = False) -> str:
+def info(kernels: bool = False, all_configs: bool = False) -> str:
     import torch
 
     import llmkern
@@ -77,7 +65,7 @@ def info(kernels: bool = False) -> str:
               f"  triton    {triton_v}",
               f"  nvcc      {_nvcc_version()}",
               f"  NCCL      {_nccl_version()} (torch's)",
-              f"  GPU       {torch.cuda.get_device_name(0) if gpu else 'none visible'}",
+              f"  GPU       {torch.cuda.get_device_name(0) if gpu else _no_gpu()}",
               "", "extensions"]
     for name, what in _ext.EXTENSIONS.items():
         mod = _ext.load(name)
@@ -96,32 +84,74 @@ def info(kernels: bool = False) -> str:
         if b == "cuda" and not gpu:
             reasons = ["no CUDA device is visible"] + [r for r in reasons if "meta" not in r]
         lines.append(f"  {b:7s} {'usable' if not reasons else 'not usable: ' + '; '.join(reasons)}")
-    lines += ["", "cpu"] + [f"  {k:22s} {v}" for k, v in _cpu_isa().items()]
+    lines += ["", "cpu"] + [f"  {k:22s} {v}" for k, v in _cpu_lines().items()]
     if kernels:
-        lines += ["", "kernels (registers / spills / shared memory from ptxas, sm_80 and sm_90)"]
+        lines += ["", "kernels (registers / spills / shared memory from ptxas, sm_80 and sm_90; cached under "
+                      "build/kernel_report)"]
         try:
-            from llmkern import kernel_report
-            lines.append(kernel_report.format_report(kernel_report.triton_report() + kernel_report.nvcc_report()))
+            from llmkern import kernel_report as kr
+            rows = kr.triton_report() + kr.nvcc_report()
+            lines.append(kr.format_report(rows) if all_configs else kr.format_summary(rows))
+            bad = kr.spilling(rows)
+            lines.append(f"{len(rows)} compiled variants, {len(bad)} spilling"
+                         + ("" if all_configs else "; --all-configs lists every one"))
         except Exception as e:
             lines.append(f"  unavailable: {type(e).__name__}: {e}")
     return "\n".join(lines)
 
 
+def _no_gpu() -> str:
+    """CUDA's absence in info's own words (torch's own "No CUDA runtime is found" warning is not shown)."""
+    if torch_cuda_built():
+        return "none visible: CUDA kernels are compiled and checked statically (nvcc, ptxas), not run"
+    return "none: this torch is a CPU-only build"
+
+
+def torch_cuda_built() -> bool:
+    import torch
+
+    return torch.version.cuda is not None
+
+
+EXAMPLES = """examples:
+  llmkern info                      what was built, which backends run here and why the others do not
+  llmkern info --kernels            registers / spills / shared memory per GPU kernel (from ptxas)
+  llmkern bench ops --quick         the op benchmarks in seconds; ratios against PEFT and eager PyTorch
+  llmkern bench all --out DIR       every benchmark, CSV/JSON/PNG under DIR
+  llmkern train --method lora       the demo fine-tune (make demo); llmkern train --help for its flags
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llmkern", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = argparse.ArgumentParser(prog="llmkern", description=__doc__.splitlines()[0],
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{info,bench,train}")
     p_info = sub.add_parser("info", help="versions, extensions, usable backends, CPU ISA")
     p_info.add_argument("--kernels", action="store_true",
-                        help="also compile every kernel for sm_80/sm_90 and list registers, spills, smem")
-    sub.add_parser("train", help="the demo fine-tune (examples/finetune_lora.py); extra args are passed on",
+                        help="also a per-kernel summary of registers, spills and shared memory for sm_80/sm_90 "
+                             "(compiled once, then read from the cache under build/kernel_report)")
+    p_info.add_argument("--all-configs", action="store_true",
+                        help="with --kernels: one row per compiled configuration instead of one per kernel")
+    sub.add_parser("bench", help="run the benchmarks against the peers; llmkern bench --help", add_help=False)
+    sub.add_parser("train", help="the demo fine-tune of a tiny Llama (make demo); llmkern train --help",
+                   add_help=False)
+    sub.add_parser("plan", help="a pipeline schedule's timeline, bubble and memory (llmkern plan --help)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "info":
-        print(info(kernels=args.kernels))
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        print(info(kernels=args.kernels, all_configs=args.all_configs))
         return 0
+    if args.cmd == "bench":
+        from llmkern import bench
+        return bench.main(rest)
     if args.cmd == "train":
         from llmkern import demo
         return demo.main(rest)
+    if args.cmd == "plan":
+        from llmkern.parallel import plan
+        return plan.main(rest)
     return 2
 
 

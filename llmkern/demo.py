@@ -29,7 +29,6 @@ The loss is taken on the target tokens only. The exit code is 0 only when the ac
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import llmkern.peft as lp
+from llmkern.peft.report import count_parameters
 
 # Vocabulary: the ten digits, then the specials: padding, begin, separator, end, and two task tokens.
 PAD, BOS, SEP, EOS, COPY, REV = 10, 11, 12, 13, 14, 15
@@ -315,12 +315,14 @@ def train(model: nn.Module, task: Task, tasks: tuple[str, ...], phase: Phase, se
         tokens, mask = task.batch(tasks, per_rank)
         loss = target_loss(run, tokens, mask)
         (scaler.scale(loss) if scaler else loss).backward()  # DDP's buckets are all-reduced during this
-        opt.clip_grad_norm_(1.0, loss_scaler=scaler)          # applied inside the fused step
+        opt.clip_grad_norm_(1.0)                              # applied inside the fused step
         if scaler:
             scaler.step(opt, lr_scheduler=sched)  # a skipped step advances neither the weights nor the lr
             scaler.update()
         else:
-            opt.step(lr_scheduler=sched)
+            opt.step()
+            if not opt.last_step_skipped:         # a non-finite gradient norm skips the step
+                sched.step()
         opt.zero_grad(set_to_none=True)
         if step % setup.log_every == 0 or step == phase.steps - 1:
             last = d.mean(loss.item())  # every rank logs at the same steps, so this collective matches
@@ -339,11 +341,6 @@ def train(model: nn.Module, task: Task, tasks: tuple[str, ...], phase: Phase, se
         stats.update(comm_mib=s.bytes_sent / 2**20, comm_seconds=s.comm_seconds, overlap=s.overlap_fraction)
         ddp.close()
     return stats
-
-
-def count(model: nn.Module) -> tuple[int, int]:
-    ps = list(model.parameters())
-    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -443,7 +440,7 @@ def run(args: argparse.Namespace, d: Dist) -> int:
 
     # 1. The base: full fp32 training on the COPY and REV tasks.
     model = build_base(setup, args.seed)
-    _, total = count(model)
+    _, total = count_parameters(model)
     say(f"\n[1/3] pretraining the base on COPY and REV tasks: {total:,} parameters, {setup.layers} "
         f"layers, hidden {setup.hidden}, {setup.pretrain.steps} steps of {setup.batch} sequences")
     pre = train(model, task, ("copy", "reverse_marked"), setup.pretrain, setup, d, "pretrain", loss_scaling=False)
@@ -461,7 +458,7 @@ def run(args: argparse.Namespace, d: Dist) -> int:
     torch.manual_seed(args.seed + 2)
     config = method_config(args)
     report = apply_method(model, args.method, config)
-    trainable, total = count(model)
+    trainable, total = count_parameters(model)
     scaling = dtype == torch.float16  # bf16 has fp32's exponent range and needs no loss scaling
     say(f"\n[2/3] {args.method} fine-tuning to reverse without a task token ({args.dtype} weights, fp32 masters in FusedAdamW"
         f"{', dynamic loss scaling' if scaling else ''}): {len(report.replaced)} modules, "

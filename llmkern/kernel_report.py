@@ -11,7 +11,10 @@ Both cache their rows under build/kernel_report/, keyed by a hash of the sources
 version: one .cu with torch headers takes about a minute on 2 cores. A row is
 {kernel, config, arch, registers, spill_stores, spill_loads, shared_bytes}.
 
-    python -m llmkern.kernel_report [--no-triton] [--no-nvcc] [--no-cache] [sources.cu ...]
+By default one summary line per kernel (register range, worst spill, largest shared memory);
+--all-configs lists every compiled configuration.
+
+    python -m llmkern.kernel_report [--no-triton] [--no-nvcc] [--no-cache] [--all-configs] [sources.cu ...]
 """
 from __future__ import annotations
 
@@ -249,9 +252,24 @@ def _site_include(name: str) -> list[str]:
     return []
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without the "No CUDA runtime is found" warning it logs on a
+    machine without a GPU: that is the expected case here, and `llmkern info` says it in its own words."""
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
+
+
 def nvcc_flags(archs=ARCHS) -> list[str]:
     """The flags nvcc_report compiles with (include paths included)."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     flags = ["-std=c++20", "-O3", "-Xptxas", "-v"]
     for a in archs:
@@ -342,10 +360,52 @@ def spilling(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["spill_stores"] or r["spill_loads"]]
 
 
+def short_name(kernel: str) -> str:
+    """`void llmkern::ops::detail::lora_fwd_kernel<float, 64>(const float*, ...)` -> `lora_fwd_kernel`."""
+    depth, out = 0, []
+    for ch in kernel:  # drop template arguments and the parameter list, however nested
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)":
+            depth -= 1
+        elif depth == 0:
+            out.append(ch)
+    return "".join(out).split()[-1].split("::")[-1] if "".join(out).split() else kernel
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per kernel (its short name and where it comes from): how many compiled variants, the
+    register range, the worst spill (bytes stored + loaded) and the largest shared memory."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        # nvcc rows carry the .cu path as config; Triton rows a constexpr list: the kernel is its own key.
+        source = r["config"] if str(r["config"]).endswith(".cu") else "triton"
+        groups.setdefault((short_name(r["kernel"]), source), []).append(r)
+    out = []
+    for (name, source), rs in groups.items():
+        regs = [r["registers"] for r in rs if r["registers"] is not None]
+        out.append({"kernel": name, "source": source, "variants": len(rs),
+                    "archs": ",".join(sorted({str(r["arch"]).replace("sm_", "") for r in rs})),
+                    "registers": f"{min(regs)}-{max(regs)}" if regs else "?",
+                    "worst_spill": max(r["spill_stores"] + r["spill_loads"] for r in rs),
+                    "max_shared_bytes": max(r["shared_bytes"] for r in rs)})
+    return sorted(out, key=lambda r: (r["source"], r["kernel"]))
+
+
+def format_summary(rows: list[dict]) -> str:
+    """A Markdown table of summarize(rows): one line per kernel."""
+    head = ["kernel", "source", "variants", "sm", "registers", "worst spill B", "max smem B"]
+    keys = ["kernel", "source", "variants", "archs", "registers", "worst_spill", "max_shared_bytes"]
+    return _markdown(head, [[str(r[k]) for k in keys] for r in summarize(rows)])
+
+
 def format_report(rows: list[dict]) -> str:
     """A Markdown table of the rows."""
     head = ["kernel", "config", "arch", "regs", "spill st", "spill ld", "smem B"]
-    body = [[str(r[f]) for f in FIELDS] for r in rows]
+    return _markdown(head, [[str(r[f]) for f in FIELDS] for r in rows])
+
+
+def _markdown(head: list[str], body: list[list[str]]) -> str:
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
 
     def line(cells):
@@ -360,13 +420,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--no-nvcc", action="store_true")
     ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--all-configs", action="store_true",
+                    help="one row per compiled configuration and arch (default: one row per kernel)")
     args = ap.parse_args(argv)
     rows = []
     if not args.no_triton:
         rows += triton_report(use_cache=not args.no_cache)
     if not args.no_nvcc:
         rows += nvcc_report(args.sources or None, use_cache=not args.no_cache)
-    print(format_report(rows))
+    print(format_report(rows) if args.all_configs else format_summary(rows))
     bad = spilling(rows)
     if bad:
         print(f"\n{len(bad)} kernel(s) spill registers:\n" + format_report(bad))

@@ -8,6 +8,11 @@ Markers (declared in pyproject.toml):
 The `device` parameter gives "cpu" to every test that takes it, plus "cuda" when the test is marked
 `cuda`; without a GPU the "cuda" case is skipped and the "cpu" case still runs. A `cuda`-marked test
 that does not take `device` is skipped whole. Use it as `def test_x(device): ...`.
+
+Another CPU's GEMM summation order, for checking that numerical tests do not depend on this one
+(tolerances.py's docstring): LLMKERN_TEST_MKLDNN=0 turns oneDNN off (bf16/fp16 matmuls take
+another kernel), OMP_NUM_THREADS=1 changes how MKL splits long fp32 reductions, and MKL_CBWR=AVX2
+or COMPATIBLE makes MKL run the code path of an AVX2-only (e.g. AMD) or a generic x86 CPU.
 """
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ if _INTERPRET:
     enable_triton_interpreter()
 
 _SEED = 0
+
+if os.environ.get("LLMKERN_TEST_MKLDNN", "1") == "0":
+    torch.backends.mkldnn.enabled = False
 
 
 _NO_GPU = "cuda marker: torch.cuda.is_available() is False on this machine"

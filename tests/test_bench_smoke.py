@@ -1,70 +1,88 @@
-"""bench_lora.py and bench_adapter.py --quick run and write their CSV and JSON in the harness's schema."""
+"""`llmkern bench all --quick`: every real benchmark runs (the distributed ones under torchrun at each of
+their rank counts), writes its results in the harness's schema with the environment block, and the
+run ends with the summary table, bench.json, ratios.csv and the plots. Minutes: marked slow."""
+from __future__ import annotations
+
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from llmkern import bench
+
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import _harness as harness  # noqa: E402
 
 
-def test_bench_lora_quick_writes_results(tmp_path):
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
     pytest.importorskip("peft")
-    env = dict(os.environ, LLMKERN_BENCH_RESULTS=str(tmp_path),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "bench/ops/bench_lora.py"), "--quick"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "overhead" in proc.stdout
-    rows = list(csv.DictReader(open(tmp_path / "lora_quick.csv")))
-    sys.path.insert(0, str(ROOT / "bench"))
-    from _harness import SCHEMA
-    assert list(rows[0])[:len(SCHEMA)] == list(SCHEMA)
-    assert {r["candidate"] for r in rows} == {"frozen_linear", "peft", "llmkern"}
-    assert all(float(r["median_ms"]) > 0 for r in rows)
-    data = json.loads((tmp_path / "lora_quick.json").read_text())
-    for key in ("torch", "cpu", "torch_threads", "contention", "timestamp", "git_commit"):
-        assert key in data["env"]
-    assert len(data["rows"]) == len(rows)
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "llmkern", "bench", "all", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    return proc, out
 
 
-def test_bench_peft_methods_quick_writes_results(tmp_path):
-    pytest.importorskip("peft")
-    env = dict(os.environ, LLMKERN_BENCH_RESULTS=str(tmp_path),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "bench/peft/bench_methods.py"), "--quick"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = {r["candidate"]: r for r in csv.DictReader(open(tmp_path / "peft_methods_quick.csv"))}
-    assert set(rows) == {"full", "lora_llmkern", "lora_peft", "adapter", "prefix", "prompt", "ptuning"}
-    assert all(float(r["median_ms"]) > 0 for r in rows.values())
-    # The same LoRA config trains the same parameters through llmkern and PEFT; every method trains fewer
-    # parameters than full fine-tuning, and prompt tuning the fewest (16 tokens x hidden 64).
-    assert rows["lora_llmkern"]["trainable_params"] == rows["lora_peft"]["trainable_params"]
-    assert int(rows["prompt"]["trainable_params"]) == 16 * 64
-    full = int(rows["full"]["trainable_params"])
-    assert all(int(r["trainable_params"]) < full for k, r in rows.items() if k != "full")
-    assert "LoRA step time llmkern / PEFT" in proc.stdout
+def test_every_benchmark_ran_and_passed(quick_run):
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    doc = json.loads((out / "bench.json").read_text())
+    expected = [j.name for j in bench.discover(ROOT / "bench", bench.SUITES)]
+    assert [r["name"] for r in doc["runs"]] == expected
+    assert all(r["rc"] == 0 for r in doc["runs"])
+    for name in expected:  # one line per run
+        assert f"ok         {name}" in proc.stdout
+    # every run wrote at least one results document; the distributed ones one per rank count
+    for r in doc["runs"]:
+        assert r["results"], f"{r['name']} wrote no results (log: {r['log']})"
+    ring = {d["name"] for d in doc["results"] if d["name"].startswith("ring_all_reduce")}
+    assert ring == {"ring_all_reduce_w2", "ring_all_reduce_w4"}
 
 
-def test_bench_adapter_quick_writes_results(tmp_path):
-    env = dict(os.environ, LLMKERN_BENCH_RESULTS=str(tmp_path),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "bench/ops/bench_adapter.py"), "--quick"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "llmkern vs eager" in proc.stdout
-    rows = list(csv.DictReader(open(tmp_path / "adapter_quick.csv")))
-    sys.path.insert(0, str(ROOT / "bench"))
-    from _harness import SCHEMA
-    assert list(rows[0])[:len(SCHEMA)] == list(SCHEMA)
-    assert {r["candidate"] for r in rows} == {"eager", "llmkern"}
-    assert {(r["dtype"], r["mode"]) for r in rows} == {(d, m) for d in ("fp32", "bf16") for m in ("fwd", "fwd+bwd")}
-    assert all(float(r["median_ms"]) > 0 for r in rows)
-    saved = {r["candidate"]: int(r["saved_bytes"]) for r in rows if r["mode"] == "fwd+bwd" and r["dtype"] == "fp32"}
-    assert saved["llmkern"] < saved["eager"]
-    data = json.loads((tmp_path / "adapter_quick.json").read_text())
-    assert len(data["rows"]) == len(rows) and len(data["env"]["summary"]) == 4
+def test_results_hold_the_environment(quick_run):
+    _, out = quick_run
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["env"]["quick"] is True and doc["env"]["cpu"]["isa"] is not None
+    for d in doc["results"]:
+        env = d["env"]
+        assert env["cpu"]["model"] and isinstance(env["cpu"]["isa"], list), d["name"]
+        assert env["versions"]["torch"] and "peft" in env["versions"] and "deepspeed" in env["versions"]
+        assert "loadavg" in env["load_after"] and env["timestamp"]
+    # the per-benchmark CSVs carry the CPU in every line, so an Intel run can be told from an AMD run
+    for path in (out / "raw").rglob("*.csv"):
+        lines = list(csv.DictReader(open(path)))
+        assert lines and all(line["cpu"] == doc["env"]["cpu"]["model"] for line in lines), path
+
+
+def test_the_converted_benches_state_ratios_with_spreads_and_goals(quick_run):
+    _, out = quick_run
+    doc = json.loads((out / "bench.json").read_text())
+    by_name = {d["name"]: d for d in doc["results"]}
+    for name in ("lora_quick", "adapter_quick", "peft_methods_quick", "optim_fused_adamw_quick"):
+        ratios = by_name[name]["ratios"]
+        assert ratios, name
+        assert all(list(r) == list(harness.RATIO_FIELDS) for r in ratios)
+        timed = [r for r in ratios if r["lo"] is not None]
+        assert timed and all(r["lo"] <= r["value"] <= r["hi"] for r in timed), name
+    goals = {r["name"]: r for r in by_name["lora_quick"]["ratios"] if r["goal"] is not None}
+    assert goals["fp32 p=0.05: saved bytes / PEFT's"]["goal"] == 0.5
+    # llmkern keeps x and the (T, R) product where PEFT keeps dropout(x) and its mask: just over half
+    assert 0.5 <= goals["fp32 p=0.05: saved bytes / PEFT's"]["value"] < 0.6
+    adamw = {r["name"]: r for r in by_name["optim_fused_adamw_quick"]["ratios"]}
+    assert adamw["mixed fp16 step speed-up over the torch composition"]["goal"] == 1.5
+
+
+def test_summary_table_csv_and_plots(quick_run):
+    proc, out = quick_run
+    assert "summary: llmkern against the peers measured in the same run" in proc.stdout
+    n = sum(len(d["ratios"]) for d in json.loads((out / "bench.json").read_text())["results"])
+    assert f"{n} ratios:" in proc.stdout
+    assert len(list(csv.DictReader(open(out / "ratios.csv")))) == n
+    for png in ("ratios_ops.png", "ratios_optim.png", "ratios_peft.png", "ring_bandwidth.png"):
+        data = (out / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png

@@ -13,7 +13,9 @@ Modes: ``fwd`` (under no_grad) and ``fwd+bwd`` (h requires grad, every adapter p
 a fixed grad output; grads set to None every call). ``saved_bytes``: bytes of the tensors autograd
 saves for backward in one forward (parameters excluded, each storage once), with and without the
 input h (which the series form needs either way).
-Before timing, llmkern's output is checked against the eager module's.
+Before timing, llmkern's output is checked against the eager module's. Ratios (bench/_harness.Ratio):
+speed-up over eager (and compiled) per dtype and mode, median and min-max of the per-round ratios,
+and saved bytes / eager's; reported without a goal.
 
     python bench/ops/bench_adapter.py            # T=2048, C=4096, R=64 (about 1-2 minutes)
     python bench/ops/bench_adapter.py --quick    # small sizes, seconds (the smoke test)
@@ -28,8 +30,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _harness import (environment, format_table, fwd_bwd_call, fwd_call, measure, saved_storages,  # noqa: E402
-                      wait_for_quiet_cpu, write_results)
+from _harness import (Ratio, environment, format_ratios, format_table, fwd_bwd_call, fwd_call,  # noqa: E402
+                      measure, saved_storages, wait_for_quiet_cpu, write_results)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = f"T={T},C={C},R={R}"
     print(f"bench_adapter: {shape}, series + LayerNorm, {args.activation}, threads {threads}, {rounds} rounds")
 
-    rows, summary, contention = [], [], []
+    rows, ratios, contention = [], [], []
     first_wait = True
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
@@ -150,26 +152,25 @@ def main(argv: list[str] | None = None) -> int:
                     row["saved_ratio_vs_eager"] = sb[n][0] / sb["eager"][0]
                     row["saved_bytes_beyond_input"] = sb[n][1]
                 rows.append(row)
-            summary.append({"dtype": dname, "mode": mode, "speedup_vs_eager": 1 / res.ratio("llmkern", "eager"),
-                            "speedup_vs_compiled": (1 / res.ratio("llmkern", "compiled")) if args.compiled else None,
-                            "saved_MiB_llmkern": sb["llmkern"][0] / 2**20, "saved_MiB_eager": sb["eager"][0] / 2**20,
-                            "saved_ratio": sb["llmkern"][0] / sb["eager"][0],
-                            "beyond_input_ratio": sb["llmkern"][1] / sb["eager"][1]})
+            for peer in [n for n in mods if n != "llmkern"]:
+                ratios.append(Ratio.from_rounds(f"{dname} {mode}: speed-up over {peer}",
+                                                [1 / r for r in res.round_ratios("llmkern", peer)], peer=peer))
+        # llmkern keeps z (T, R) fp32 and mean/rstd (T); eager keeps LN(h), z, act(z) and its LN statistics.
+        ratios.append(Ratio(name=f"{dname}: saved bytes / eager's", value=sb["llmkern"][0] / sb["eager"][0],
+                            peer="eager", higher_is_better=False))
+        ratios.append(Ratio(name=f"{dname}: saved bytes beyond the input / eager's",
+                            value=sb["llmkern"][1] / sb["eager"][1], peer="eager", higher_is_better=False))
         del mods, h, gy
 
     worst = max((c for c in contention if c is not None), default=None)
-    env = environment(contention=worst, contention_per_measurement=contention, rounds=rounds, summary=summary,
-                      activation=args.activation)
-    csv_path, json_path = write_results(name, rows, env)
+    env = environment(contention=worst, contention_per_measurement=contention, rounds=rounds,
+                      activation=args.activation, quick=args.quick)
+    csv_path, json_path = write_results(name, rows, env, ratios)
     print()
     print(format_table(rows, ["candidate", "dtype", "mode", "median_ms", "ratio_vs_baseline", "ratio_min",
                               "ratio_max", "gbytes_per_s", "gflops", "saved_bytes", "saved_ratio_vs_eager"]))
-    print("\nllmkern vs eager (speedup = eager time / llmkern time, median of paired per-round ratios); "
-          "saved bytes: one forward's autograd saves, input h included")
-    print(format_table(summary, ["dtype", "mode", "speedup_vs_eager", "speedup_vs_compiled", "saved_MiB_llmkern",
-                                 "saved_MiB_eager", "saved_ratio", "beyond_input_ratio"]))
-    print("saved_ratio: llmkern/eager saved bytes with the input h counted; beyond_input_ratio: without it "
-          "(llmkern keeps z (T, R) fp32 and mean/rstd (T); eager keeps LN(h), z, act(z) and its LN statistics)")
+    print("\nllmkern against eager PyTorch, measured in this run (speed-up = eager time / llmkern time)")
+    print(format_ratios(ratios))
     print(f"\ncontention (largest share of the CPU other processes took during a measurement): "
           f"{'n/a' if worst is None else f'{worst:.0%}'}")
     print(f"wrote {csv_path} and {json_path}")

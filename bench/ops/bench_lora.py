@@ -1,7 +1,7 @@
 """LoRA linear on CPU: llmkern's fused ``LoRALinear`` vs PEFT's ``lora.Linear`` vs the frozen base layer.
 
-Setup (as in shared/research/baselines.md §4): a C×C ``nn.Linear`` without bias, T tokens, rank R,
-alpha 2R, dropout p ∈ {0, 0.05}, fp32 and bf16, torch threads 2.
+Setup: a C×C ``nn.Linear`` without bias, T tokens, rank R, alpha 2R, dropout p ∈ {0, 0.05}, fp32 and
+bf16, torch threads 2.
 
 - ``fwd``: forward under ``no_grad`` in train mode (so dropout runs when p > 0).
 - ``fwd+bwd``: x requires grad, the base weight is frozen, a fixed grad output; backward computes
@@ -9,9 +9,11 @@ alpha 2R, dropout p ∈ {0, 0.05}, fp32 and bf16, torch threads 2.
 - ``saved_bytes``: bytes of the tensors autograd saves for backward during one forward, counted with
   ``torch.autograd.graph.saved_tensors_hooks``; parameters are excluded and each storage counts once.
 
-The three candidates run interleaved in one process (bench/_harness.py). Reported: each LoRA layer's
-overhead over the frozen base (median of per-round ratios, minus 1), llmkern's overhead as a fraction
-of PEFT's (target ≤ 0.5), and llmkern/PEFT saved bytes with p > 0 (target ≤ 0.5).
+The three candidates run interleaved in one process (bench/_harness.py). Ratios (bench/_harness.Ratio,
+median and min-max over the rounds): llmkern's overhead over the frozen base as a fraction of PEFT's
+(goal ≤ 0.5; per round (t_llmkern/t_base - 1) / (t_peft/t_base - 1), rounds where PEFT's overhead is
+within 0.5 % of the base left out), llmkern/PEFT time, and llmkern/PEFT saved bytes with p > 0 for one
+layer (goal ≤ 0.5) and for three layers reading the same x (q, k, v).
 
     python bench/ops/bench_lora.py            # C=4096, T=2048, R=16 (about 2-4 minutes)
     python bench/ops/bench_lora.py --quick    # small sizes, seconds (the smoke test)
@@ -26,8 +28,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _harness import (environment, format_table, fwd_bwd_call, fwd_call, measure, saved_storages,  # noqa: E402
-                      wait_for_quiet_cpu, write_results)
+from _harness import (Ratio, environment, format_ratios, format_table, fwd_bwd_call, fwd_call,  # noqa: E402
+                      measure, saved_storages, wait_for_quiet_cpu, write_results)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DROPOUTS = (0.0, 0.05)
@@ -107,7 +109,7 @@ def profile(mods: dict[str, nn.Module], x: torch.Tensor, gy: torch.Tensor, dname
                     run()
             ev = {e.key: e for e in prof.key_averages()}
 
-            def self_ms(*keys):
+            def self_ms(*keys, ev=ev):
                 return sum(ev[k].self_cpu_time_total for k in keys if k in ev) / 1e3 / calls
 
             gemm = self_ms("aten::mm", "aten::addmm")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = f"T={T},C={C},R={R}"
     print(f"bench_lora: {shape}, threads {threads}, {rounds} rounds, dropout {DROPOUTS}")
 
-    rows, summary, contention, shared = [], [], [], []
+    rows, ratios, contention = [], [], []
     first_wait = True
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
@@ -172,10 +174,6 @@ def main(argv: list[str] | None = None) -> int:
                                            "fused_fwd_passes_ms", "fused_bwd_passes_ms", "top_other"]))
             continue
         sb = {n: saved_bytes(m, x) for n, m in mods.items()}
-        p = max(DROPOUTS)
-        shared.append({"dtype": dname, "p": p, **{f"saved_MiB_{c}": saved_bytes(mods[f"{c} p={p:g}"], x, 3) / 2**20
-                                                   for c in ("llmkern", "peft")}})
-        shared[-1]["saved_ratio"] = shared[-1]["saved_MiB_llmkern"] / shared[-1]["saved_MiB_peft"]
         for mode in ("fwd", "fwd+bwd"):
             if wait > 0:
                 wait_for_quiet_cpu(0.15, timeout=wait if first_wait else wait / 4)
@@ -196,52 +194,55 @@ def main(argv: list[str] | None = None) -> int:
                        "contention": res.contention, "validation_rel_err": err if cand == "llmkern" else None}
                 if mode == "fwd+bwd":
                     row["saved_bytes"] = sb[n]
-                if cand == "llmkern":
-                    row["ratio_vs_peft"] = res.ratio(n, n.replace("llmkern", "peft"))
                 rows.append(row)
             for p in DROPOUTS:
-                ours, peft_n = f"llmkern p={p:g}", f"peft p={p:g}"
-                o_ll, o_pf = res.ratio(ours, "frozen_linear") - 1, res.ratio(peft_n, "frozen_linear") - 1
-                summary.append({"dtype": dname, "mode": mode, "p": p, "llmkern_overhead": o_ll,
-                                "peft_overhead": o_pf, "overhead_ratio": o_ll / o_pf if o_pf > 0.005 else None,
-                                "llmkern_vs_peft": res.ratio(ours, peft_n),
-                                "saved_ratio": sb[ours] / sb[peft_n] if mode == "fwd+bwd" else None,
-                                "saved_MiB_llmkern": sb[ours] / 2**20 if mode == "fwd+bwd" else None,
-                                "saved_MiB_peft": sb[peft_n] / 2**20 if mode == "fwd+bwd" else None})
+                ratios += overhead_ratios(res, dname, mode, p)
+        for p in DROPOUTS:
+            ours, theirs = f"llmkern p={p:g}", f"peft p={p:g}"
+            ratios.append(Ratio(name=f"{dname} p={p:g}: saved bytes / PEFT's", value=sb[ours] / sb[theirs],
+                                peer="peft", goal=0.5 if p > 0 else None, higher_is_better=False))
+        # q, k and v projections read the same x: llmkern saves it once, PEFT saves dropout(x) per layer.
+        p = max(DROPOUTS)
+        qkv = {c: saved_bytes(mods[f"{c} p={p:g}"], x, 3) for c in ("llmkern", "peft")}
+        ratios.append(Ratio(name=f"{dname} p={p:g}: saved bytes / PEFT's, 3 layers (q k v) on one x",
+                            value=qkv["llmkern"] / qkv["peft"], peer="peft", higher_is_better=False))
         del mods, x, gy
 
     if args.profile:
         return 0
     worst = max((c for c in contention if c is not None), default=None)
-    env = environment(contention=worst, contention_per_measurement=contention, rounds=rounds,
-                      summary=summary, saved_bytes_shared_input=shared)
-    csv_path, json_path = write_results(name, rows, env)
+    env = environment(contention=worst, contention_per_measurement=contention, rounds=rounds, quick=args.quick)
+    csv_path, json_path = write_results(name, rows, env, ratios)
     print()
     print(format_table(rows, ["candidate", "dtype", "mode", "dropout_p", "median_ms", "ratio_vs_baseline",
                               "ratio_min", "ratio_max", "gflops", "saved_bytes"]))
-    print("\noverhead over the frozen base layer (paired per-round ratios - 1); target: llmkern <= 0.5x PEFT's")
-    print(format_table(summary, ["dtype", "mode", "p", "llmkern_overhead", "peft_overhead", "overhead_ratio",
-                                 "llmkern_vs_peft", "saved_MiB_llmkern", "saved_MiB_peft", "saved_ratio"]))
-    for s in summary:
-        tag = f"  {s['dtype']} {s['mode']:7s} p={s['p']:<4g}"
-        if s["llmkern_overhead"] <= 0.005:
-            print(f"{tag} llmkern overhead {s['llmkern_overhead']:+.3f} (within noise of the base layer): met")
-        elif s["overhead_ratio"] is None:
-            print(f"{tag} overhead ratio n/a: PEFT's overhead {s['peft_overhead']:+.3f} is within noise")
-        else:
-            print(f"{tag} overhead ratio {s['overhead_ratio']:.2f}: {'met' if s['overhead_ratio'] <= 0.5 else 'MISSED'}")
-        if s["saved_ratio"] is not None and s["p"] > 0:
-            # llmkern saves x and the (T, R) fp32 xa; PEFT saves its dropout noise and dropout(x) (x itself is
-            # not needed by a frozen base), so one layer on its own gives 0.5 + (T·R·4)/(2·T·C·elt).
-            print(f"  {s['dtype']} saved bytes llmkern/PEFT at p={s['p']:g}: {s['saved_ratio']:.3f} "
-                  f"({'met' if s['saved_ratio'] <= 0.5 else 'MISSED'}, target <= 0.5; one layer: x + xa vs "
-                  f"noise + dropout(x))")
-    print("\nsaved bytes when three LoRA layers read the same x (q, k, v projections of one attention block):")
-    print(format_table(shared, ["dtype", "p", "saved_MiB_llmkern", "saved_MiB_peft", "saved_ratio"]))
+    # llmkern saves x and the (T, R) fp32 xa; PEFT saves its dropout noise and dropout(x) (x itself is not
+    # needed by a frozen base), so one layer on its own gives 0.5 + (T·R·4)/(2·T·C·elt), just above 0.5.
+    print("\nllmkern against PEFT, measured in this run (overhead = time / frozen base layer - 1)")
+    print(format_ratios(ratios))
     print(f"\ncontention (largest share of the CPU other processes took during a measurement): "
           f"{'n/a' if worst is None else f'{worst:.0%}'}")
     print(f"wrote {csv_path} and {json_path}")
     return 0
+
+
+def overhead_ratios(res, dname: str, mode: str, p: float) -> list[Ratio]:
+    """llmkern's overhead over the frozen base as a fraction of PEFT's (goal ≤ 0.5), and llmkern/PEFT time.
+
+    Per round: (t_llmkern/t_base - 1) / (t_peft/t_base - 1). A round where PEFT's overhead is within
+    0.5 % of the base says nothing about the fraction and is left out; no such round left, no ratio."""
+    ours, theirs = f"llmkern p={p:g}", f"peft p={p:g}"
+    tag = f"{dname} {mode} p={p:g}"
+    out = [Ratio.from_rounds(f"{tag}: time / PEFT's", res.round_ratios(ours, theirs), peer="peft",
+                             higher_is_better=False)]
+    per_round = [(a - 1) / (b - 1) for a, b in zip(res.round_ratios(ours, "frozen_linear"),
+                                                   res.round_ratios(theirs, "frozen_linear")) if b - 1 > 0.005]
+    if per_round:
+        out.append(Ratio.from_rounds(f"{tag}: overhead / PEFT's", per_round, peer="peft", goal=0.5,
+                                     higher_is_better=False))
+    else:
+        print(f"  {tag}: PEFT's overhead is within 0.5 % of the base in every round; no overhead fraction")
+    return out
 
 
 if __name__ == "__main__":

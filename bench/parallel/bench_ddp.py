@@ -1,14 +1,12 @@
-"""llmkern DistributedDataParallel against torch.nn.parallel.DistributedDataParallel, tiny Llama on gloo.
+"""llmkern DDP against torch DDP: step time of a tiny Llama (forward, backward, AdamW) on CPU/gloo.
 
     torchrun --nproc-per-node 2 bench/parallel/bench_ddp.py
 
-Model and batch as research/baselines.md §5: LlamaForCausalLM with hidden 256, 4 layers, 4 heads,
-intermediate 1024, vocab 1024 (4.72 M params), fp32, global batch 8×256 tokens, AdamW, full
-fine-tune. Every variant keeps its own model copy; variants are interleaved step by step so they
-see the same machine load. Step time is the maximum over ranks, median over steps. The llmkern rows
-include a bucket-size sweep and show the overlap fraction (share of communication time that ran
-before backward finished). Rank 0 prints ratios to torch DDP and writes
-bench/parallel/results/ddp_w<n>.{csv,json}.
+Every variant trains its own copy of the same model on the same batches; the variants take turns step
+by step (so all see the same machine load), each step timed as the maximum over ranks. Reported: the
+median step time, its ratio to torch DDP's (goal <= 1.0 at 2 ranks), tokens/s, the buckets, the
+fraction of communication hidden behind backward and the bytes each rank sent per step. Rank 0 prints
+the table and writes bench/results/ddp_w<n>.{csv,json}.
 """
 from __future__ import annotations
 
@@ -26,14 +24,19 @@ import torch.distributed as dist
 from llmkern.parallel import DDPConfig, DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _harness import environment, write_results  # noqa: E402
+from _harness import ContentionMeter, environment, format_table, write_results
+
+TORCHRUN_NPROC = (2, 4)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--buckets-mb", default="1,5,25")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--buckets-mb", default="5,25")
+    ap.add_argument("--quick", action="store_true", help="3 steps, one bucket size")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.buckets_mb = 3, "25"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -52,13 +55,18 @@ def main() -> None:
     variants["llmkern DDP all_reduce (25 MB)"] = DistributedDataParallel(copy.deepcopy(base),
                                                                          DDPConfig(comm="all_reduce"))
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in variants.items()}
-    per_rank = 8 // world
+    batch, seq = 8, 256
+    per_rank = batch // world
     times: dict[str, list[float]] = {k: [] for k in variants}
     losses = {}
+    meter = ContentionMeter().start()
     for step in range(args.steps + 1):  # step 0 is warm-up
         g = torch.Generator().manual_seed(step)
-        ids = torch.randint(0, 1024, (8, 256), generator=g)[rank * per_rank:(rank + 1) * per_rank]
-        for name, model in variants.items():
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)[rank * per_rank:(rank + 1) * per_rank]
+        names = list(variants)
+        names = names[step % len(names):] + names[:step % len(names)]  # none always runs first
+        for name in names:
+            model = variants[name]
             dist.barrier()
             t0 = time.perf_counter()
             loss = model(input_ids=ids, labels=ids).loss
@@ -71,28 +79,29 @@ def main() -> None:
                 times[name].append(dt.item())
             else:
                 losses[name] = loss.item()
-    ref = statistics.median(times["torch DDP (25 MB)"])
+    contention = meter.stop()
+    base_name = "torch DDP (25 MB)"
+    ref = statistics.median(times[base_name])
     rows = []
     for name, ts in times.items():
         model = variants[name]
         st = getattr(model, "stats", None)
-        rows.append({"variant": name, "world": world, "step_ms": statistics.median(ts) * 1e3,
-                     "step_ms_min": min(ts) * 1e3, "vs_torch_ddp": statistics.median(ts) / ref,
-                     "tokens_per_s": 8 * 256 / statistics.median(ts), "first_loss": losses[name],
-                     "buckets": len(model._buckets) if st else None,
+        med = statistics.median(ts)
+        rows.append({"op": "ddp_step", "candidate": name, "dtype": "float32", "shape": f"llama 4x256, {batch}x{seq}",
+                     "mode": f"world {world}", "median_ms": med * 1e3,
+                     "ratio_vs_baseline": med / ref if name != base_name else None,
+                     "baseline": base_name if name != base_name else None,
+                     "tokens_per_s": batch * seq / med, "step_ms_min": min(ts) * 1e3, "step_ms_max": max(ts) * 1e3,
+                     "first_loss": losses[name], "buckets": len(model.buffer.buckets) if st else None,
                      "overlap_fraction": st.overlap_fraction if st else None,
                      "comm_ms_per_step": st.comm_seconds / st.steps * 1e3 if st else None,
                      "mb_sent_per_step": st.last_step_bytes / 2**20 if st else None})
     if rank == 0:
-        print(f"{'variant':<32} {'step ms':>8} {'vs torch':>8} {'tok/s':>7} {'buckets':>7} {'overlap':>7} "
-              f"{'comm ms':>8} {'MiB sent':>8}")
-        for r in rows:
-            fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
-            print(f"{r['variant']:<32} {r['step_ms']:8.1f} {r['vs_torch_ddp']:8.2f} {r['tokens_per_s']:7.0f} "
-                  f"{fmt(r['buckets'], '7d')} {fmt(r['overlap_fraction'], '7.2f')} "
-                  f"{fmt(r['comm_ms_per_step'], '8.1f')} "
-                  f"{fmt(r['mb_sent_per_step'], '8.1f')}")
-        write_results(f"ddp_w{world}", rows, environment(world_size=world))
+        print(f"world {world}, load average {os.getloadavg()[0]:.1f}; ratio_vs_baseline = step time / torch DDP's "
+              f"(goal <= 1.0)")
+        print(format_table(rows, ["candidate", "median_ms", "ratio_vs_baseline", "tokens_per_s", "buckets",
+                                  "overlap_fraction", "comm_ms_per_step", "mb_sent_per_step"]))
+        write_results(f"ddp_w{world}", rows, environment(contention, world_size=world, loadavg=os.getloadavg()))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -17,6 +17,8 @@ bench/_harness.py), trainable parameters, bytes of the tensors autograd saves fo
 (``saved_tensors_hooks``; parameters excluded, each storage once), trainable-state bytes (parameter,
 gradient and two AdamW moments, fp32), and the peak resident memory of a fresh process that builds
 the model and runs 3 steps of that method alone (``VmHWM``; skipped with ``--quick``).
+Ratios (bench/_harness.Ratio, median and min-max of the per-round ratios): llmkern's LoRA step time
+and saved activations against PEFT's, and every method's step time against full fine-tuning.
 
     python bench/peft/bench_methods.py            # the sizes above (about 1-2 minutes)
     python bench/peft/bench_methods.py --quick    # a smaller model, seconds (the smoke test)
@@ -34,8 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _harness import (environment, format_table, measure, saved_storages, wait_for_quiet_cpu,  # noqa: E402
-                      write_results)
+from _harness import (Ratio, environment, format_ratios, format_table, measure, saved_storages,  # noqa: E402
+                      wait_for_quiet_cpu, write_results)
 
 METHODS = ("full", "lora_llmkern", "lora_peft", "adapter", "prefix", "prompt", "ptuning")
 FULL_SIZE = dict(hidden=256, layers=4, heads=4, intermediate=688, vocab=1024, batch=8, seq=128)
@@ -169,17 +171,23 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quick:
             row["peak_rss_mib"] = peak_rss(m, args.quick)["peak_rss_mib"]
         rows.append(row)
+    sb = {r["candidate"]: r["saved_mib"] for r in rows}
+    ratios = [Ratio.from_rounds("LoRA step time / PEFT's", meas.round_ratios("lora_llmkern", "lora_peft"),
+                                peer="peft", higher_is_better=False),
+              Ratio(name="LoRA saved activations / PEFT's", value=sb["lora_llmkern"] / sb["lora_peft"], peer="peft",
+                    higher_is_better=False)]
+    ratios += [Ratio.from_rounds(f"{m} step time / full fine-tuning's", meas.round_ratios(m, "full"),
+                                 peer="full fine-tuning", higher_is_better=False) for m in METHODS if m != "full"]
     cols = ["candidate", "median_ms", "ratio_vs_full", "trainable_params", "saved_mib", "state_mib"]
     cols += ["peak_rss_mib"] if not args.quick else []
     print(f"one training step, tiny Llama {size} (fp32, AdamW, torch threads {torch.get_num_threads()}, "
           f"contention {meas.contention if meas.contention is not None else float('nan'):.0%})")
     print(format_table(rows, cols))
-    ours = meas.ratio("lora_llmkern", "lora_peft")
-    print(f"\nLoRA step time llmkern / PEFT: {ours:.3f} (median of per-round ratios)")
-    sb = {r["candidate"]: r["saved_mib"] for r in rows}
-    print(f"LoRA saved activations llmkern / PEFT: {sb['lora_llmkern'] / sb['lora_peft']:.3f}")
+    print()
+    print(format_ratios(ratios))
     name = "peft_methods_quick" if args.quick else "peft_methods"
-    paths = write_results(name, rows, environment(meas.contention, size=size, rounds=rounds))
+    paths = write_results(name, rows, environment(meas.contention, size=size, rounds=rounds, quick=args.quick),
+                          ratios)
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0
 

@@ -29,12 +29,24 @@ class NcclComm : public torch::CustomClassHolder {
 
   static at::Tensor unique_id();
 
-  // Sums (op="sum") or averages (op="avg") the contiguous tensor x in place across the ranks.
-  // algo="ring": our ring of ncclSend/ncclRecv with ring_reduce_kernel; algo="nccl": ncclAllReduce.
-  // accumulate_fp32 (ring only, fp16/bf16): partial sums travel and are added in fp32, rounded to the
-  // buffer's dtype once. Returns the bytes this rank sent (for "nccl", the ring-equivalent count
-  // 2(world-1)/world of the buffer: NCCL chooses its own algorithm).
+  enum class Reduce { kSum, kAvg, kMax };
+
+  // Sums (op="sum"), averages (op="avg") or takes the elementwise maximum (op="max") of the contiguous
+  // tensor x in place across the ranks. algo="ring": our ring of ncclSend/ncclRecv with
+  // ring_reduce_kernel; algo="nccl": ncclAllReduce. accumulate_fp32 (ring only, fp16/bf16, sum/avg):
+  // partial sums travel and are added in fp32, rounded to the buffer's dtype once. Returns the bytes
+  // this rank sent (for "nccl", the ring-equivalent count 2(world-1)/world of the buffer: NCCL
+  // chooses its own algorithm).
   int64_t all_reduce_(at::Tensor x, std::string algo, std::string op, bool accumulate_fp32);
+
+  // x holds world*k elements: afterwards chunk [rank*k, (rank+1)*k) holds the reduction of every
+  // rank's chunk `rank` (the rest of x holds partial results). Returns the bytes sent: (world-1)*k
+  // elements (fp32 partial sums: more, as in all_reduce_).
+  int64_t reduce_scatter_(at::Tensor x, std::string algo, std::string op, bool accumulate_fp32);
+
+  // x holds world*k elements, this rank's shard at [rank*k, (rank+1)*k): afterwards every chunk holds
+  // its owner's shard. Returns the bytes sent: (world-1)*k elements.
+  int64_t all_gather_(at::Tensor x, std::string algo);
 
   // Frees the communicator without waiting for peers (ncclCommAbort); any later call raises.
   void abort();
@@ -47,8 +59,16 @@ class NcclComm : public torch::CustomClassHolder {
 
  private:
   void check(ncclResult_t r, const std::string& what);
+  void check_buffer(const at::Tensor& x, const std::string& algo, const char* what);
+  void check_shardable(const at::Tensor& x, const char* what) const;
+  static Reduce parse_op(const std::string& op, const char* what);
+  // One ring step: send to the right neighbour and receive from the left one in one NCCL group.
+  void exchange(const void* send, int64_t send_n, int send_t, void* recv, int64_t recv_n, int recv_t,
+                const char* phase, int step);
   template <class T>
-  int64_t ring(T* buf, int64_t n, const at::Tensor& like, bool average, bool fp32);
+  int64_t reduce_scatter_phase(T* buf, int64_t n, const at::Tensor& like, Reduce op, bool fp32);
+  template <class T>
+  int64_t all_gather_phase(T* buf, int64_t n);
 
   ncclComm_t comm_ = nullptr;
   int64_t rank_, world_, device_;

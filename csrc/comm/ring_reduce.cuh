@@ -1,5 +1,6 @@
 // The reduction kernel of the NCCL ring (csrc/comm/nccl_comm.cu): out = recv * recv_scale + own *
-// own_scale, element by element, computed in fp32 (fp64 for fp64 buffers) and rounded once on store.
+// own_scale (sum, avg) or out = max(recv, own) (max; a NaN in either wins, as in torch.maximum),
+// element by element, computed in fp32 (fp64 for fp64 buffers) and rounded once on store.
 // No torch headers: nvcc compiles this in seconds, and the emulated build (csrc/emu) runs it on CPU
 // threads, one per rank.
 //
@@ -51,18 +52,25 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// take_max is uniform across the grid (one op per launch), so the branch never diverges.
+template <class A>
+__device__ __forceinline__ A combine(A recv, A own, A a, A b, bool take_max) {
+  if (take_max) return recv != recv ? recv : own != own ? own : recv > own ? recv : own;
+  return recv * a + own * b;
+}
+
 template <class Out, class Recv, class Own>
 __device__ __forceinline__ void reduce_one(Out* out, const Recv* recv, const Own* own, int64_t i,
-                                           AccType<Own> a, AccType<Own> b) {
+                                           AccType<Own> a, AccType<Own> b, bool take_max) {
   using A = AccType<Own>;
-  out[i] = from_acc<Out>(to_acc<A>(recv[i]) * a + to_acc<A>(own[i]) * b);
+  out[i] = from_acc<Out>(combine<A>(to_acc<A>(recv[i]), to_acc<A>(own[i]), a, b, take_max));
 }
 
 // head >= 0: elements [0, head) and the tail past the last whole pack are scalar, the rest packs.
 // head < 0: all scalar (the host found recv or out misaligned relative to own).
 template <class Out, class Recv, class Own>
 __global__ void ring_reduce_kernel(Out* out, const Recv* recv, const Own* own, int64_t n, int64_t head,
-                                   AccType<Own> recv_scale, AccType<Own> own_scale) {
+                                   AccType<Own> recv_scale, AccType<Own> own_scale, bool take_max) {
   using A = AccType<Own>;
   constexpr int N = kPack<Own>;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -75,7 +83,8 @@ __global__ void ring_reduce_kernel(Out* out, const Recv* recv, const Own* own, i
     const Pack<Own, N> o = *reinterpret_cast<const Pack<Own, N>*>(own + i);
     Pack<Out, N> res;
 #pragma unroll
-    for (int k = 0; k < N; ++k) res.v[k] = from_acc<Out>(to_acc<A>(r.v[k]) * recv_scale + to_acc<A>(o.v[k]) * own_scale);
+    for (int k = 0; k < N; ++k)
+      res.v[k] = from_acc<Out>(combine<A>(to_acc<A>(r.v[k]), to_acc<A>(o.v[k]), recv_scale, own_scale, take_max));
     *reinterpret_cast<Pack<Out, N>*>(out + i) = res;
   }
   // Scalar elements: the head, then everything after the packs.
@@ -83,7 +92,7 @@ __global__ void ring_reduce_kernel(Out* out, const Recv* recv, const Own* own, i
   const int64_t scalars = h + (n - body_end);
   for (int64_t j = tid; j < scalars; j += stride) {
     const int64_t i = j < h ? j : body_end + (j - h);
-    reduce_one(out, recv, own, i, recv_scale, own_scale);
+    reduce_one(out, recv, own, i, recv_scale, own_scale, take_max);
   }
 }
 
@@ -92,7 +101,7 @@ __global__ void ring_reduce_kernel(Out* out, const Recv* recv, const Own* own, i
 // an H100 (132 SMs x 2048 threads) for the chunk sizes of 25 MiB buckets.
 template <class Out, class Recv, class Own>
 void launch_ring_reduce(Out* out, const Recv* recv, const Own* own, int64_t n, AccType<Own> recv_scale,
-                        AccType<Own> own_scale, cudaStream_t stream) {
+                        AccType<Own> own_scale, bool take_max, cudaStream_t stream) {
   if (n <= 0) return;
   constexpr int N = kPack<Own>;
   auto residue = [](const void* p, size_t size) { return int64_t(reinterpret_cast<uintptr_t>(p) / size % N); };
@@ -105,7 +114,7 @@ void launch_ring_reduce(Out* out, const Recv* recv, const Own* own, int64_t n, A
   const int threads = 256;
   const int blocks = int(std::min<int64_t>(1024, (work + threads - 1) / threads));
   LAUNCH((ring_reduce_kernel<Out, Recv, Own>), blocks, threads, 0, stream)(out, recv, own, n, aligned ? head : -1,
-                                                                          recv_scale, own_scale);
+                                                                          recv_scale, own_scale, take_max);
   LLMKERN_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1,7 +1,7 @@
 // Ring all-reduce schedule: which chunk every rank sends, receives and reduces at every step.
 //
 // Pure C++ (no CUDA, no torch), shared by the NCCL ring (csrc/comm/*.cu) and mirrored line for line
-// by llmkern/parallel/comm.py, whose gloo path must chunk exactly as this header does;
+// by llmkern/parallel/ring.py, whose gloo path must chunk exactly as this header does;
 // tests/parallel/test_ring_schedule.py checks both against each other for world sizes 1..16.
 //
 // A buffer of n elements is cut into `world` chunks. Chunk c starts at c*(n/world) + min(c, n%world)
@@ -9,10 +9,14 @@
 // and lengths that do not divide evenly need no padding.
 //
 // Ranks form the ring r -> r+1 (mod world). Reduce-scatter takes world-1 steps: at step s rank r
-// sends chunk (r - s) and receives chunk (r - s - 1) from rank r-1, adding it into its own copy.
-// After that rank r holds the full sum of chunk (r + 1). All-gather takes world-1 more steps: at
-// step s rank r sends chunk (r + 1 - s) and receives chunk (r - s), which it copies. Every rank sends
-// 2(world-1) chunks: 2(world-1)/world of the buffer, the bandwidth-optimal amount.
+// sends chunk (r - s - 1) and receives chunk (r - s - 2) from rank r-1, adding it into its own copy.
+// After that rank r holds the full sum of chunk r, the chunk torch.distributed.reduce_scatter_tensor
+// gives rank r (so a buffer of n = world*k elements leaves rank r's shard at [r*k, (r+1)*k)).
+// All-gather takes world-1 more steps: at step s rank r sends chunk (r - s) (its own chunk at step 0)
+// and receives chunk (r - s - 1), which it copies. In both phases the chunk sent at step s+1 is the
+// one received at step s, and the chunk sent at all-gather step 0 is the one reduce-scatter finished,
+// so the 2(world-1) steps form one pipeline. Every rank sends 2(world-1) chunks: 2(world-1)/world of
+// the buffer, the bandwidth-optimal amount.
 #pragma once
 
 #include <cstdint>
@@ -49,15 +53,15 @@ inline ChunkRange chunk_range(int64_t n, int world, int chunk) {
 }
 
 inline RingStep reduce_scatter_step(int rank, int world, int step) {
-  return {ring_mod(rank - step, world), ring_mod(rank - step - 1, world)};
+  return {ring_mod(int64_t(rank) - step - 1, world), ring_mod(int64_t(rank) - step - 2, world)};
 }
 
 inline RingStep all_gather_step(int rank, int world, int step) {
-  return {ring_mod(rank + 1 - step, world), ring_mod(rank - step, world)};
+  return {ring_mod(int64_t(rank) - step, world), ring_mod(int64_t(rank) - step - 1, world)};
 }
 
-// The chunk that rank holds fully reduced after reduce-scatter (and sends first in all-gather).
-inline int owned_chunk(int rank, int world) { return ring_mod(rank + 1, world); }
+// The chunk that rank holds fully reduced after reduce-scatter (and sends first in all-gather): its own.
+inline int owned_chunk(int rank, int world) { return ring_mod(rank, world); }
 
 // Elements rank sends in one all-reduce of n elements: 2(world-1)/world * n, give or take the
 // one-element difference between chunk sizes.

@@ -1,7 +1,7 @@
 // cuemu: runs CUDA kernels on the CPU, so that the project's .cu sources are tested on machines
 // without a GPU. Included through the stand-in <cuda_runtime.h>; kernels never include it directly.
 //
-// Execution model (design and measurements: research/cuda-emulation.md):
+// Execution model:
 // - A launch is synchronous. Blocks run one after another on the launching thread, or on N OS threads
 //   taking blocks from a counter (LLMKERN_EMU_WORKERS=N).
 // - The threads of a block are fibers with their own stacks. A fiber runs until it waits at a barrier

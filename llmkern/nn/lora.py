@@ -21,6 +21,10 @@ from llmkern.ops.lora_linear import lora_linear
 class LoRALinear(nn.Module):
     """Frozen base weight plus trainable LoRA factors A (Kaiming-uniform) and B (zero)."""
 
+    from_conv1d: bool
+    """The wrapped module was a transformers ``Conv1D`` (GPT-2), whose (C_in, C_out) weight this module
+    holds transposed; ``llmkern.peft.merge_and_unload`` turns it back into a Conv1D."""
+
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float = 1.0, dropout: float = 0.0,
                  bias: bool = True, use_rslora: bool = False, device=None, dtype=None,
                  backend: str | None = None):
@@ -31,13 +35,17 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float = 1.0, dropout: float = 0.0,
-                    use_rslora: bool = False, backend: str | None = None) -> "LoRALinear":
-        """Wraps `linear`, sharing (not copying) its weight and bias, which are frozen."""
+                    use_rslora: bool = False, backend: str | None = None, *,
+                    from_conv1d: bool = False) -> "LoRALinear":
+        """Wraps `linear`, sharing (not copying) its weight and bias. Freezes those two only: the rest of
+        the model keeps its requires_grad flags (``llmkern.peft.apply_lora`` freezes the whole base, as
+        PEFT does). `from_conv1d`: `linear` holds a transposed GPT-2 Conv1D weight."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         mod = cls.__new__(cls)
         nn.Module.__init__(mod)
         mod._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, backend)
+        mod.from_conv1d = from_conv1d
         return mod
 
     def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None, r: int, alpha: float, dropout: float,
@@ -56,6 +64,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **kw)
         self.merged = False
         self.disabled = False
+        self.from_conv1d = False
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:

@@ -23,31 +23,33 @@ class CPUAdam(FusedAdamW):
         stochastically; the C++ kernel draws the same bits as every other backend).
     """
 
+    _PICKLED = FusedAdamW._PICKLED + ("copy_dtype", "pin_memory", "_copies")
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, adamw_mode: bool = True,
                  copy_dtype: torch.dtype | None = None, pin_memory: bool | None = None,
                  state_dtype: torch.dtype = torch.float32, state_rounding: StateRounding = "nearest",
                  rounding_seed: int = 0, backend="cpu"):
-        super().__init__(params, lr, betas, eps, weight_decay, master_weights=False,
-                         state_dtype=state_dtype, state_rounding=state_rounding, rounding_seed=rounding_seed,
-                         backend=backend)
-        self._decoupled = adamw_mode
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.device.type != "cpu" or p.dtype != torch.float32:
-                    raise ValueError(f"CPUAdam needs CPU float32 parameters (the fp32 masters), got "
-                                     f"{p.dtype} on {p.device}")
         if copy_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"copy_dtype must be None, torch.bfloat16 or torch.float16, got {copy_dtype}")
-        if pin_memory is None:
-            pin_memory = torch.cuda.is_available()
+        # set before the groups are added: add_param_group allocates each parameter's copy
         self.copy_dtype = copy_dtype
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._copies: dict[torch.Tensor, torch.Tensor] = {}
-        if copy_dtype is not None:
-            for g in self.param_groups:
-                for p in g["params"]:
-                    self._copies[p] = torch.empty(p.shape, dtype=copy_dtype, pin_memory=pin_memory)
-                    self._copies[p].copy_(p.detach())
+        self._init_adam(params, lr, betas, eps, weight_decay, decoupled_weight_decay=adamw_mode, amsgrad=False,
+                        master_weights=False, state_dtype=state_dtype, state_rounding=state_rounding,
+                        rounding_seed=rounding_seed, backend=backend)
+
+    def _check_param(self, p: torch.Tensor) -> None:
+        if p.device.type != "cpu" or p.dtype != torch.float32:
+            raise ValueError(f"CPUAdam needs CPU float32 parameters (the fp32 masters), got {p.dtype} on {p.device}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if self.copy_dtype is not None:
+            for p in self.param_groups[-1]["params"]:
+                self._copies[p] = torch.empty(p.shape, dtype=self.copy_dtype, pin_memory=self.pin_memory)
+                self._copies[p].copy_(p.detach())
 
     def model_copy(self, p: torch.Tensor) -> torch.Tensor:
         """The copy_dtype buffer of parameter p."""
@@ -55,8 +57,5 @@ class CPUAdam(FusedAdamW):
             raise RuntimeError("CPUAdam was built without copy_dtype; there are no model copies")
         return self._copies[p]
 
-    def _launch(self, group, params, grads, states, copies, step, found_inf, grad_coef, *,
-                rounding_seed: int) -> None:
-        if self._copies:
-            copies = [self._copies[p] for p in params]
-        super()._launch(group, params, grads, states, copies, step, found_inf, grad_coef, rounding_seed=rounding_seed)
+    def _model_copies(self, params: list[torch.Tensor], has_master: bool) -> list[torch.Tensor]:
+        return [self._copies[p] for p in params] if self._copies else []

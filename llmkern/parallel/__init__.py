@@ -1,5 +1,47 @@
-"""Distributed engines on torch.distributed: communication (comm) and data parallelism (ddp)."""
-from llmkern.parallel.comm import CommStats, ring_all_reduce
-from llmkern.parallel.ddp import DDPConfig, DDPStats, DistributedDataParallel, apply_ddp
+"""Distributed engines on torch.distributed.
 
-__all__ = ["CommStats", "DDPConfig", "DDPStats", "DistributedDataParallel", "apply_ddp", "ring_all_reduce"]
+Layers, each using only the ones above it:
+    groups.py       group resolution (ProcessGroup, 1-D DeviceMesh, mesh axis name), faults, timeouts
+    ring.py         the ring schedule and its gloo transport (reduce-scatter / all-gather phases)
+    nccl.py         NCCL communicators of the same ring on CUDA (csrc/comm)
+    collectives.py  all_reduce_ / reduce_scatter / all_gather / broadcast_ / send / recv, the counter
+    mesh.py         ParallelConfig / ParallelDims over init_device_mesh, mark_sharded
+    buffers.py      FlatLayout + GradBuffer: flat padded buckets reduced during backward
+    ddp.py          DistributedDataParallel on a GradBuffer
+    pipeline/       pipeline parallelism: schedules as checked data, partitioning, the runtime
+"""
+from llmkern.parallel.buffers import (
+    AllReduce,
+    BucketReducer,
+    BufferStats,
+    FlatLayout,
+    GradBuffer,
+    ReduceScatter,
+)
+from llmkern.parallel.collectives import (
+    COUNTER,
+    CommCounter,
+    Handle,
+    agree,
+    all_gather,
+    all_reduce_,
+    broadcast_,
+    counting,
+    record_collective,
+    recv,
+    reduce_scatter,
+    send,
+)
+from llmkern.parallel.ddp import DDPConfig, DDPStats, DistributedDataParallel, apply_ddp
+from llmkern.parallel.groups import DEFAULT_TIMEOUT_S, CollectiveError
+from llmkern.parallel.mesh import ParallelConfig, ParallelDims, init_mesh, mark_sharded, sharded_over
+from llmkern.parallel.pipeline import Pipeline, PipelineConfig, PipelineError, apply_pipeline
+
+__all__ = [
+    "COUNTER", "DEFAULT_TIMEOUT_S", "AllReduce", "BucketReducer", "BufferStats", "CollectiveError", "CommCounter",
+    "DDPConfig", "DDPStats", "DistributedDataParallel", "FlatLayout", "GradBuffer", "Handle", "ParallelConfig",
+    "ParallelDims", "ReduceScatter", "agree", "all_gather", "all_reduce_", "apply_ddp", "broadcast_", "counting",
+    "init_mesh", "mark_sharded", "record_collective", "recv", "reduce_scatter", "send",
+    "sharded_over",
+]
+__all__ += ["Pipeline", "PipelineConfig", "PipelineError", "apply_pipeline"]

@@ -1,9 +1,11 @@
-"""NCCL communicators of llmkern's own ring all-reduce (csrc/comm/nccl_comm.cu), bootstrapped from a
+"""NCCL communicators of llmkern's own ring collectives (csrc/comm/nccl_comm.cu), bootstrapped from a
 torch.distributed Store.
 
     comm = NcclCommunicator(store, rank, world, device=torch.device("cuda", local_rank))
     sent = comm.all_reduce_(flat, op="avg")              # our ring: ncclSend/ncclRecv + our kernel
     comm.all_reduce_(flat, algo="nccl")                   # ncclAllReduce, the baseline
+    comm.reduce_scatter_(flat)                            # rank r's result in chunk r of flat
+    comm.all_gather_(flat)                                # rank r's shard in chunk r -> every chunk filled
 
 backend="cuda" uses llmkern._C_cuda (real NCCL, CUDA tensors); backend="emu" uses llmkern._C_emu, the
 same C++ compiled against csrc/emu's fake nccl.h, where the ranks are threads of one process and the
@@ -27,7 +29,7 @@ import torch.distributed as dist
 from llmkern import _ext
 
 Algo = Literal["ring", "nccl"]
-Op = Literal["sum", "avg"]
+Op = Literal["sum", "avg", "max"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _EXT = {"cuda": ("_C_cuda", "llmkern"), "emu": ("_C_emu", "llmkern_emu")}
@@ -45,7 +47,7 @@ def comm_class(backend: Literal["cuda", "emu"] = "cuda"):
                            + (" on a machine with nvcc (LLMKERN_CUDA=1 makes a missing nvcc an error)"
                               if backend == "cuda" else ""))
     try:
-        return getattr(getattr(torch.classes, ns), "NcclComm")
+        return getattr(torch.classes, ns).NcclComm
     except RuntimeError as e:  # torch.classes raises "Tried to instantiate class ... does not exist"
         raise RuntimeError(f"llmkern NCCL ring ({backend}): llmkern.{ext} was built without the NCCL "
                            f"communicator (csrc/comm/nccl_comm.cu); it is an older build: rebuild with "
@@ -88,13 +90,25 @@ class NcclCommunicator:
 
     def all_reduce_(self, flat: torch.Tensor, *, op: Op = "sum", algo: Algo = "ring",
                     accumulate_fp32: bool = False) -> int:
-        """Sums or averages `flat` (contiguous, float32/16, bfloat16 or float64) in place across the
-        ranks, on the current CUDA stream; returns the bytes this rank sent.
+        """Sums, averages or maxes `flat` (contiguous, float32/16, bfloat16 or float64) in place across
+        the ranks, on the current CUDA stream; returns the bytes this rank sent.
 
-        accumulate_fp32 (algo="ring", fp16/bf16): partial sums travel and are added in fp32 and are
-        rounded once; costs 1.33x the bytes at 4 ranks, nothing extra at 2 (csrc/comm/nccl_comm.cu).
+        accumulate_fp32 (algo="ring", fp16/bf16, sum/avg): partial sums travel and are added in fp32 and
+        are rounded once; costs 1.33x the bytes at 4 ranks, nothing extra at 2 (csrc/comm/nccl_comm.cu).
         """
         return self._comm.all_reduce_(flat, algo, op, accumulate_fp32)
+
+    def reduce_scatter_(self, flat: torch.Tensor, *, op: Op = "sum", algo: Algo = "ring",
+                        accumulate_fp32: bool = False) -> int:
+        """`flat` holds world*k elements: afterwards chunk `rank` ([rank*k, (rank+1)*k)) holds the
+        reduction of every rank's chunk `rank`; the other chunks hold partial results. Returns the bytes
+        this rank sent."""
+        return self._comm.reduce_scatter_(flat, algo, op, accumulate_fp32)
+
+    def all_gather_(self, flat: torch.Tensor, *, algo: Algo = "ring") -> int:
+        """`flat` holds world*k elements with this rank's shard in chunk `rank`: afterwards every chunk
+        holds its owner's shard. Returns the bytes this rank sent."""
+        return self._comm.all_gather_(flat, algo)
 
     def abort(self) -> None:
         """Frees the communicator without waiting for peers; any later call raises."""
@@ -106,19 +120,16 @@ class NcclCommunicator:
         return self._comm.error()
 
 
-# --- one communicator per process group and device, for llmkern.parallel.comm ---------------------
+# --- one communicator per process group and device, for llmkern.parallel.collectives ---------------
 
 _COMMS: dict[tuple[str, int], NcclCommunicator] = {}
 
 
 def group_store(group) -> dist.Store:
-    """The group's own store: torch keeps (backend, PrefixStore("<group name>/", default store)) per
-    group in _world.pg_map, for the default group too. Falls back to the default store."""
-    pg = group if group is not None else dist.distributed_c10d._get_default_group()
-    entry = dist.distributed_c10d._world.pg_map.get(pg)
-    if entry is not None:
-        return entry[1]
-    return dist.distributed_c10d._get_default_store()
+    """The group's own store (see llmkern.parallel.groups.group_store)."""
+    from llmkern.parallel import groups
+
+    return groups.group_store(groups.resolve(group))
 
 
 def communicator_for(group, device: torch.device) -> NcclCommunicator:

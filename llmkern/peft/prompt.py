@@ -6,7 +6,7 @@ pre-hook on the model that rewrites the call:
 
 - prompt tuning / P-tuning: ``input_ids`` -> ``inputs_embeds`` with the K virtual tokens prepended;
   ``attention_mask`` gets K ones, ``token_type_ids`` K zeros, token-level ``labels`` K ``-100``.
-- prefix tuning: ``past_key_values`` becomes a ``PrefixCache`` holding per-layer (B, H_kv, P, D) keys
+- prefix tuning: ``past_key_values`` becomes a ``PrefixCache`` (``peft/prefix_cache.py``) holding per-layer (B, H_kv, P, D) keys
   and values; ``attention_mask`` gets P leading ones. Logits keep the input's length.
 
 Gradient checkpointing. transformers' ``GradientCheckpointingLayer`` drops ``past_key_values`` in
@@ -25,33 +25,15 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from llmkern.peft.config import PrefixTuningConfig, PromptTuningConfig, PTuningConfig
-from llmkern.peft.lora import freeze_base
+from llmkern.peft.models import freeze_base, model_dims, refuse_second_method, require_transformers
 from llmkern.peft.report import InjectionReport, count_parameters
 
-__all__ = ["apply_prompt_tuning", "apply_p_tuning", "apply_prefix_tuning", "VirtualTokens", "PrefixCache",
-           "SUPPORTED_MODEL_TYPES", "model_dims", "attach_virtual_tokens"]
-
-SUPPORTED_MODEL_TYPES = ("bert", "gpt2", "llama")
-"""``config.model_type`` values the prompt methods are tested on (transformers 5.23)."""
+__all__ = ["apply_prompt_tuning", "apply_p_tuning", "apply_prefix_tuning", "VirtualTokens", "attach_virtual_tokens",
+           "check_can_attach", "prompt_width"]
 
 Kind = Literal["prompt_tuning", "p_tuning", "prefix_tuning"]
-
-
-def model_dims(model: nn.Module, method: str) -> dict:
-    """Hidden size, layers, KV heads and head dim, or a ValueError naming the supported architectures."""
-    cfg = getattr(model, "config", None)
-    mt = getattr(cfg, "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{method}: model type {mt!r} ({type(model).__name__}) is not supported; supported "
-                         f"model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return {"model_type": mt, "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "kv_heads": kv_heads,
-            "head_dim": head_dim}
 
 
 class VirtualTokens(nn.Module):
@@ -97,16 +79,6 @@ class VirtualTokens(nn.Module):
         return self.net(x) if self.reparam is not None else x
 
 
-class PrefixCache(DynamicCache):
-    """A cache preloaded with per-layer prefixes whose ``update`` stores nothing: it returns
-    ``cat(prefix, new)`` on the sequence axis, so recomputing a layer (gradient checkpointing) or
-    calling the model twice sees the same keys. ``get_seq_length()`` is P, so positions start at P."""
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        layer = self.layers[layer_idx]
-        return (torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2))
-
-
 def _split_call(args, kwargs):
     kwargs = dict(kwargs)
     if args:
@@ -147,6 +119,7 @@ def _input_hook(model, args, kwargs):
 
 
 def _prefix_hook(model, args, kwargs):
+    from llmkern.peft.prefix_cache import PrefixCache
     enc = model.llmkern_prompt
     if enc.disabled:
         return None
@@ -164,7 +137,7 @@ def _prefix_hook(model, args, kwargs):
     for i in range(d["layers"]):
         key = kv[2 * i].to(dtype).unsqueeze(0).expand(b, -1, -1, -1)
         val = kv[2 * i + 1].to(dtype).unsqueeze(0).expand(b, -1, -1, -1)
-        DynamicCache.update(cache, key, val, i)
+        cache.preload(key, val, i)
     kw["past_key_values"] = cache
     enc._cache = cache  # for the per-block hooks (GPT-2), cleared by _clear_cache after the call
     mask = kw.get("attention_mask")
@@ -196,12 +169,24 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def prompt_width(kind: Kind, dims: dict) -> int:
+    """C_out of a prompt method's rows: the hidden size, or L·2·H_kv·D for per-layer key/value prefixes."""
+    return dims["layers"] * 2 * dims["kv_heads"] * dims["head_dim"] if kind == "prefix_tuning" else dims["hidden"]
+
+
+def check_can_attach(model: nn.Module, kind: Kind, method: str) -> None:
+    """Raises (before anything changes) when ``attach_virtual_tokens`` could not finish."""
+    refuse_second_method(model, method)
+    if kind == "prefix_tuning":
+        require_transformers(f"{method} (prefix tuning hands the model a transformers Cache)")
+
+
 def attach_virtual_tokens(model: nn.Module, enc: VirtualTokens, dims: dict, method: str) -> InjectionReport:
-    """Freezes the model, registers ``enc`` as ``model.llmkern_prompt`` and installs the forward hook."""
-    if hasattr(model, "llmkern_prompt"):
-        raise ValueError(f"{method}: the model already has a prompt method ({model.llmkern_prompt.kind})")
+    """Freezes the model, registers ``enc`` as ``model.llmkern_prompt`` and installs the forward hook.
+    Callers run :func:`check_can_attach` before building `enc`; after it nothing here can fail."""
     freeze_base(model)
     enc.dims = dims
+    enc.train(model.training)
     model.llmkern_prompt = enc
     if enc.kind == "prefix_tuning":
         model._llmkern_prompt_hook = model.register_forward_pre_hook(_prefix_hook, with_kwargs=True)
@@ -225,9 +210,16 @@ def _model_kw(model: nn.Module) -> dict:
     return {"device": w.device, "dtype": torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype}
 
 
+def _check_config(config, cls, method: str) -> None:
+    if not isinstance(config, cls):
+        raise TypeError(f"{method}: config must be an llmkern.peft.{cls.__name__}, got {type(config).__name__}")
+
+
 def apply_prompt_tuning(model: nn.Module, config: PromptTuningConfig, tokenizer=None) -> InjectionReport:
     """K trainable virtual-token embeddings prepended to the input (Lester et al.)."""
+    _check_config(config, PromptTuningConfig, "apply_prompt_tuning")
     dims = model_dims(model, "apply_prompt_tuning")
+    check_can_attach(model, "prompt_tuning", "apply_prompt_tuning")
     words = model.get_input_embeddings().weight.detach()
     k = config.num_virtual_tokens
     if config.init == "text":
@@ -246,7 +238,9 @@ def apply_prompt_tuning(model: nn.Module, config: PromptTuningConfig, tokenizer=
 
 def apply_p_tuning(model: nn.Module, config: PTuningConfig) -> InjectionReport:
     """Virtual tokens produced by a prompt encoder (MLP or LSTM) at the input layer (Liu et al.)."""
+    _check_config(config, PTuningConfig, "apply_p_tuning")
     dims = model_dims(model, "apply_p_tuning")
+    check_can_attach(model, "p_tuning", "apply_p_tuning")
     enc = VirtualTokens("p_tuning", config.num_virtual_tokens, dims["hidden"], reparam=config.encoder,
                         hidden=config.encoder_hidden_size, **_model_kw(model))
     return attach_virtual_tokens(model, enc, dims, "apply_p_tuning")
@@ -254,9 +248,10 @@ def apply_p_tuning(model: nn.Module, config: PTuningConfig) -> InjectionReport:
 
 def apply_prefix_tuning(model: nn.Module, config: PrefixTuningConfig) -> InjectionReport:
     """Per-layer trainable key/value prefixes (Li & Liang; P-tuning v2), optional MLP reparameterization."""
+    _check_config(config, PrefixTuningConfig, "apply_prefix_tuning")
     dims = model_dims(model, "apply_prefix_tuning")
-    out = dims["layers"] * 2 * dims["kv_heads"] * dims["head_dim"]
-    enc = VirtualTokens("prefix_tuning", config.num_virtual_tokens, out,
+    check_can_attach(model, "prefix_tuning", "apply_prefix_tuning")
+    enc = VirtualTokens("prefix_tuning", config.num_virtual_tokens, prompt_width("prefix_tuning", dims),
                         reparam="prefix_mlp" if config.projection else None, in_dim=dims["hidden"],
                         hidden=config.encoder_hidden_size, **_model_kw(model))
     return attach_virtual_tokens(model, enc, dims, "apply_prefix_tuning")

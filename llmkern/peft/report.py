@@ -9,7 +9,8 @@ __all__ = ["InjectionReport", "count_parameters"]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, shared parameters counted once."""
+    """(trainable, total) parameter counts. A parameter reachable from two modules (tied input and
+    output embeddings, a LoRALinear sharing its base weight) is counted once."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
@@ -28,6 +29,8 @@ class InjectionReport:
     """Module paths that were replaced or wrapped (for prompt methods: where the prompt is injected)."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Module path -> why it was not touched (excluded, unsupported type, ...)."""
+    in_place: dict[str, str] = field(default_factory=dict)
+    """Existing parameter -> why it now trains in place (modules_to_save, a bias mode) or was loaded."""
     trainable_params: int = 0
     """Parameters with requires_grad after the call."""
     total_params: int = 0
@@ -39,4 +42,5 @@ class InjectionReport:
                  f"{self.total_params:,} ({pct:.3f}%)"]
         lines += [f"  replaced {n}" for n in self.replaced]
         lines += [f"  skipped  {n}: {why}" for n, why in self.skipped.items()]
+        lines += [f"  in place {n}: {why}" for n, why in self.in_place.items()]
         return "\n".join(lines)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from llmkern.nn.lora import LoRALinear
-from llmkern.peft.lora import set_submodule
+from llmkern.peft.models import require_transformers
+from llmkern.peft.targets import set_submodule
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "disable_adapters", "trainable_parameters"]
 
@@ -45,7 +46,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if not isinstance(m, LoRALinear):
             continue
         m.merge()
-        if getattr(m, "from_conv1d", False):
+        if m.from_conv1d:
+            require_transformers("merge_and_unload of a GPT-2 Conv1D layer")
             from transformers.pytorch_utils import Conv1D
             base = Conv1D(m.out_features, m.in_features).to(device=m.weight.device, dtype=m.weight.dtype)
             base.weight = nn.Parameter(m.weight.detach().t().contiguous())
@@ -54,17 +56,28 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             base.weight = nn.Parameter(m.weight.detach())
         base.bias = None if m.bias is None else nn.Parameter(m.bias.detach())
         set_submodule(model, name, base)
+    for attr in ("llmkern_lora_config", "llmkern_in_place"):  # a plain model now: nothing to save or disable
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block the model runs as its base model: LoRA (unmerged), adapters and prompts are off.
-    A merged LoRALinear is already part of the base weight and cannot be switched off: that raises."""
+    A merged LoRALinear is already part of the base weight and cannot be switched off: that raises.
+    So does a model whose own parameters trained in place (LoRA's modules_to_save or bias, a loaded
+    classifier): their base values are gone, and the block would not run the base model."""
     mods = _switchables(model)
     merged = [m for m in mods if getattr(m, "merged", False)]
     if merged:
         raise RuntimeError(f"disable_adapters: {len(merged)} LoRA layer(s) are merged; call unmerge(model) first")
+    in_place = getattr(model, "llmkern_in_place", None)
+    if in_place:
+        first, why = next(iter(in_place.items()))
+        raise RuntimeError(f"disable_adapters: {len(in_place)} parameter(s) of the base model train or were loaded "
+                           f"in place ({first}: {why}); their base values are gone, so the base model cannot be "
+                           "run from this one")
     before = [m.disabled for m in mods]
     try:
         for m in mods:

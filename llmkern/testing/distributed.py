@@ -17,7 +17,11 @@ only when torch is imported (MKL_*, OMP_* tuning) come from the first call.
 
 Ports: the parent hosts the rendezvous TCPStore itself on port 0, so the kernel picks a port that
 is already bound and held for the whole run. Picking a "free" port, closing it and letting rank 0
-bind it later races with other test runs (five agents share these machines); this cannot.
+bind it later races with concurrent test runs on the same machine; this cannot.
+
+Exit: a rank that sent its result must also exit cleanly (code 0) within _EXIT_GRACE_S; a rank that
+reports and then dies by a signal (a SIGABRT from gloo's teardown, say) fails the call. Fault tests
+name the ranks they kill (`allow_dead`): those may die without reporting and get None as result.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import pickle
+import signal
 import time
 import traceback
 
@@ -81,7 +86,7 @@ def _worker(job: _Job, conn) -> None:
         # move tensors to shared memory served by this process, which is about to exit.
         payload = pickle.dumps(result)
         conn.send_bytes(pickle.dumps(("ok", payload)))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - every failure, SystemExit included, is reported to the parent
         with contextlib.suppress(Exception):
             conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
     finally:
@@ -97,7 +102,7 @@ def _stop(procs) -> None:
 
 
 def run_distributed(fn, world_size: int, args: tuple = (), *, timeout: float = 120.0,
-                    backend: str = "gloo", startup_timeout: float = 120.0) -> list:
+                    backend: str = "gloo", startup_timeout: float = 120.0, allow_dead=()) -> list:
     """Run `fn(rank, world_size, *args)` on `world_size` ranks; return the results ordered by rank.
 
     fn must be picklable: a function defined at module level (not a lambda, closure or nested
@@ -114,10 +119,13 @@ def run_distributed(fn, world_size: int, args: tuple = (), *, timeout: float = 1
                      torch: 3-5 s on these machines, more under load), which would otherwise
                      make hang tests flaky.
     startup_timeout: seconds allowed for all ranks to start and join the group.
+    allow_dead:      ranks that may die without reporting (fault tests kill them): their result is
+                     None and their death is not an error.
 
     Raises RankFailedError (a RuntimeError) carrying the first failing rank's traceback when any
-    rank raises or dies, and TimeoutError naming the ranks still running when time runs out. In
-    both cases every rank is killed before the call returns.
+    rank raises or dies (or reports and then does not exit with code 0), and TimeoutError naming the
+    ranks still running when time runs out. In all cases every rank is killed before the call
+    returns.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -146,7 +154,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), *, timeout: float = 1
             send.close()  # the child holds the only write end now: EOF on recv means it died
             procs.append(p)
             conns[rank] = recv
-        return _collect(procs, conns, world_size, timeout, startup_timeout)
+        return _collect(procs, conns, world_size, timeout, startup_timeout, frozenset(allow_dead))
     finally:
         _stop(procs)
         for c in conns.values():
@@ -167,14 +175,14 @@ def _exited_silently(conn) -> bool:
     return False
 
 
-def _dead_without_report(procs, pending, failed_rank, grace):
+def _dead_without_report(procs, pending, failed_rank, grace, allow_dead=frozenset()):
     """The first other rank whose process exited without sending its result or error, if any
-    does within `grace` seconds."""
+    does within `grace` seconds (ranks in allow_dead are expected to die and are not named)."""
     end = time.monotonic() + grace
     while True:
         for r, conn in pending.items():
             # Exit code 0 is a rank that finished its own protocol; a crash exits non-zero or by signal.
-            if r == failed_rank or procs[r].is_alive() or procs[r].exitcode == 0:
+            if r == failed_rank or r in allow_dead or procs[r].is_alive() or procs[r].exitcode == 0:
                 continue
             if _exited_silently(conn):
                 return r
@@ -183,13 +191,26 @@ def _dead_without_report(procs, pending, failed_rank, grace):
         time.sleep(0.05)
 
 
-def _collect(procs, conns, world_size, timeout, startup_timeout) -> list:
+def _exit_text(code) -> str:
+    if code is None:
+        return f"still running {_EXIT_GRACE_S:g} s after reporting (killed)"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _collect(procs, conns, world_size, timeout, startup_timeout, allow_dead=frozenset()) -> list:
     results: dict[int, object] = {}
     started: set[int] = set()
     pending = dict(conns)  # rank -> connection still expected to speak
+    exiting: dict[int, float] = {}  # rank -> when it must have exited (it reported its result)
     deadline = time.monotonic() + startup_timeout
     phase = "start"
     while pending:
+        _check_exits(procs, exiting, world_size)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             running = sorted(pending)
@@ -200,7 +221,8 @@ def _collect(procs, conns, world_size, timeout, startup_timeout) -> list:
                                    f"(killed)")
             raise TimeoutError(f"ranks {running} of {world_size} still running after timeout={timeout:g} s "
                                f"(killed); finished: {sorted(results)}")
-        ready = mpc.wait(list(pending.values()), timeout=remaining)
+        soonest = min(exiting.values(), default=deadline) - time.monotonic()
+        ready = mpc.wait(list(pending.values()), timeout=max(0.05, min(remaining, soonest)))
         for conn in ready:
             rank = next(r for r, c in pending.items() if c is conn)
             try:
@@ -208,6 +230,13 @@ def _collect(procs, conns, world_size, timeout, startup_timeout) -> list:
             except (EOFError, OSError):
                 p = procs[rank]
                 p.join(timeout=1.0)
+                if rank in allow_dead:
+                    results[rank] = None
+                    del pending[rank]
+                    started.add(rank)
+                    if phase == "start" and len(started) == world_size:
+                        phase, deadline = "run", time.monotonic() + timeout
+                    continue
                 raise RankFailedError(rank, "", f"rank {rank} of {world_size} died without reporting "
                                                 f"(exit code {p.exitcode})") from None
             if kind == "started":
@@ -217,15 +246,32 @@ def _collect(procs, conns, world_size, timeout, startup_timeout) -> list:
             elif kind == "ok":
                 results[rank] = pickle.loads(payload)
                 del pending[rank]
+                exiting[rank] = time.monotonic() + _EXIT_GRACE_S
             else:
                 # A rank that raised because a peer vanished ("Connection reset by peer") is a
                 # symptom; the peer that died is the cause. Give the others a moment to be seen.
-                dead = _dead_without_report(procs, pending, rank, grace=_EXIT_GRACE_S)
+                dead = _dead_without_report(procs, pending, rank, _EXIT_GRACE_S, allow_dead)
                 if dead is not None:
                     raise RankFailedError(dead, "", f"rank {dead} of {world_size} died without reporting "
                                                     f"(exit code {procs[dead].exitcode}); rank {rank} then "
                                                     f"raised:\n{payload}")
                 raise RankFailedError(rank, payload, f"rank {rank} of {world_size} raised:\n{payload}")
-    for p in procs:
-        p.join(timeout=_EXIT_GRACE_S)
+    for r, by in exiting.items():
+        procs[r].join(timeout=max(0.0, by - time.monotonic()))
+    _check_exits(procs, exiting, world_size, final=True)
     return [results[r] for r in range(world_size)]
+
+
+def _check_exits(procs, exiting, world_size, final=False) -> None:
+    """Each rank that reported must exit with code 0 within _EXIT_GRACE_S of its report (a rank held
+    up at exit by a collective still waiting for peers, or killed by a signal in gloo's teardown,
+    fails the call)."""
+    now = time.monotonic()
+    for r, by in exiting.items():
+        p = procs[r]
+        if p.is_alive() and (final or now >= by):
+            raise RankFailedError(r, "", f"rank {r} of {world_size} reported its result but had not exited "
+                                         f"{_EXIT_GRACE_S:g} s later")
+        if not p.is_alive() and p.exitcode != 0:
+            raise RankFailedError(r, "", f"rank {r} of {world_size} reported its result but did not exit cleanly: "
+                                         f"{_exit_text(p.exitcode)}")

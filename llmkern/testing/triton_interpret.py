@@ -26,10 +26,23 @@ Three interpreter gaps are patched here (all idempotent, all applied only under 
   and with no GPU there is no active driver ("0 active drivers"). Under the interpreter timings
   mean nothing, so the benchmarker is a stub returning the same time for every config; the
   autotuner's min() then keeps the first config, which is the one the kernel runs with.
+* Bounds. The interpreter turns a pointer into a raw host address and loads or stores through it
+  (triton/runtime/interpreter.py: `_interpreter.load/store`), so a wrong mask reads a neighbour's
+  memory silently or, far enough out, kills the process: a planted unmasked store aborted the
+  whole pytest run (issue 10: rc 134; 139, SIGSEGV, for the store in
+  tests/testing/test_triton_bounds.py). Every masked-in address of a load, store or atomic is now
+  checked, before the access, against the tensor arguments of the launch: all addresses of one
+  access must lie in the bytes of one argument (its view, from its lowest to its highest
+  element), or the launch raises IndexError naming the kernel, the program id and the argument,
+  which the test reports as one failure. The check costs two numpy reductions per access (the
+  min and max address): over tests/ops/test_*triton*.py, 34,310 checked accesses took 10.2 s of a
+  651 s run (1.6%; a machine loaded ~13 on 2 cores), and the run's CPU time went from 82 s to 86 s.
 """
 from __future__ import annotations
 
 import os
+
+import numpy as np
 
 _patched = False
 
@@ -50,6 +63,7 @@ def enable_triton_interpreter() -> None:
         _patch_bf16_dot()
         _patch_bf16_cast()
         _patch_autotune_benchmarker()
+        _patch_bounds_check()
         _patched = True
 
 
@@ -153,3 +167,125 @@ def _patch_autotune_benchmarker() -> None:
 
     cls.do_bench = property(do_bench)
     cls._llmkern_stub = True
+
+
+class _Launch:
+    """The kernel being interpreted and the byte range of each tensor argument (set per launch)."""
+
+    kernel: str = ""
+    ranges: list[tuple[str, int, int]] = []
+    active: bool = False
+
+
+def _byte_range(t) -> tuple[int, int]:
+    """[first, end) bytes of tensor t's elements: its view, whatever the strides (empty: [p, p))."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    lo = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s < 0)
+    hi = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s > 0)
+    return t.data_ptr() + lo * t.element_size(), t.data_ptr() + (hi + 1) * t.element_size()
+
+
+def _tensor_ranges(name, arg, out):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if hasattr(arg, "data_ptr"):
+        from triton.runtime.interpreter import _unwrap_tensor
+
+        out.append((name, *_byte_range(_unwrap_tensor(arg))))
+    elif isinstance(arg, TensorDescriptor):
+        _tensor_ranges(name, arg.base, out)
+    elif isinstance(arg, tuple):
+        for i, a in enumerate(arg):
+            _tensor_ranges(f"{name}[{i}]", a, out)
+
+
+def _check_access(kind: str, ptrs, mask) -> None:
+    """Raise IndexError unless every address `mask` lets through lies in one tensor argument."""
+    if not _Launch.active:
+        return
+    addr = ptrs.data
+    if mask is not None:  # an int1 mask may be held as 0/1 integers: index with it as bools
+        addr = addr[np.broadcast_to(mask.data.astype(bool, copy=False), addr.shape)]
+    if addr.size == 0:
+        return
+    width = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+    lo, hi = int(addr.min()), int(addr.max()) + width
+    if any(start <= lo and hi <= end for _, start, end in _Launch.ranges):
+        return
+    _raise_out_of_bounds(kind, addr, width)
+
+
+def _raise_out_of_bounds(kind: str, addr, width: int):
+    from triton.runtime.interpreter import interpreter_builder
+
+    addr = addr.astype(np.int64)  # host addresses are < 2^63
+
+    def inside(start, end):
+        return (addr >= start) & (addr + width <= end)
+
+    where = f"Triton kernel '{_Launch.kernel}' at program_id {tuple(interpreter_builder.grid_idx)}"
+    if not _Launch.ranges:
+        raise IndexError(f"out-of-bounds {kind} in {where}: it has no tensor argument to address")
+    # The argument the access meant: the one holding most of its addresses, else the nearest below.
+    counts = [int(inside(start, end).sum()) for _, start, end in _Launch.ranges]
+    if max(counts) > 0:
+        i = counts.index(max(counts))
+    else:
+        below = [(int(addr.min()) - start, j) for j, (_, start, _e) in enumerate(_Launch.ranges)
+                 if start <= int(addr.min())]
+        i = min(below)[1] if below else 0
+    name, start, end = _Launch.ranges[i]
+    out = addr[~inside(start, end)]
+    first = int(out[0]) - start
+    raise IndexError(
+        f"out-of-bounds {kind} in {where}: {out.size} of {addr.size} addresses the mask lets through lie "
+        f"outside tensor argument '{name}' ({end - start} bytes); the first is at byte offset {first} "
+        f"from its start. A missing or wrong mask? (bounds check: llmkern/testing/triton_interpret.py)")
+
+
+def _patch_bounds_check() -> None:
+    from triton.runtime import interpreter
+
+    builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
+    if getattr(executor, "_llmkern_bounds", False):
+        return
+    init_args, call = executor._init_args_hst, executor.__call__
+    load, store = builder.create_masked_load, builder.create_masked_store
+    rmw, cas = builder.create_atomic_rmw, builder.create_atomic_cas
+
+    def _init_args_hst(self, args_dev, kwargs):
+        # The host copies are what the kernel addresses (the same memory for CPU tensors).
+        args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
+        ranges = []
+        for name, arg in [*zip(self.arg_names, args_hst), *kwargs_hst.items()]:
+            _tensor_ranges(name, arg, ranges)
+        _Launch.kernel, _Launch.ranges, _Launch.active = self.fn.__name__, ranges, True
+        return args_hst, kwargs_hst
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            _Launch.active = False
+
+    def create_masked_load(self, ptrs, mask, other, *rest):
+        _check_access("load", ptrs, mask)
+        return load(self, ptrs, mask, other, *rest)
+
+    def create_masked_store(self, ptrs, value, mask, *rest):
+        _check_access("store", ptrs, mask)
+        return store(self, ptrs, value, mask, *rest)
+
+    def create_atomic_rmw(self, op, ptr, val, mask, *rest):
+        _check_access("atomic", ptr, mask)
+        return rmw(self, op, ptr, val, mask, *rest)
+
+    def create_atomic_cas(self, ptr, cmp, val, *rest):
+        _check_access("atomic", ptr, None)
+        return cas(self, ptr, cmp, val, *rest)
+
+    executor._init_args_hst, executor.__call__ = _init_args_hst, __call__
+    builder.create_masked_load, builder.create_masked_store = create_masked_load, create_masked_store
+    builder.create_atomic_rmw, builder.create_atomic_cas = create_atomic_rmw, create_atomic_cas
+    executor._llmkern_bounds = True

@@ -7,7 +7,6 @@ flags, so a rerun without changes compiles nothing.
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path

@@ -22,6 +22,11 @@ def test_allreduce_types_and_ops(nccl):
     assert not bad, bad
 
 
+def test_in_place_reduce_scatter_and_all_gather(nccl):
+    (r,) = nccl.results("reduce_scatter_all_gather")
+    assert r["bad_shard"] == "0" and r["bad_gather"] == "0"
+
+
 def test_unmatched_recv_times_out_with_an_error(nccl):
     out = nccl.run("recv_timeout").stdout
     assert "RESULT case=recv_timeout result=2" in out  # ncclSystemError

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from emu_build import BASE_FLAGS, CACHE, INCLUDES, KERNELS, ROOT, _digest
+from emu_build import BASE_FLAGS, CACHE, INCLUDES, KERNELS, _digest
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from llmkern.ops import _backends
 from llmkern.ops.adapter_bottleneck import ACTIVATIONS, UNAVAILABLE, adapter_bottleneck, adapter_bottleneck_ref
 from llmkern.testing import assert_close_to_ref
 
+from conditions import adapter_bottleneck_condition
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SCHEDULES = ("forward", "reverse", "random:7")
 NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias", "ln_weight", "ln_bias", "residual")
@@ -67,13 +69,15 @@ def check_against_ref(backend, lead, c, r, dtype, act, *, ln=True, parallel=Fals
     base = run(adapter_bottleneck_ref, inputs, scale, act, gy)
     ref = run(adapter_bottleneck_ref, [v.double() if v is not None else None for v in inputs], scale, act,
               gy.double())
+    # Used where a result is few draws, e.g. a (1,) down_bias gradient (llmkern/testing/tolerances.py).
+    cond = adapter_bottleneck_condition(inputs, scale, act, gy)
     assert ours[0].dtype == dtype and ours[0].shape == (*lead, c)
-    assert_close_to_ref(ours[0], ref[0], base[0], name=f"{backend} out")
-    for name, o, rf, bs in zip(NAMES, ours[1], ref[1], base[1]):
+    assert_close_to_ref(ours[0], ref[0], base[0], name=f"{backend} out", cond=cond[0])
+    for name, o, rf, bs, cd in zip(NAMES, ours[1], ref[1], base[1], cond[1:]):
         assert (o is None) == (rf is None), name
         if o is not None:
             assert o.dtype == dtype and o.shape == rf.shape, name
-            assert_close_to_ref(o, rf, bs, grad=True, name=f"{backend} grad {name}")
+            assert_close_to_ref(o, rf, bs, grad=True, name=f"{backend} grad {name}", cond=cd)
 
 
 # The full grid on the C++ CPU backend: dtypes x {series, parallel} x {LN, no LN} x activations,

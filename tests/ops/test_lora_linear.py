@@ -59,10 +59,16 @@ def check_against_ref(backend, lead, c_in, c_out, r, p, dtype, bias=True, noncon
     base = run(lora_linear_ref, x, w, b, a, bb, scale, p, seed, gy, offset)
     d64 = [t.double() if t is not None else None for t in (x, w, b, a, bb)]
     ref = run(lora_linear_ref, *d64, scale, p, seed, gy.double(), offset)
+    # The op is products and sums, so the oracle on |inputs| is each result's sum of |terms|, the
+    # condition that bounds PyTorch's error below where its max is over few draws: small results,
+    # and with one token every result (its elements share the token's dot products: grad_b is u·gy).
+    cond = run(lora_linear_ref, *[t.abs() if t is not None else None for t in d64], scale, p, seed,
+               gy.double().abs(), offset)
+    shared = x.numel() == c_in
     assert ours[0].dtype == dtype and ours[0].shape == (*lead, c_out)
-    assert_close_to_ref(ours[0], ref[0], base[0], name=f"{backend} y")
-    for name, o, rf, bs in zip(("grad_x", "grad_a", "grad_b"), ours[1:], ref[1:], base[1:]):
-        assert_close_to_ref(o, rf, bs, grad=True, name=f"{backend} {name}")
+    assert_close_to_ref(ours[0], ref[0], base[0], name=f"{backend} y", cond=cond[0], shared=shared)
+    for name, o, rf, bs, c in zip(("grad_x", "grad_a", "grad_b"), ours[1:], ref[1:], base[1:], cond[1:]):
+        assert_close_to_ref(o, rf, bs, grad=True, name=f"{backend} {name}", cond=c, shared=shared)
 
 
 # The full grid on the C++ CPU backend: dtypes x odd shapes x ranks x dropout.

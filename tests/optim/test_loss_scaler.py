@@ -144,3 +144,103 @@ def _sharded_overflow(rank, world, overflow_rank):
 def test_overflow_flag_agrees_across_ranks():
     results = run_distributed(_sharded_overflow, 2, args=(1,), timeout=120.0)
     assert results == [(True, 128.0, True), (True, 128.0, True)]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(init_scale=INF, max_scale=INF), ValueError, r"init_scale must be in \(0, 3.403e\+38\]"),
+    (dict(max_scale=1e39), ValueError, r"max_scale must be in \(0, 3.403e\+38\]"),
+    (dict(growth_interval=2.5), TypeError, "growth_interval must be an int >= 1, got float 2.5"),
+    (dict(growth_interval=0), ValueError, "growth_interval must be an int >= 1, got 0"),
+    (dict(hysteresis=True), TypeError, "hysteresis must be an int >= 1, got bool"),
+    (dict(growth_factor=INF), ValueError, "growth_factor must be finite and > 1"),
+    (dict(min_scale=0.0), ValueError, r"min_scale must be in \(0, "),
+    (dict(init_scale="1024"), TypeError, "init_scale must be a number, got str"),
+    (dict(init_scale=2.0 ** 30), ValueError, "min_scale <= init_scale <= max_scale"),
+], ids=["inf-scales", "max-beyond-float32", "fractional-interval", "zero-interval", "bool-hysteresis",
+        "inf-growth", "zero-min", "string-scale", "init-above-max"])
+def test_config_is_validated_at_construction(kwargs, error, match):
+    """Each was accepted before: init_scale=max_scale=inf skipped every step forever (inf * 0 grads
+    are nan), growth_interval=2.5 was taken, and max_scale=1e39 failed only at the first update()."""
+    with pytest.raises(error, match=match):
+        LossScalerConfig(**kwargs)
+
+
+def test_keyword_construction_as_grad_scaler_users_write_it():
+    s = DynamicLossScaler(init_scale=2.0 ** 12, growth_interval=3, hysteresis=2)
+    assert s.config == LossScalerConfig(init_scale=2.0 ** 12, growth_interval=3, hysteresis=2)
+    assert s.get_scale() == 2.0 ** 12
+    with pytest.raises(TypeError, match="a LossScalerConfig or its fields as keywords, not both"):
+        DynamicLossScaler(LossScalerConfig(), init_scale=8.0)
+    with pytest.raises(TypeError, match=r"unknown keyword\(s\) \['enabled'\].*'init_scale'"):
+        DynamicLossScaler(enabled=True)
+    with pytest.raises(TypeError, match="first argument is a LossScalerConfig, got str"):
+        DynamicLossScaler("cpu")
+    with pytest.raises(ValueError, match="growth_factor must be finite and > 1"):
+        DynamicLossScaler(growth_factor=1.0)
+
+
+def test_update_takes_a_bool_or_a_one_element_tensor():
+    """update(True) and update(1) raised AttributeError ('bool' object has no attribute 'to')."""
+    s = DynamicLossScaler(init_scale=64.0, growth_interval=2)
+    s.update(True)
+    assert s.get_scale() == 32.0 and s.overflow_steps == 1 and s.last_step_skipped
+    s.update(False)
+    s.update(torch.tensor(False))          # 0-d
+    assert s.get_scale() == 64.0 and not s.last_step_skipped
+    s.update(torch.tensor([3], dtype=torch.int32))
+    assert s.get_scale() == 32.0
+    with pytest.raises(TypeError, match=r"takes None \(the flag of the last step\(\)\), a bool, or a one-element "
+                                        r"tensor.*got int 1"):
+        s.update(1)
+    with pytest.raises(ValueError, match=r"one element, got shape \(2,\)"):
+        s.update(torch.zeros(2))
+    assert s.get_scale() == 32.0 and s.overflow_steps == 2   # the refused calls changed nothing
+
+
+class _StageOptimizer:
+    """A ScaledStepOptimizer that is no llmkern optimizer (as a pipeline stage's could be): the scaler
+    hands it tensors and reads its flag, and calls nothing else."""
+
+    def __init__(self, overflow: bool):
+        self.overflow, self.calls, self.last_step_skipped = overflow, [], None
+
+    def step(self, closure=None, *, grad_scale=None, overflow_groups=()):
+        self.calls.append(("step", grad_scale.clone(), tuple(overflow_groups)))
+        self.last_step_skipped = torch.tensor(self.overflow)
+
+    def clip_grad_norm_(self, max_norm, *, grad_scale=None):
+        self.calls.append(("clip", grad_scale.clone(), max_norm))
+        return torch.tensor(0.5)
+
+
+def test_the_scaler_drives_any_scaled_step_optimizer_through_tensors():
+    from llmkern.optim import ScaledStepOptimizer
+
+    s = DynamicLossScaler(init_scale=256.0)
+    clean, bad = _StageOptimizer(False), _StageOptimizer(True)
+    assert isinstance(clean, ScaledStepOptimizer)
+    assert not isinstance(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]), ScaledStepOptimizer)
+    assert float(s.clip_grad_norm_(clean, 2.0)) == 0.5
+    assert not bool(s.step(clean)) and not s.last_step_skipped
+    s.update()
+    assert bool(s.step(bad)) and s.last_step_skipped
+    s.update()
+    assert s.get_scale() == 128.0
+    assert [c[0] for c in clean.calls] == ["clip", "step"]
+    assert all(float(c[1]) == 256.0 for c in clean.calls) and clean.calls[1][2] == ()
+
+
+def test_torch_optimizers_get_grad_scalers_path():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=1.0)
+    s = DynamicLossScaler(init_scale=4.0)
+    p.grad = torch.full((3,), 8.0)
+    assert not bool(s.step(opt))           # unscaled in place to 2, then stepped
+    s.update()
+    assert torch.equal(p.detach(), torch.full((3,), -1.0))
+    p.grad = torch.tensor([1.0, INF, 1.0])
+    assert bool(s.step(opt))
+    s.update()
+    assert torch.equal(p.detach(), torch.full((3,), -1.0)) and s.get_scale() == 2.0
+    with pytest.raises(TypeError, match="needs an optimizer that unscales in its step"):
+        s.clip_grad_norm_(opt, 1.0)

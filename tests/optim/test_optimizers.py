@@ -52,7 +52,8 @@ def test_fp32_parity_50_steps(ours_cls, theirs_cls, hp):
         for ps in (ours, theirs):
             for p, g in zip(ps, _grads(step)):
                 p.grad = g.clone()
-        o.step(lr_scheduler=so)
+        o.step()
+        so.step()
         t.step()
         st.step()
     for a, b in zip(ours, theirs):
@@ -126,7 +127,7 @@ def test_clip_grad_norm_matches_torch():
             p.grad = g * 64.0                      # as if the loss was scaled by 64
         for p, g in zip(theirs, grads):
             p.grad = g.clone()
-        norm = o.clip_grad_norm_(1.0, loss_scaler=scaler)
+        norm = scaler.clip_grad_norm_(o, 1.0)
         ref_norm = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
         torch.testing.assert_close(norm, ref_norm, rtol=1e-6, atol=0)
         scaler.step(o)
@@ -292,7 +293,7 @@ def test_stochastic_rounding_options():
 def test_bad_input():
     with pytest.raises(ValueError, match="lr must be"):
         FusedAdamW(_params(), lr=-1.0)
-    with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"beta2 must be in \[0, 1\)"):
         FusedAdamW(_params(), betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="one device"):
         FusedAdamW([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, device="meta"))])
@@ -300,3 +301,137 @@ def test_bad_input():
         FusedAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
     with pytest.raises(ValueError, match="momentum must be in"):
         FusedSGD(_params(), lr=0.1, momentum=1.5)
+
+
+def test_betas_and_lr_errors_name_the_argument():
+    """FusedAdamW(betas=0.9) said 'object of type float has no len()'."""
+    for betas in (0.9, (0.9,), torch.tensor([0.9, 0.99])):
+        with pytest.raises(TypeError, match=r"betas must be a pair \(beta1, beta2\) of numbers in \[0, 1\)"):
+            FusedAdamW(_params(), betas=betas)
+    with pytest.raises(ValueError, match=r"beta1 must be in \[0, 1\), got -0.1"):
+        FusedAdam(_params(), betas=(-0.1, 0.9))
+    with pytest.raises(TypeError, match="lr must be a Python float"):
+        FusedAdamW(_params(), lr=torch.tensor(1e-3))
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        FusedAdamW(_params(), eps=0.0)
+    with pytest.raises(ValueError, match="maximize=True is not supported"):
+        FusedAdamW([{"params": _params(), "maximize": True}])
+
+
+def test_param_groups_are_checked_by_the_op_layer_when_added(monkeypatch):
+    """One check per group, the op layer's (llmkern.ops.fused_adamw.check_hyperparameters), at
+    construction and in add_param_group; a refused group is not added."""
+    from llmkern.optim import fused_update
+    calls = []
+    real = fused_update._adamw_op.check_hyperparameters
+    monkeypatch.setattr(fused_update._adamw_op, "check_hyperparameters", lambda *a: calls.append(a) or real(*a))
+    ps = _params()
+    opt = FusedAdamW([{"params": ps[:2]}, {"params": ps[2:3], "lr": 0.5}], lr=1e-2)
+    assert calls == [(1e-2, 0.9, 0.999, 1e-8, 1e-2), (0.5, 0.9, 0.999, 1e-8, 1e-2)]
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        opt.add_param_group({"params": ps[3:], "weight_decay": -1.0})
+    assert len(opt.param_groups) == 2
+    with pytest.raises(ValueError, match="amsgrad must be the same in every param group"):
+        opt.add_param_group({"params": ps[3:], "amsgrad": True})
+    sgd = FusedSGD(ps[:2], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum must be > 0 in every param group or in none"):
+        sgd.add_param_group({"params": ps[2:], "momentum": 0.0})
+    with pytest.raises(ValueError, match="nesterov needs momentum > 0 and dampening == 0"):
+        sgd.add_param_group({"params": ps[2:], "nesterov": True, "dampening": 0.5})
+    assert len(sgd.param_groups) == 1
+    with pytest.raises(ValueError, match="CPU float32"):
+        CPUAdam(ps[:1]).add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))]})
+
+
+def test_step_returns_the_closure_loss_and_the_skip_flag_is_a_tensor():
+    ps = _params()
+    opt = FusedAdamW(ps, lr=1e-2)
+    assert opt.last_step_skipped is None
+
+    def closure():
+        opt.zero_grad()
+        loss = sum((p * p).sum() for p in ps)
+        loss.backward()
+        return loss
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and loss.requires_grad
+    assert opt.last_step_skipped.dtype == torch.bool and not bool(opt.last_step_skipped)
+    assert opt.step() is None
+
+
+def test_a_misshaped_gradient_is_refused_before_anything_changes():
+    ps = _params()
+    opt = FusedAdamW(ps, lr=1e-2)
+    for p, g in zip(ps, _grads(0)):
+        p.grad = g
+    before = [p.detach().clone() for p in ps]
+    ps[3].grad.data = torch.zeros(1)   # .data bypasses the .grad setter's shape check
+    with pytest.raises(ValueError, match=r"gradient of parameter 3 of param group 0 has shape \(1,\)"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, ps)) and not opt.state
+
+
+def _round_trip(kind, opt):
+    if kind == "deepcopy":
+        return copy.deepcopy(opt)
+    import pickle
+    return pickle.loads(pickle.dumps(opt))
+
+
+@pytest.mark.parametrize("kind", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("make", [
+    lambda ps: FusedAdamW(ps, lr=1e-2, state_dtype=torch.bfloat16, state_rounding="stochastic", rounding_seed=3),
+    lambda ps: FusedSGD(ps, lr=1e-2, momentum=0.9),
+    lambda ps: CPUAdam(ps, lr=1e-2, copy_dtype=torch.bfloat16),
+], ids=["adamw-bf16-stochastic", "sgd", "cpu-adam"])
+def test_copies_keep_the_configuration_and_step_alike(kind, make):
+    """copy.deepcopy or a pickle round trip of a FusedAdamW gave an object whose step() failed with
+    AttributeError '_pending_clip' (torch's __getstate__ keeps only defaults, state and groups)."""
+    ps = _params(torch.bfloat16) if "stochastic" in str(make.__code__.co_consts) else _params()
+    opt = make(ps)
+    for step in range(2):
+        for p, g in zip(ps, _grads(step)):
+            p.grad = g.to(p.dtype)
+        opt.step()
+    twin = _round_trip(kind, opt)
+    tps = [p for g in twin.param_groups for p in g["params"]]
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(ps, tps))
+    for step in range(2, 4):
+        for group in (ps, tps):
+            for p, g in zip(group, _grads(step)):
+                p.grad = g.to(p.dtype)
+        opt.clip_grad_norm_(1.0)
+        twin.clip_grad_norm_(1.0)
+        opt.step()
+        twin.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, tps))
+    for a, b in zip(ps, tps):
+        for k, v in opt.state[a].items():
+            assert torch.equal(v, twin.state[b][k]), k
+    if isinstance(opt, CPUAdam):
+        assert all(torch.equal(twin.model_copy(b), b.detach().bfloat16()) for b in tps)
+
+
+def test_loaded_hyperparameters_are_checked_before_anything_loads():
+    ps = _params()
+    opt = _train(lambda q: FusedAdamW(q, lr=1e-2), 2, ps)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["betas"] = [0.9, 1.5]
+    other = FusedAdamW(_params(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"load_state_dict: param group 0: beta2 must be in \[0, 1\)"):
+        other.load_state_dict(sd)
+    assert not other.state and other.param_groups[0]["betas"] == (0.9, 0.999)
+    sd["param_groups"][0]["betas"] = [0.8, 0.99]          # JSON-style lists load as a tuple of floats
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["betas"] == (0.8, 0.99)
+
+
+def test_a_loaded_adam_state_without_step_is_refused_before_anything_loads():
+    ps = _params()
+    opt = _train(lambda q: FusedAdamW(q, lr=1e-2), 2, ps)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][1]["step"]
+    other = FusedAdamW(_params(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"the state of parameter 1 has \['exp_avg', 'exp_avg_sq'\] but no 'step'"):
+        other.load_state_dict(sd)
+    assert not other.state

@@ -53,6 +53,25 @@ def logits(model, inputs):
         return model(**inputs).logits
 
 
+def snapshot(model) -> dict:
+    """Everything a failed apply_*/load_* must leave as it was: the state dict (values), the module
+    tree, requires_grad flags, forward hooks and llmkern's attributes on the model."""
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "tree": [(n, type(m).__name__) for n, m in model.named_modules()],
+            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+            "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()},
+            "attrs": sorted(k for k in vars(model) if "llmkern" in k)}
+
+
+def assert_unchanged(model, before: dict) -> None:
+    after = snapshot(model)
+    for key in ("tree", "requires_grad", "hooks", "attrs"):
+        assert after[key] == before[key], f"{key} changed by a failed call"
+    assert after["state"].keys() == before["state"].keys(), "state-dict keys changed by a failed call"
+    changed = [k for k, v in before["state"].items() if not torch.equal(after["state"][k], v)]
+    assert not changed, f"values changed by a failed call: {changed}"
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models: intra-op threads cost more than they give on shared cores (63 tests: 90 s -> 16 s)."""

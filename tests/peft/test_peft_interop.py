@@ -118,7 +118,7 @@ def test_fuse_peft_model_reports_fallbacks(tiny):
 def test_load_adapter_refuses_unsupported(tiny, tmp_path):
     ours, base = tiny("llama")
     peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path)
-    with pytest.raises(NotImplementedError, match="use_dora"):
+    with pytest.raises(ValueError, match="adapter_config.json: LoraConfig: use_dora=True is not supported"):
         lp.load_adapter(ours, tmp_path)
 
 

@@ -78,7 +78,7 @@ def test_only_lora_params_change_and_loss_decreases(arch, tiny):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_merge_unmerge_unload_disable(arch, tiny):
     model, base = tiny(arch)
-    lp.apply_lora(model, lp.LoraConfig(r=4, alpha=8))
+    lp.apply_lora(model, lp.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():
         for n, p in lp.trainable_parameters(model).items():
             p.normal_(0, 0.2)
@@ -113,9 +113,14 @@ def test_save_load_roundtrip(tiny, tmp_path):
     torch.testing.assert_close(logits(fresh.eval(), x), logits(model, x))
 
 
-def test_second_apply_does_not_wrap_lora_factors(tiny):
+
+
+def test_apply_keeps_the_model_mode(tiny):
+    """A LoRALinear swapped into a model in eval mode used to be in training mode: dropout on in eval."""
     model, _ = tiny("llama")
-    lp.apply_lora(model, lp.LoraConfig(r=2, target_modules=["q_proj"]))
-    rep = lp.apply_lora(model, lp.LoraConfig(r=2, target_modules="all-linear"))
-    assert not any("lora_" in n for n in rep.replaced) and "model.layers.0.self_attn.q_proj" not in rep.replaced
-    assert all(not isinstance(m.lora_A, LoRALinear) for m in model.modules() if isinstance(m, LoRALinear))
+    lp.apply_lora(model, lp.LoraConfig(r=4, lora_dropout=0.5, target_modules="all-linear", init_lora_weights=False))
+    assert not any(m.training for m in model.modules())
+    x = batch("llama")
+    torch.testing.assert_close(logits(model, x), logits(model, x), atol=0, rtol=0)
+    model.train()
+    assert not torch.equal(model(**x).logits, model(**x).logits)

@@ -108,7 +108,7 @@ def test_bad_input():
             apply(t5, cfg())
     model = make_model("llama")
     lp.apply_prompt_tuning(model, lp.PromptTuningConfig())
-    with pytest.raises(ValueError, match="already has a prompt method"):
+    with pytest.raises(ValueError, match="already carries an llmkern.peft method: prompt_tuning"):
         lp.apply_prefix_tuning(model, lp.PrefixTuningConfig())
 
 

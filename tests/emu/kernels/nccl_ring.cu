@@ -1,10 +1,13 @@
 // The fake NCCL with 4 thread-ranks: a ring exchange with ncclSend/ncclRecv in groups, a ring
 // all-reduce built from it (reduce-scatter + all-gather, with an emulated add kernel launched
-// concurrently from every rank thread), and ncclAllReduce over every type and operation.
+// concurrently from every rank thread; rank r owns chunk r as in csrc/comm/ring_schedule.h),
+// ncclAllReduce over every type and operation, and in-place ncclReduceScatter / ncclAllGather (what
+// NcclComm's algo="nccl" calls).
 #include <nccl.h>
 #include "llmkern/launch.cuh"
 #include "harness.h"
 #include <cmath>
+#include <mutex>
 #include <thread>
 
 constexpr int R = 4;
@@ -58,16 +61,16 @@ TEST_CASE(ring_allreduce) {
     float* buf = data[r].data();
     std::vector<float> tmp(C);
     int right = (r + 1) % R, left = (r + R - 1) % R;
-    for (int s = 0; s < R - 1; s++) {  // after step s, chunk (r - s - 1) holds s + 2 contributions
-      int send_chunk = (r - s + R) % R, recv_chunk = (r - s - 1 + R) % R;
+    for (int s = 0; s < R - 1; s++) {  // after step s, chunk (r - s - 2) holds s + 2 contributions
+      int send_chunk = (r - s - 1 + R) % R, recv_chunk = (r - s - 2 + 2 * R) % R;
       NCCL_OK(ncclGroupStart());
       NCCL_OK(ncclSend(buf + send_chunk * C, C, ncclFloat, right, comm, nullptr));
       NCCL_OK(ncclRecv(tmp.data(), C, ncclFloat, left, comm, nullptr));
       NCCL_OK(ncclGroupEnd());
       LAUNCH(add_into, 4, 128, 0, nullptr)(buf + recv_chunk * C, tmp.data(), C);
     }
-    for (int s = 0; s < R - 1; s++) {  // rank r owns the reduced chunk (r + 1) % R
-      int send_chunk = (r + 1 - s + R) % R, recv_chunk = (r - s + R) % R;
+    for (int s = 0; s < R - 1; s++) {  // rank r owns the reduced chunk r
+      int send_chunk = (r - s + R) % R, recv_chunk = (r - s - 1 + R) % R;
       NCCL_OK(ncclGroupStart());
       NCCL_OK(ncclSend(buf + send_chunk * C, C, ncclFloat, right, comm, nullptr));
       NCCL_OK(ncclRecv(buf + recv_chunk * C, C, ncclFloat, left, comm, nullptr));
@@ -138,6 +141,32 @@ TEST_CASE(allreduce) {
   check_allreduce<__nv_bfloat16>("bfloat16", ncclBfloat16, 8e-3);
   check_allreduce<int32_t>("int32", ncclInt32, 0);
   check_allreduce<int64_t>("int64", ncclInt64, 0);
+}
+
+// In place, as NcclComm calls them: rank r's result of ncclReduceScatter lands at buf + r * C (the
+// send buffer itself), and ncclAllGather reads rank r's shard from there; with the sum of 4 small
+// integers, every element is exact.
+TEST_CASE(reduce_scatter_all_gather) {
+  const int C = 333, N = R * C;
+  std::vector<std::vector<float>> data(R, std::vector<float>(N));
+  std::vector<double> ref(N, 0.0);
+  for (int r = 0; r < R; r++)
+    for (int i = 0; i < N; i++) ref[i] += data[r][i] = float((i * 7 + r * 13) % 17 - 8);
+  int bad_shard = 0, bad_gather = 0;
+  std::mutex mu;
+  run_ranks([&](ncclComm_t comm, int r) {
+    float* buf = data[r].data();
+    NCCL_OK(ncclReduceScatter(buf, buf + r * C, C, ncclFloat, ncclSum, comm, nullptr));
+    int bad = 0;
+    for (int i = r * C; i < (r + 1) * C; i++) bad += buf[i] != float(ref[i]);
+    NCCL_OK(ncclAllGather(buf + r * C, buf, C, ncclFloat, comm, nullptr));
+    int bad_all = 0;
+    for (int i = 0; i < N; i++) bad_all += buf[i] != float(ref[i]);
+    std::lock_guard<std::mutex> lock(mu);
+    bad_shard += bad;
+    bad_gather += bad_all;
+  });
+  std::printf("RESULT case=reduce_scatter_all_gather bad_shard=%d bad_gather=%d\n", bad_shard, bad_gather);
 }
 
 // A receive with no matching send returns an error after the timeout instead of hanging.

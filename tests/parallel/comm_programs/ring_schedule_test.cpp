@@ -3,7 +3,7 @@
 //   ring_schedule_test check      simulate the ring for world 1..16 and many lengths (even, uneven,
 //                                 shorter than the world, empty); exit 1 with a message on error
 //   ring_schedule_test dump N     print the schedule for length N and world 1..16, one fact per line,
-//                                 for comparison with llmkern/parallel/comm.py
+//                                 for comparison with llmkern/parallel/ring.py
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -75,6 +75,8 @@ static void simulate(int64_t n, int world) {
     }
     if (phase == 0) {  // after reduce-scatter, each rank's owned chunk is complete
       for (int r = 0; r < world; ++r) {
+        // rank r owns chunk r, as torch.distributed.reduce_scatter_tensor gives it
+        EXPECT(owned_chunk(r, world) == r, "world=%d rank %d owns chunk %d", world, r, owned_chunk(r, world));
         ChunkRange c = chunk_range(n, world, owned_chunk(r, world));
         for (int64_t i = c.offset; i < c.offset + c.count; ++i)
           EXPECT(buf[r][i] == want[i], "n=%lld world=%d rank %d owned chunk wrong at %lld", (long long)n,

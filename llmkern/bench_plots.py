@@ -1,0 +1,157 @@
+"""PNG plots of a ``llmkern bench`` run, drawn with matplotlib from the results documents.
+
+Every plot reads the JSON documents that bench/_harness.write_results wrote (``{"name", "suite",
+"env", "rows", "ratios"}``; ``suite`` is added by the runner), never the scripts themselves:
+
+- ``ratios_<suite>.png``: one bar per Ratio of the suite, its min..max over rounds as an error bar,
+  its goal as a black tick, green when met, red when missed, grey without a goal;
+- one scaling plot per benchmark family, registered below with :func:`scaling_plot`.
+
+The hook for a new scaling plot: write a function that takes the documents whose name starts with a
+prefix and the output folder, draws one figure and returns its path (or None when the documents
+lack what it needs), and register it for the prefix, e.g. for ``bench/parallel/bench_zero.py``
+writing ``zero_w2.json`` with rows ``{"stage", "bytes_per_rank", ...}``::
+
+    @scaling_plot("zero")
+    def zero_bytes_per_stage(docs, out):
+        fig, ax = new_figure("ZeRO: bytes per rank vs stage")
+        ...
+        return save(fig, out / "zero_bytes_per_stage.png")
+
+The pipeline's step time vs micro-batches (against the bubble prediction) goes the same way.
+"""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+ScalingPlot = Callable[[list[dict], Path], "Path | None"]
+SCALING_PLOTS: dict[str, ScalingPlot] = {}
+"""{results-name prefix: plot function}; see the module docstring."""
+
+_COLOURS = {True: "#2a9d3f", False: "#d1495b", None: "#8d99ae"}
+
+
+def scaling_plot(prefix: str) -> Callable[[ScalingPlot], ScalingPlot]:
+    """Registers `fn` for the results documents whose name starts with `prefix`."""
+    def register(fn: ScalingPlot) -> ScalingPlot:
+        if prefix in SCALING_PLOTS:
+            raise ValueError(f"a scaling plot is already registered for {prefix!r}: {SCALING_PLOTS[prefix].__name__}")
+        SCALING_PLOTS[prefix] = fn
+        return fn
+    return register
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on these machines, none needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def new_figure(title: str, width: float = 9.0, height: float = 5.0):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(width, height))
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _cpu_text(docs: list[dict]) -> str:
+    cpu = next((d["env"]["cpu"] for d in docs if isinstance(d.get("env", {}).get("cpu"), dict)), None)
+    if not cpu:
+        return ""
+    isa = [f for f in cpu.get("isa", []) if f.startswith(("avx512", "amx"))] or cpu.get("isa", [])[-2:]
+    return f"{cpu.get('model', '?')} ({', '.join(isa)})"
+
+
+def ratio_bars(suite: str, docs: list[dict], out: Path) -> Path | None:
+    """One horizontal bar per ratio of the suite's documents, drawn from parity (1.0) to the value on
+    a log axis, so that 2x better and 2x worse are the same length; a value <= 0 (an overhead
+    fraction can be negative when llmkern is within noise of the base) is drawn at the left edge."""
+    items = [(d["name"].removesuffix("_quick"), r) for d in docs for r in d.get("ratios", [])]
+    if not items:
+        return None
+    values = [v for _, r in items for v in (r["value"], r.get("lo"), r.get("hi"), r.get("goal")) if v and v > 0]
+    left, right = min(values + [1.0]) / 1.5, max(values + [1.0]) * 1.5
+    labels = [textwrap.fill(f"{bench}: {r['name']} ({'↑' if r.get('higher_is_better', True) else '↓'} better)", 56)
+              for bench, r in items]
+    fig, ax = new_figure(f"llmkern vs peers measured in the same run: {suite} suite",
+                         width=12, height=1.8 + 0.22 * sum(label.count("\n") + 1 for label in labels) + 0.1 * len(items))
+    ys = list(range(len(items)))[::-1]
+    for y, (_, r) in zip(ys, items):
+        colour = _COLOURS[None if r.get("goal") is None else bool(r.get("met"))]
+        v = r["value"] if r["value"] > 0 else left
+        ax.barh(y, v - 1.0, left=1.0, color=colour, height=0.7)
+        if r.get("lo") is not None and r["lo"] > 0:
+            ax.plot([r["lo"], r["hi"]], [y, y], color="black", linewidth=0.9)
+        if r.get("goal") is not None:
+            ax.plot([r["goal"]], [y], marker="|", color="black", markersize=13, markeredgewidth=2.2)
+        ax.annotate(f"{r['value']:.3g}", (v, y), xytext=(4 if v >= 1 else -4, -3), textcoords="offset points",
+                    fontsize=7, ha="left" if v >= 1 else "right")
+    ax.set_xscale("log")
+    ax.set_xlim(left, right)
+    ax.set_yticks(ys, labels, fontsize=7)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("ratio, log scale (bar from parity 1.0 to the median over rounds; line: min..max over rounds; "
+                  "tick: goal)\ngreen: goal met; red: goal missed; grey: no goal", fontsize=8)
+    fig.text(0.01, 0.005, _cpu_text(docs), fontsize=7, color="#555555")
+    return save(fig, out / f"ratios_{suite}.png")
+
+
+@scaling_plot("ring_all_reduce")
+def ring_bandwidth(docs: list[dict], out: Path) -> Path | None:
+    """Bus bandwidth against message size, one line per (collective, ranks), from rows with
+    ``candidate`` (or ``op``), ``world``, ``mib`` and ``busbw_gbs``."""
+    lines: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for d in docs:
+        for row in d.get("rows", []):
+            what = row.get("candidate") or row.get("op")
+            if what is None or row.get("world") is None or row.get("mib") is None or row.get("busbw_gbs") is None:
+                continue
+            lines.setdefault((what, int(row["world"])), []).append((float(row["mib"]), float(row["busbw_gbs"])))
+    if not lines:
+        return None
+    fig, ax = new_figure("ring all-reduce bus bandwidth vs message size and ranks (gloo, CPU)")
+    names = sorted({k[0] for k in lines})
+    worlds = sorted({k[1] for k in lines})
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v"]
+    for (what, world), pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=styles[worlds.index(world) % len(styles)],
+                marker=markers[names.index(what) % len(markers)], color=f"C{names.index(what)}",
+                label=f"{what}, {world} ranks")
+    ax.set_xscale("log", base=2)
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("message size (MiB); line style: ranks\n" + _cpu_text(docs), fontsize=9)
+    ax.set_ylabel("bus bandwidth (GB/s)\nall-reduce: 2(n-1)/n x bytes / time; sendrecv: bytes / time", fontsize=9)
+    ax.legend(fontsize=8)
+    return save(fig, out / "ring_bandwidth.png")
+
+
+def make_plots(docs: list[dict], out: Path) -> list[Path]:
+    """Every plot the documents support: ratio bars per suite, then the registered scaling plots."""
+    made = []
+    by_suite: dict[str, list[dict]] = {}
+    for d in docs:
+        by_suite.setdefault(d.get("suite", "other"), []).append(d)
+    for suite, suite_docs in by_suite.items():
+        made.append(ratio_bars(suite, suite_docs, out))
+    for prefix, fn in SCALING_PLOTS.items():
+        selected = [d for d in docs if d.get("name", "").startswith(prefix)]
+        if selected:
+            made.append(fn(selected, out))
+    return [p for p in made if p is not None]
