@@ -5,8 +5,10 @@ A benchmark script describes its op as a :class:`Bench`: the shapes, and per (sh
 :class:`Case` with the candidates' zero-argument calls per mode, a validation, and the bytes the
 fused kernel and the unfused PyTorch sequence move (a model from shapes). The driver runs every
 case through bench/_harness.py (candidates interleaved round-robin, per-round paired ratios, the
-CPU share other processes took), writes one CSV/JSON in the harness's schema and prints a summary:
-llmkern's speedup over eager and over torch.compile of the same eager code, next to the goals.
+CPU share other processes took), writes one CSV/JSON in the harness's schema with Ratio records
+(per dtype, shape and mode: the speed-up over eager and over torch.compile of the same eager code,
+with the issue's goals on fwd+bwd; the bytes-moved model's fused/unfused ratio; the peak-memory
+ratio where the op's goal is memory) and prints a summary table and the ratios.
 
 Candidates: ``eager`` (the transformers module's own code, or the PyTorch sequence it runs: the
 baseline of every ratio), ``compiled`` (torch.compile of that eager code; compiling takes minutes on
@@ -24,7 +26,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _harness import environment, format_table, measure, wait_for_quiet_cpu, write_results  # noqa: E402
+from _harness import (Ratio, environment, format_ratios, format_table, measure, wait_for_quiet_cpu,  # noqa: E402
+                      write_results)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -104,7 +107,7 @@ def main(bench: Bench, argv: list[str] | None = None) -> int:
     print(f"bench {bench.op}: threads {threads}, {rounds} rounds, torch.compile {'on' if compiled else 'off'}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
 
-    rows, summary, contention = [], [], []
+    rows, summary, contention, ratios = [], [], [], []
     for shape_kw in (bench.quick_shapes if args.quick else bench.shapes):
         for dname in args.dtypes.split(","):
             case = bench.make_case(dtype=DTYPES[dname], compiled=compiled, **shape_kw)
@@ -131,6 +134,21 @@ def main(bench: Bench, argv: list[str] | None = None) -> int:
                                  "bytes_model": fused_b if cand == "llmkern" else unfused_b,
                                  "validation_rel_err": err if cand == "llmkern" else None, **case.extra,
                                  **({"peak_bytes": case.peak[cand]} if case.peak else {})})
+                tag = f"{dname} {case.shape} {mode}"
+                timed_goal = mode == "fwd+bwd"
+                ratios.append(Ratio.from_rounds(f"{tag}: speed-up over eager",
+                                                [1 / r for r in res.round_ratios("llmkern", "eager")], peer="eager",
+                                                goal=bench.goal_eager if timed_goal else None))
+                if "compiled" in calls:
+                    ratios.append(Ratio.from_rounds(f"{tag}: speed-up over torch.compile",
+                                                    [1 / r for r in res.round_ratios("llmkern", "compiled")],
+                                                    peer="torch.compile", goal=bench.goal_compiled if timed_goal else None))
+                ratios.append(Ratio(name=f"{tag}: bytes moved / eager's (model)", value=fused_b / unfused_b,
+                                    peer="eager", higher_is_better=False))
+                if case.peak and mode == "fwd+bwd":
+                    ratios.append(Ratio(name=f"{dname} {case.shape}: peak bytes of fwd+bwd / eager's",
+                                        value=case.peak["llmkern"] / case.peak["eager"], peer="eager",
+                                        goal=bench.goal_peak, higher_is_better=False))
                 speed_c = 1 / res.ratio("llmkern", "compiled") if "compiled" in calls else None
                 summary.append({"dtype": dname, "shape": case.shape, "mode": mode,
                                 "speedup_vs_eager": 1 / res.ratio("llmkern", "eager"), "speedup_vs_compiled": speed_c,
@@ -147,19 +165,15 @@ def main(bench: Bench, argv: list[str] | None = None) -> int:
             del case
     worst = max((c for c in contention if c is not None), default=None)
     env = environment(contention=worst, contention_per_measurement=contention, rounds=rounds, summary=summary,
-                      goals={"speedup_vs_eager": bench.goal_eager, "speedup_vs_compiled": bench.goal_compiled,
-                             "peak_ratio": bench.goal_peak},
-                      loadavg=os.getloadavg())
-    csv_path, json_path = write_results(name, rows, env)
+                      quick=args.quick, threads=threads, loadavg=os.getloadavg())
+    csv_path, json_path = write_results(name, rows, env, ratios)
     print()
     print(format_table(summary, ["dtype", "shape", "mode", "speedup_vs_eager", "speedup_vs_compiled", "bytes_fused_MB",
                                  "bytes_unfused_MB", "fused_GBps", "contention", *summary[0].keys() - {
                                      "dtype", "shape", "mode", "speedup_vs_eager", "speedup_vs_compiled",
                                      "bytes_fused_MB", "bytes_unfused_MB", "fused_GBps", "contention"}]))
-    if bench.goal_eager is not None:
-        print(f"goals (fwd+bwd): speedup_vs_eager >= {bench.goal_eager}, speedup_vs_compiled >= {bench.goal_compiled}")
-    if bench.goal_peak is not None:
-        print(f"goal: peak_ratio (llmkern/eager peak bytes of one fwd+bwd) <= {bench.goal_peak} at speedup_vs_eager >= 1")
+    print()
+    print(format_ratios(ratios))
     print(f"contention (largest CPU share of other processes during a measurement): "
           f"{'n/a' if worst is None else f'{worst:.0%}'}; load average {os.getloadavg()[0]:.1f}")
     print(f"wrote {csv_path} and {json_path}")
