@@ -2,9 +2,8 @@
 
 Each runs the fused op on the module's own parameters and attributes, so weights, state dicts,
 LoRA wrappers of the projections and hooks on the modules are untouched. Where an input makes the
-fused op inapplicable (a norm weight in another dtype than its input, rotary cos/sin in another
-dtype than q under autocast, lm_head with forward hooks), the module runs transformers' own code
-and says why, once per reason (never a silent fallback).
+fused op inapplicable (a norm weight in another dtype than its input, lm_head with forward hooks),
+the module runs transformers' own code and says why, once per reason (never a silent fallback).
 """
 from __future__ import annotations
 
@@ -93,11 +92,19 @@ class RopeDispatch:
         a = bound.arguments
         q, k, cos, sin = a["q"], a["k"], a["cos"], a["sin"]
         unsqueeze_dim = a.get("unsqueeze_dim", 1)
-        if not (q.dtype == k.dtype == cos.dtype == sin.dtype):
-            warn_once(f"llmkern.patch: rotary embedding with q {q.dtype}, k {k.dtype}, cos {cos.dtype} (autocast?); "
-                      f"the fused rope needs one dtype, running transformers' apply_rotary_pos_emb for it")
-            return self.original(*args, **kwargs)
         inplace = not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad)
+        if not (q.dtype == k.dtype == cos.dtype == sin.dtype):
+            # Under autocast q and k come from bf16/fp16 projections while the rotary module returns cos
+            # and sin in the fp32 hidden states' dtype; transformers' q * cos + rotate_half(q) * sin then
+            # computes and returns in the promoted dtype (fp32). The fused op does the same on q and k
+            # cast to it: the same dtype out, the same math, and the casts are the copies eager makes too.
+            dtype = functools.reduce(torch.promote_types, (k.dtype, cos.dtype, sin.dtype), q.dtype)
+            if not all(t.dtype.is_floating_point for t in (q, k, cos, sin)):
+                warn_once(f"llmkern.patch: rotary embedding with q {q.dtype}, k {k.dtype}, cos {cos.dtype}, sin "
+                          f"{sin.dtype}; the fused rope takes floating tensors, running transformers' "
+                          f"apply_rotary_pos_emb for it")
+                return self.original(*args, **kwargs)
+            q, k, cos, sin = (t.to(dtype) for t in (q, k, cos, sin))
         if inplace and (q.stride(-1) != 1 or k.stride(-1) != 1):
             inplace = False
         return rope(q, k, cos, sin, unsqueeze_dim, inplace=inplace, backend=getattr(_rope_active, "backend", None))

@@ -5,6 +5,7 @@ import copy
 import gc
 import importlib
 import types
+import warnings
 
 import pytest
 import torch
@@ -85,6 +86,31 @@ def test_patched_matches_unpatched(arch, dtype):
     assert set(og) == set(bg)
     for name in bg:
         assert_close_to_ref(og[name], rg[name], bg[name], grad=True, name=f"{arch} grad {name}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_autocast_bf16(arch):
+    """An fp32 model under torch.autocast("cpu", bf16), as Trainer(bf16=True) runs it: the projections
+    give bf16 q and k while the rotary module's cos/sin stay fp32, and transformers computes the rotation
+    in fp32. The patched model runs every fused kernel (no fallback warning) and its loss and gradients
+    are judged against the fp64 model by the error the unpatched model makes under the same autocast."""
+    ids, labels = batch()
+    ref = oracle(arch)
+    base = make_model(arch)
+    ours = make_model(arch)
+    apply_llmkern_kernels(ours)
+    ro, rg = train_loss_and_grads(ref, ids, labels)
+    with torch.autocast("cpu", torch.bfloat16):
+        bo, bg = train_loss_and_grads(base, ids, labels)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="llmkern.patch")
+            oo, og = train_loss_and_grads(ours, ids, labels)
+    assert oo.loss.dtype == bo.loss.dtype == torch.float32
+    assert_loss_close(oo.loss, ro.loss, bo.loss, 0.0, f"{arch} autocast loss")
+    assert set(og) == set(bg)
+    for name in bg:
+        assert og[name].dtype == bg[name].dtype
+        assert_close_to_ref(og[name], rg[name], bg[name], grad=True, name=f"{arch} autocast grad {name}")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
