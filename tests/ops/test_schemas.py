@@ -7,11 +7,14 @@ import llmkern.ops
 from llmkern.ops import _backends
 
 OPS = sorted(_backends.REGISTERED)
-BACKWARD = {"lora_linear": "_lora_linear_backward", "adapter_bottleneck": "_adapter_bottleneck_backward"}
+BACKWARD = {"lora_linear": "_lora_linear_backward", "adapter_bottleneck": "_adapter_bottleneck_backward",
+            **{op: f"_{op}_backward" for op in ("rms_norm", "layer_norm", "swiglu", "geglu", "rope", "cross_entropy",
+                                                "fused_linear_cross_entropy")}}
 
 
 def test_every_op_is_registered():
-    assert OPS == ["adapter_bottleneck", "fused_adamw_", "fused_sgd_", "lora_linear", "multi_tensor_sumsq"]
+    assert OPS == ["adapter_bottleneck", "cross_entropy", "fused_adamw_", "fused_linear_cross_entropy", "fused_sgd_",
+                   "geglu", "layer_norm", "lora_linear", "multi_tensor_sumsq", "rms_norm", "rope", "swiglu"]
 
 
 @pytest.mark.parametrize("name", OPS + sorted(BACKWARD.values()))

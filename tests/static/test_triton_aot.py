@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from llmkern import kernel_report as kr
-from llmkern.triton_kernels import _aot, adapter_bottleneck, fused_adamw, fused_sgd, lora_linear, multi_tensor_sumsq
+from llmkern.triton_kernels import (_aot, adapter_bottleneck, cross_entropy, fused_adamw, fused_linear_cross_entropy,
+                                    fused_sgd, layer_norm, lora_linear, multi_tensor_sumsq, rms_norm, rope, swiglu)
 
-MODULES = (adapter_bottleneck, fused_adamw, fused_sgd, lora_linear, multi_tensor_sumsq)
+MODULES = (adapter_bottleneck, fused_adamw, fused_sgd, lora_linear, multi_tensor_sumsq, rms_norm, layer_norm, swiglu,
+           rope, cross_entropy, fused_linear_cross_entropy)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[2]

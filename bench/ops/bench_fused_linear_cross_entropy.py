@@ -1,0 +1,58 @@
+"""Fused LM head + cross-entropy on CPU: llmkern's fused_linear_cross_entropy vs lm_head then transformers'
+loss (eager: F.linear, then F.cross_entropy on ``logits.float()``) and torch.compile of that.
+
+hidden (T, C) and the head (V, C) both train (the harder case: a frozen LoRA base head skips the head's
+gradient and its memory); mean over labels with 1 in 16 ignored. Peak: the bytes one fwd+bwd allocates
+beyond its inputs (the profiler's allocation records), the head's gradient included on both sides.
+Bytes moved: dispatcher ops' inputs and outputs. The issue's goal: peak memory <= 0.25x eager's at
+equal or better speed.
+
+    python bench/ops/bench_fused_linear_cross_entropy.py            # T=2048, C=2048, V=32000 and 128256
+    python bench/ops/bench_fused_linear_cross_entropy.py --quick    # T=128, C=64, V=1000, no torch.compile
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fused import Bench, Case, compile_eager, dispatch_bytes, fwd, fwd_bwd, main, peak_bytes, rel_err  # noqa: E402
+
+
+def make_case(*, dtype: torch.dtype, compiled: bool, T: int, C: int, V: int) -> Case:
+    from llmkern.ops import fused_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(T, C, generator=g).to(dtype)
+    weight = (torch.randn(V, C, generator=g) * 2 / C ** 0.5).to(dtype)
+    labels = torch.randint(0, V, (T,), generator=g)
+    labels[::16] = -100
+
+    def eager(h, w):
+        return F.cross_entropy(F.linear(h, w).float(), labels, ignore_index=-100)
+
+    fns = {"eager": eager}
+    if compiled:
+        fns["compiled"] = compile_eager(eager)
+    fns["llmkern"] = lambda h, w: fused_linear_cross_entropy(h, w, labels, backend="cpu")
+    one = torch.tensor(1.0)
+    calls = {"fwd": {n: fwd(f, [hidden, weight]) for n, f in fns.items()},
+             "fwd+bwd": {n: fwd_bwd(f, [hidden, weight], [one]) for n, f in fns.items()}}
+    return Case(shape=f"T={T},C={C},V={V}", calls=calls,
+                validate=lambda: rel_err(calls["fwd"]["llmkern"](), calls["fwd"]["eager"]()),
+                tolerance=1e-5 if dtype == torch.float32 else 1e-3,
+                bytes_fused={m: dispatch_bytes(calls[m]["llmkern"]) for m in calls},
+                bytes_unfused={m: dispatch_bytes(calls[m]["eager"]) for m in calls},
+                peak={n: peak_bytes(c) for n, c in calls["fwd+bwd"].items()})
+
+
+BENCH = Bench(op="fused_linear_cross_entropy", doc=__doc__,
+              shapes=[dict(T=2048, C=2048, V=32000), dict(T=2048, C=2048, V=128256)],
+              quick_shapes=[dict(T=128, C=64, V=1000)], make_case=make_case, modes=("fwd+bwd",),
+              goal_eager=1.0, goal_compiled=None, goal_peak=0.25, rounds=2, warmup=0)
+
+if __name__ == "__main__":
+    raise SystemExit(main(BENCH))

@@ -1,0 +1,53 @@
+"""RMSNorm on CPU: llmkern's fused rms_norm vs transformers' LlamaRMSNorm (eager) and torch.compile of it.
+
+The eager candidate is the HF module itself; ``llmkern`` is llmkern.nn.RMSNorm(backend="cpu") with the
+same weight. fwd runs under no_grad; fwd+bwd has x requiring grad and the weight training, with a fixed
+grad output. Bytes: each candidate's dispatcher ops, inputs read and outputs written once
+(bench/ops/_fused.py:dispatch_bytes): the unfused sequence's traffic for eager, the fused kernels'
+minimum for llmkern (x, w in; y, rstd out; then dy, x in; dx out).
+
+    python bench/ops/bench_rms_norm.py            # T=4096, C=4096, fp32 and bf16 (minutes: torch.compile)
+    python bench/ops/bench_rms_norm.py --quick    # T=256, C=512, no torch.compile: seconds
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fused import Bench, Case, compile_eager, dispatch_bytes, fwd, fwd_bwd, main, rel_err  # noqa: E402
+
+
+def make_case(*, dtype: torch.dtype, compiled: bool, T: int, C: int) -> Case:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from llmkern.nn import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    eager = LlamaRMSNorm(C, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        eager.weight.copy_(1 + 0.1 * torch.randn(C, generator=g))
+    ours = RMSNorm(C, eps=1e-6, dtype=dtype, backend="cpu")
+    ours.load_state_dict(eager.state_dict())
+    mods = {"eager": eager}
+    if compiled:
+        mods["compiled"] = compile_eager(eager)
+    mods["llmkern"] = ours
+    x = torch.randn(T, C, generator=g).to(dtype)
+    gy = torch.randn(T, C, generator=g).to(dtype)
+    calls = {"fwd": {n: fwd(m, [x]) for n, m in mods.items()},
+             "fwd+bwd": {n: fwd_bwd(m, [x], [gy]) for n, m in mods.items()}}
+    return Case(shape=f"T={T},C={C}", calls=calls,
+                validate=lambda: rel_err(calls["fwd"]["llmkern"](), calls["fwd"]["eager"]()),
+                tolerance=1e-6 if dtype == torch.float32 else 1e-2,
+                bytes_fused={m: dispatch_bytes(calls[m]["llmkern"]) for m in calls},
+                bytes_unfused={m: dispatch_bytes(calls[m]["eager"]) for m in calls})
+
+
+BENCH = Bench(op="rms_norm", doc=__doc__, shapes=[dict(T=4096, C=4096)], quick_shapes=[dict(T=256, C=512)],
+              make_case=make_case)
+
+if __name__ == "__main__":
+    raise SystemExit(main(BENCH))

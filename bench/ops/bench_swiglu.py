@@ -1,0 +1,50 @@
+"""SwiGLU on CPU: llmkern's fused swiglu vs LlamaMLP's ``act_fn(gate) * up`` (eager) and torch.compile of it.
+
+The activation and product between the projections of a Llama MLP (the projections themselves are
+GEMMs that no candidate changes): gate and up are (T, F). fwd under no_grad; fwd+bwd with gate and
+up requiring grad and a fixed grad output. Bytes: dispatcher ops' inputs and outputs.
+
+    python bench/ops/bench_swiglu.py            # T=2048, F=11008 (Llama-2-7B), fp32 and bf16
+    python bench/ops/bench_swiglu.py --quick    # T=128, F=512, no torch.compile
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fused import Bench, Case, compile_eager, dispatch_bytes, fwd, fwd_bwd, main, rel_err  # noqa: E402
+
+
+def make_case(*, dtype: torch.dtype, compiled: bool, T: int, F: int) -> Case:
+    from transformers.activations import ACT2FN
+
+    from llmkern.ops import swiglu
+
+    act = ACT2FN["silu"]
+
+    def eager(gate, up):  # LlamaMLP.forward between the projections
+        return act(gate) * up
+
+    fns = {"eager": eager}
+    if compiled:
+        fns["compiled"] = compile_eager(eager)
+    fns["llmkern"] = lambda gate, up: swiglu(gate, up, backend="cpu")
+    g = torch.Generator().manual_seed(0)
+    gate, up, gy = (torch.randn(T, F, generator=g).to(dtype) for _ in range(3))
+    calls = {"fwd": {n: fwd(f, [gate, up]) for n, f in fns.items()},
+             "fwd+bwd": {n: fwd_bwd(f, [gate, up], [gy]) for n, f in fns.items()}}
+    return Case(shape=f"T={T},F={F}", calls=calls,
+                validate=lambda: rel_err(calls["fwd"]["llmkern"](), calls["fwd"]["eager"]()),
+                tolerance=1e-6 if dtype == torch.float32 else 1e-2,
+                bytes_fused={m: dispatch_bytes(calls[m]["llmkern"]) for m in calls},
+                bytes_unfused={m: dispatch_bytes(calls[m]["eager"]) for m in calls})
+
+
+BENCH = Bench(op="swiglu", doc=__doc__, shapes=[dict(T=2048, F=11008)], quick_shapes=[dict(T=128, F=512)],
+              make_case=make_case)
+
+if __name__ == "__main__":
+    raise SystemExit(main(BENCH))
