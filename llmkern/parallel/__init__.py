@@ -8,6 +8,7 @@ Layers, each using only the ones above it:
     mesh.py         ParallelConfig / ParallelDims over init_device_mesh, mark_sharded
     buffers.py      FlatLayout + GradBuffer: flat padded buckets reduced during backward
     ddp.py          DistributedDataParallel on a GradBuffer
+    zero.py         ZeRO: optimizer states, gradients (and parameters) partitioned over the group
     pipeline/       pipeline parallelism: schedules as checked data, partitioning, the runtime
 """
 from llmkern.parallel.buffers import (
@@ -35,6 +36,7 @@ from llmkern.parallel.collectives import (
 from llmkern.parallel.ddp import DDPConfig, DDPStats, DistributedDataParallel, apply_ddp
 from llmkern.parallel.groups import DEFAULT_TIMEOUT_S, CollectiveError
 from llmkern.parallel.mesh import ParallelConfig, ParallelDims, init_mesh, mark_sharded, sharded_over
+from llmkern.parallel.zero import ZeroConfig, ZeroMemory, ZeroModel, ZeroOptimizer, apply_zero
 from llmkern.parallel.pipeline import Pipeline, PipelineConfig, PipelineError, apply_pipeline
 
 __all__ = [
@@ -45,3 +47,4 @@ __all__ = [
     "sharded_over",
 ]
 __all__ += ["Pipeline", "PipelineConfig", "PipelineError", "apply_pipeline"]
+__all__ += ["ZeroConfig", "ZeroMemory", "ZeroModel", "ZeroOptimizer", "apply_zero"]

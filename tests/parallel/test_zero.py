@@ -1,0 +1,172 @@
+"""llmkern.parallel.apply_zero on real gloo ranks against single-process training on the same global batch.
+
+Every rank trains its slice of the global batch (two micro-batches, the first under no_sync, clipping
+on); rank 0 also trains a plain copy with FusedAdamW on the whole batch. fp32: the parameters agree
+up to the order of the reduction. fp16 with the loss scaler: the average of two fp16 half-batch
+gradients differs from the fp16 full-batch gradient by rounding, so the weights agree to a few fp16
+ulps (checked against the size of the weights).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from llmkern.optim import DynamicLossScaler, FusedAdamW
+from llmkern.parallel import ZeroConfig, apply_zero
+from llmkern.parallel.memory import estimate_memory
+from llmkern.testing import assert_close_to_ref, run_distributed
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 10
+PER_RANK = 4
+BUCKET_MB = 0.004  # ~4 KiB buckets: several buckets, a parameter larger than a bucket
+
+
+def _mlp(dtype, device="cpu"):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 97), nn.GELU(), nn.Linear(97, 8)).to(device, dtype)
+
+
+def _batch(step, world, dtype, device="cpu"):
+    g = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(PER_RANK * world, 24, generator=g), torch.randn(PER_RANK * world, 8, generator=g)
+    return x.to(device, dtype), y.to(device, dtype)
+
+
+def _loss(model, x, y):
+    out = model(x)
+    wide = torch.float64 if out.dtype == torch.float64 else torch.float32
+    return nn.functional.mse_loss(out.to(wide), y.to(wide))
+
+
+def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
+    if device == "cuda":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(rank)
+    model = _mlp(dtype, device)
+    if rank == 1:  # construction broadcasts rank 0's weights
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+    ref = copy.deepcopy(model) if rank == 0 else None
+    start = {k: v.clone() for k, v in model.state_dict().items()} if rank == 0 else None
+    # 16-bit gradients are averaged in fp32 partial sums (reduce_dtype), as DDP users set it
+    cfg = ZeroConfig(stage=stage, offload_optimizer=offload, reduce_bucket_mb=BUCKET_MB, timeout_s=30,
+                     reduce_dtype=torch.float32 if dtype != torch.float32 else None)
+    zmodel, opt = apply_zero(model, cfg, lr=1e-2, weight_decay=0.1)
+    fp16 = dtype == torch.float16
+    scaler = DynamicLossScaler(init_scale=2.0 ** 10) if fp16 else None
+    mem = zmodel.memory()
+    skipped_equal = None
+    for step in range(STEPS):
+        x, y = _batch(step, world, dtype, device)
+        x, y = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
+        h = PER_RANK // 2
+        with zmodel.no_sync():
+            loss = _loss(zmodel, x[:h], y[:h]) / 2
+            (scaler.scale(loss) if fp16 else loss).backward()
+        loss = _loss(zmodel, x[h:], y[h:]) / 2
+        if step == overflow_step and rank == 1:
+            loss = loss * float("inf")
+        (scaler.scale(loss) if fp16 else loss).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        if fp16:
+            scaler.clip_grad_norm_(opt, 0.5)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.clip_grad_norm_(0.5)
+            opt.step()
+        opt.zero_grad()
+        zmodel.wait_for_parameters()
+        if step == overflow_step:
+            skipped_equal = (bool(opt.last_step_skipped)
+                             and all(torch.equal(a, b) for a, b in zip(before, model.parameters())))
+    out = {"params": [p.detach().cpu() for p in model.parameters()], "memory": mem,
+           "skipped_equal": skipped_equal,
+           "masters_on_host": all(m.data_ptr() != s.data_ptr() for m, s in zip(opt.masters,
+                                                                                 zmodel.parameter_shards()))}
+    if rank == 0:
+        ref_opt = FusedAdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+        ref_scaler = DynamicLossScaler(init_scale=2.0 ** 10) if fp16 else None
+        for step in range(STEPS):
+            if step == overflow_step:
+                if fp16:
+                    ref_scaler.update(True)
+                continue
+            x, y = _batch(step, world, dtype, device)
+            if fp16:  # plain fp16 training accumulates the same micro-batches' gradients in fp16
+                h = PER_RANK // 2
+                for lo in range(0, PER_RANK * world, h):
+                    ref_scaler.scale(_loss(ref, x[lo:lo + h], y[lo:lo + h]) / (2 * world)).backward()
+                ref_scaler.clip_grad_norm_(ref_opt, 0.5)
+                ref_scaler.step(ref_opt)
+                ref_scaler.update()
+            else:
+                _loss(ref, x, y).backward()
+                ref_opt.clip_grad_norm_(0.5)
+                ref_opt.step()
+            ref_opt.zero_grad()
+        out["ref"] = [p.detach().cpu() for p in ref.parameters()]
+        if fp16:  # the oracle: the same training in fp64 (torch.optim.AdamW, torch's clip)
+            ref64 = _mlp(torch.float64)
+            opt64 = torch.optim.AdamW(ref64.parameters(), lr=1e-2, weight_decay=0.1)
+            ref64.load_state_dict({k: v.double() for k, v in start.items()})
+            for step in range(STEPS):
+                if step == overflow_step:
+                    continue
+                x, y = _batch(step, world, torch.float64)
+                _loss(ref64, x.to(dtype).double(), y.to(dtype).double()).double().backward()
+                torch.nn.utils.clip_grad_norm_(ref64.parameters(), 0.5)
+                opt64.step()
+                opt64.zero_grad()
+            out["ref64"] = [p.detach() for p in ref64.parameters()]
+    zmodel.close()
+    return out
+
+
+def _check_equal_to_single_process(results, dtype):
+    r0 = results[0]
+    for r in results[1:]:  # every rank holds the same gathered parameters
+        assert all(torch.equal(a, b) for a, b in zip(r["params"], r0["params"]))
+    if dtype == torch.float32:
+        for got, ref in zip(r0["params"], r0["ref"]):
+            err = (got.double() - ref.double()).abs().max().item()
+            assert err <= 1e-5 * max(1.0, ref.abs().max().item()), err   # the reduction order only
+    else:  # as close to fp64 training as single-process fp16 training is (the fp16 rule)
+        assert_close_to_ref(r0["params"], r0["ref64"], r0["ref"], name="parameters after 10 steps")
+
+
+@pytest.mark.parametrize("stage,dtype,offload", [
+    (1, torch.float32, False),
+    (2, torch.float32, False),
+    (2, torch.float16, False),
+    (2, torch.float16, True),
+])
+def test_matches_single_process(stage, dtype, offload):
+    results = run_distributed(_train, 2, (stage, dtype, offload), timeout=60)
+    _check_equal_to_single_process(results, dtype)
+    if offload:
+        assert all(r["masters_on_host"] for r in results)
+    # the engine's allocations are what estimate_memory predicts
+    cfg = ZeroConfig(stage=stage, offload_optimizer=offload, reduce_bucket_mb=BUCKET_MB)
+    assert all(r["memory"] == estimate_memory(_mlp(dtype), cfg, 2) for r in results)
+
+
+def test_an_overflow_on_one_rank_skips_the_step_everywhere():
+    results = run_distributed(_train, 2, (2, torch.float16, False, "cpu", 3), timeout=60)
+    assert all(r["skipped_equal"] for r in results)
+    _check_equal_to_single_process(results, torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stage", [1, 2])
+def test_matches_single_process_cuda(stage):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    results = run_distributed(_train, 2, (stage, torch.float16, False, "cuda"), timeout=120, backend="nccl")
+    _check_equal_to_single_process(results, torch.float16)
