@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "train":
         from llmkern import demo
         return demo.main(rest)
+    if args.cmd == "plan" and "--zero" in rest:
+        from llmkern.parallel import memory
+        return memory.main([a for a in rest if a != "--zero"])
     if args.cmd == "plan":
         from llmkern.parallel import plan
         return plan.main(rest)

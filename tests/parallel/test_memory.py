@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmkern.parallel import ZeroConfig
-from llmkern.parallel.memory import estimate_memory, main
+from llmkern.parallel.memory import estimate_memory
 
 PSI = 7_000_000_000          # a 7B model: divisible by every world size below
 K = 12                       # mixed-precision Adam: fp32 master, exp_avg, exp_avg_sq
@@ -59,7 +59,9 @@ def test_a_meta_llama_has_the_engines_buckets():
 
 
 def test_plan_prints_the_table(capsys):
-    assert main(["--params", "7e9", "--world-size", "8"]) == 0
+    from llmkern.cli import main as cli_main
+
+    assert cli_main(["plan", "--zero", "--params", "7e9", "--world-size", "8"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("ZeRO-3"))
     total = float(row.split()[4])
