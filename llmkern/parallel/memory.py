@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from llmkern.parallel.buffers import FlatLayout
+from llmkern.parallel import zero
 from llmkern.parallel.zero import ZeroConfig, ZeroMemory
 
 _ADAM_MOMENTS = 2
@@ -73,11 +74,13 @@ def estimate_memory(model_or_param_count, config: ZeroConfig, world_size: int, *
         raise TypeError(f"estimate_memory: config must be a ZeroConfig, got {type(config).__name__}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"estimate_memory: world_size must be an int >= 1, got {world_size!r}")
+    if config.stage == 3 and isinstance(model_or_param_count, nn.Module):
+        return _estimate_stage3(model_or_param_count, config, world_size, param_dtype, state_dtype)
     padded, frozen, e = _bucket_sizes(model_or_param_count, config, world_size, param_dtype)
     n = world_size
     shard = sum(p // n for p in padded)       # this rank's elements of the trainable buckets
     whole = sum(padded)
-    k = _ADAM_MOMENTS * torch.empty((), dtype=state_dtype).element_size() + (4 if e == 2 else 0)
+    k = _state_bytes(e, state_dtype)
     frozen_bytes = frozen * e if config.stage < 3 else -(-frozen // n) * e
     params = (whole if config.stage < 3 else shard) * e + frozen_bytes
     grads = whole * e if config.stage == 1 else shard * e
@@ -88,10 +91,50 @@ def estimate_memory(model_or_param_count, config: ZeroConfig, world_size: int, *
         # the step reads and, for 16-bit parameters, the buffer the step writes the 16-bit copy into
         moments = k - (4 if e == 2 else 0)
         host, states = shard * (4 + moments + 4 + (e if e == 2 else 0)), 0
-    gathers = 2 if config.stage == 3 else 1
+    gathers = 2 if config.stage == 3 and config.reshard_after_forward else 1
     sent = (n - 1) * shard * e * (1 + gathers)
     return ZeroMemory(parameters=params, gradients=grads, optimizer_states=states, gathered=0, communicated=sent,
                       host_optimizer_states=host)
+
+
+def _state_bytes(e: int, state_dtype: torch.dtype) -> int:
+    return _ADAM_MOMENTS * torch.empty((), dtype=state_dtype).element_size() + (4 if e == 2 else 0)
+
+
+def _estimate_stage3(model: nn.Module, config: ZeroConfig, n: int, param_dtype, state_dtype) -> ZeroMemory:
+    """Stage 3 of a module: the engine's units (zero.stage3_units), each holding one flat buffer per
+    (dtype, trainable) padded to a multiple of n; the root unit is gathered once per step, the others
+    twice (forward, backward) unless reshard_after_forward is off."""
+    units = zero.stage3_units(model)
+    params = grads = states = sent = 0
+    full = []
+    for u, named in enumerate(zero._unit_params(model, units)):
+        unit_full = 0
+        root = u == len(units) - 1
+        times = 1 if root or not config.reshard_after_forward else 2
+        for (dtype, trainable), group in zero._flat_groups(named):
+            e = torch.empty((), dtype=param_dtype or dtype).element_size()
+            k = -(-sum(p.numel() for _, p in group) // n)
+            unit_full += k * n * e
+            params += k * e
+            sent += (n - 1) * k * e * (times + int(trainable))
+            if trainable:
+                grads += k * e
+                states += k * _state_bytes(e, state_dtype)
+        full.append(unit_full)
+    gathered = full[-1] + sum(sorted(full[:-1], reverse=True)[:1 + config.prefetch])
+    host = 0
+    if config.offload_optimizer:  # as for stages 1 and 2 (estimate_memory), on the trainable shards
+        for named in zero._unit_params(model, units):
+            for (dtype, trainable), group in zero._flat_groups(named):
+                if trainable:
+                    e = torch.empty((), dtype=param_dtype or dtype).element_size()
+                    k = -(-sum(p.numel() for _, p in group) // n)
+                    moments = _state_bytes(e, state_dtype) - (4 if e == 2 else 0)
+                    host += k * (4 + moments + 4 + (e if e == 2 else 0))
+        states = 0
+    return ZeroMemory(parameters=params, gradients=grads, optimizer_states=states, gathered=gathered,
+                      communicated=sent, host_optimizer_states=host)
 
 
 def format_plan(model_or_param_count, world_size: int, *, param_dtype: torch.dtype | None = None,

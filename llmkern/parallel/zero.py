@@ -81,10 +81,6 @@ class ZeroConfig:
     """Stage 3: free a unit's gathered parameters after its forward (gathered again for backward); False
     keeps them until the unit's backward, trading memory for one all-gather per unit."""
 
-    param_persistence_threshold: int = 0
-    """Stage 3: parameters with at most this many elements stay whole on every rank (biases, norms):
-    a collective per tiny tensor costs more than it saves. 0 shards everything."""
-
     reduce_dtype: torch.dtype | None = None
     """Dtype of the partial sums of the gradient reduction, e.g. torch.float32 for bf16 gradients;
     None reduces in the gradients' own dtype."""
@@ -104,10 +100,6 @@ class ZeroConfig:
             raise ValueError(f"ZeroConfig.reduce_bucket_mb must be > 0, got {self.reduce_bucket_mb!r}")
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ValueError(f"ZeroConfig.prefetch must be an int >= 0, got {self.prefetch!r}")
-        if (isinstance(self.param_persistence_threshold, bool) or not isinstance(self.param_persistence_threshold, int)
-                or self.param_persistence_threshold < 0):
-            raise ValueError(f"ZeroConfig.param_persistence_threshold must be an int >= 0, got "
-                             f"{self.param_persistence_threshold!r}")
         if self.reduce_dtype is not None and not (isinstance(self.reduce_dtype, torch.dtype)
                                                   and self.reduce_dtype.is_floating_point):
             raise ValueError(f"ZeroConfig.reduce_dtype must be a floating-point torch.dtype or None, got "
@@ -186,7 +178,7 @@ class ZeroModel(nn.Module):
     def __init__(self, module: nn.Module, config: ZeroConfig, group=None):
         super().__init__()
         if config.stage == 3:
-            raise NotImplementedError("ZeroConfig(stage=3) is not available in this build; use stage 1 or 2")
+            raise ValueError("ZeroModel runs stages 1 and 2; apply_zero builds a Zero3Model for stage 3")
         self.module, self.config = module, config
         self.group = groups.resolve(group)
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
@@ -334,7 +326,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     bucket shards (schedulers and `lr` work as with any torch optimizer). Implements
     llmkern.optim.ScaledStepOptimizer, so DynamicLossScaler drives it without a host sync."""
 
-    def __init__(self, engine: ZeroModel, optimizer_class=FusedAdamW, **optimizer_kwargs):
+    def __init__(self, engine: ZeroModel | Zero3Model, optimizer_class=FusedAdamW, **optimizer_kwargs):
         offload = engine.config.offload_optimizer
         if offload:
             from llmkern.optim import CPUAdam
@@ -469,5 +461,369 @@ def apply_zero(model: nn.Module, config: ZeroConfig | None = None, optimizer_cla
     config = config if config is not None else ZeroConfig()
     if not isinstance(config, ZeroConfig):
         raise TypeError(f"apply_zero: config must be a ZeroConfig, got {type(config).__name__}")
-    engine = ZeroModel(model, config, mesh)
+    engine = Zero3Model(model, config, mesh) if config.stage == 3 else ZeroModel(model, config, mesh)
     return engine, ZeroOptimizer(engine, optimizer_class, **optimizer_kwargs)
+
+
+# --- stage 3 -------------------------------------------------------------------------------------------
+
+
+def stage3_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The units stage 3 gathers and frees as one: every child of an nn.ModuleList that has parameters (a
+    transformer block; nested ModuleLists inside a block stay in it), then the root ("", model) holding
+    every other parameter (embeddings, the final norm, the head), gathered for the whole step."""
+    units: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or any(name.startswith(u + ".") for u, _ in units):
+            continue
+        for i, child in enumerate(m):
+            if next(child.parameters(), None) is not None:
+                units.append((f"{name}.{i}" if name else str(i), child))
+    return units + [("", model)]
+
+
+def _unit_params(model: nn.Module, units) -> list[list[tuple[str, nn.Parameter]]]:
+    """Each unit's own parameters (those of the root are the ones no block holds), by full name."""
+    owner: dict[int, int] = {}
+    for u, (_, m) in enumerate(units[:-1]):
+        for p in m.parameters():
+            owner[id(p)] = u
+    out: list[list[tuple[str, nn.Parameter]]] = [[] for _ in units]
+    for name, p in model.named_parameters():
+        out[owner.get(id(p), len(units) - 1)].append((name, p))
+    return out
+
+
+def _flat_groups(named: list[tuple[str, nn.Parameter]]):
+    """A unit's parameters split by (dtype, trainable), each group one flat buffer, in registration order."""
+    keyed: dict[tuple[torch.dtype, bool], list[tuple[str, nn.Parameter]]] = {}
+    for n, p in named:
+        keyed.setdefault((p.dtype, p.requires_grad), []).append((n, p))
+    return sorted(keyed.items(), key=lambda kv: (not kv[0][1], str(kv[0][0])))
+
+
+class _Flat:
+    """One unit's parameters of one dtype, trainable or frozen: a full buffer (storage freed at rest), this
+    rank's shard of it, and for trainable ones the full gradient (during backward) and its reduced shard."""
+
+    def __init__(self, named, world: int, rank: int, device):
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shapes = [p.shape for p in self.params]
+        self.trainable = self.params[0].requires_grad
+        self.dtype = self.params[0].dtype
+        self.offsets, n = [], 0
+        for p in self.params:
+            self.offsets.append(n)
+            n += p.numel()
+        self.numel = n
+        self.padded = -(-n // world) * world
+        self.k = self.padded // world
+        self.rank = rank
+        self.full = torch.zeros(self.padded, dtype=self.dtype, device=device)
+        self.grad_full = torch.zeros(self.padded if self.trainable else 0, dtype=self.dtype, device=device)
+        _free(self.grad_full)
+        self.grad_shard = torch.zeros(self.k if self.trainable else 0, dtype=self.dtype, device=device)
+        self.slot = {id(p): i for i, p in enumerate(self.params)}
+        self.empty = torch.empty(0, dtype=self.dtype, device=device)
+
+    def view(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        shape = self.shapes[i]
+        return t[self.offsets[i]:self.offsets[i] + shape.numel()].view(shape)
+
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.rank * self.k:(self.rank + 1) * self.k]
+
+    def attach(self) -> None:
+        """Every parameter a view into the (gathered) full buffer."""
+        for i, p in enumerate(self.params):
+            p.data = self.view(self.full, i)
+
+    def detach_params(self) -> None:
+        """Every parameter a 0-element tensor: code reading a freed weight gets a shape error, not memory
+        that was given back (a view of the freed storage would read out of bounds)."""
+        for p in self.params:
+            p.data = self.empty
+
+
+class _Unit:
+    __slots__ = ("arrived", "flats", "gathered", "index", "module", "name", "pending", "reduced", "trainable")
+
+    def __init__(self, index: int, name: str, module: nn.Module, flats: list[_Flat]):
+        self.index, self.name, self.module, self.flats = index, name, module, flats
+        self.trainable = sum(len(f.params) for f in flats if f.trainable)
+        self.gathered = False
+        self.pending: list[collectives.Handle] = []
+        self.arrived: set[int] = set()
+        self.reduced: list[collectives.Handle] | None = None
+
+
+class Zero3Model(nn.Module):
+    """Stage 3: every parameter (trainable or frozen) partitioned at rest in units (see stage3_units); a
+    unit's shards are all-gathered just before its forward and again before its backward (the next
+    `prefetch` units in the order of the last forward are gathered ahead), freed after each; each unit's
+    gradients are reduce-scattered into this rank's shard as soon as they are all there."""
+
+    def __init__(self, module: nn.Module, config: ZeroConfig, group=None):
+        super().__init__()
+        self.module, self.config = module, config
+        self.group = groups.resolve(group)
+        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ValueError("apply_zero: the model has no trainable parameters (requires_grad=True)")
+        units = stage3_units(module)
+        per_unit = _unit_params(module, units)
+        named = list(module.named_parameters())
+        buffers.check_devices([p for _, p in named], "apply_zero")
+        collectives.agree(
+            self.group, "apply_zero: ranks differ", timeout=config.timeout_s, names=[n for n, _ in named],
+            shapes=[tuple(p.shape) for _, p in named], dtypes=[str(p.dtype) for _, p in named],
+            trainable=[p.requires_grad for _, p in named],
+            config={f.name: str(getattr(config, f.name)) for f in dataclasses.fields(config)},
+            units=[u for u, _ in units])
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                collectives.broadcast_(t.data, 0, self.group, backend="torch" if t.is_cuda else "ring", check=False,
+                                       timeout=config.timeout_s)
+        self.device = named[0][1].device
+        self.units: list[_Unit] = []
+        with torch.no_grad():
+            for u, ((uname, m), params) in enumerate(zip(units, per_unit)):
+                flats = []
+                for _, group_named in _flat_groups(params):
+                    f = _Flat(group_named, self.world, self.rank, self.device)
+                    for i, p in enumerate(f.params):
+                        f.view(f.full, i).copy_(p.detach())
+                    f.shard = f.own(f.full).clone()
+                    _free(f.full)
+                    f.detach_params()
+                    flats.append(f)
+                self.units.append(_Unit(u, uname, m, flats))
+        self._unit_of_module = {id(u.module): u for u in self.units[:-1]}
+        self._where = {id(p): (u, f, f.slot[id(p)]) for u in self.units for f in u.flats for p in f.params}
+        self._hooks = []
+        for u in self.units[:-1]:
+            self._hooks.append(u.module.register_forward_pre_hook(self._pre_forward))
+            self._hooks.append(u.module.register_forward_hook(self._post_forward))
+        for u in self.units:
+            for f in u.flats:
+                if f.trainable:
+                    self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for p in f.params]
+        self.trainable_flats = [f for u in self.units for f in u.flats if f.trainable]
+        self.names = [n for f in self.trainable_flats for n in f.names]
+        self.sync = True
+        self._order: list[int] = []          # unit indices in the order of the last forward
+        self._recording: list[int] = []
+        self._backward_queued = False
+        self.gathers = 0                      # all-gathers issued (one per flat), for tests and the bench
+        self._optimizer = None
+
+    # --- gathering -----------------------------------------------------------------------------------
+
+    def _gather(self, unit: _Unit, wait: bool = True) -> None:
+        if not unit.gathered:
+            cfg = self.config
+            for f in unit.flats:
+                f.full.untyped_storage().resize_(f.padded * f.full.element_size())
+                f.attach()
+                unit.pending.append(collectives.all_gather(f.shard, f.full, self.group, backend=cfg.comm,
+                                                           async_op=True, check=False, timeout=cfg.timeout_s))
+                self.gathers += 1
+            unit.gathered = True
+        if wait:
+            handles, unit.pending = unit.pending, []
+            for h in handles:
+                h.wait()
+
+    def _release(self, unit: _Unit) -> None:
+        if unit.gathered:
+            self._gather(unit, wait=True)  # an all-gather still writing must finish first
+            for f in unit.flats:
+                f.detach_params()
+                _free(f.full)
+            unit.gathered = False
+
+    def _prefetch_after(self, unit: _Unit, backward: bool) -> None:
+        if not self.config.prefetch or unit.index not in self._order:
+            return
+        at = self._order.index(unit.index)
+        ahead = self._order[max(0, at - self.config.prefetch):at][::-1] if backward else \
+            self._order[at + 1:at + 1 + self.config.prefetch]
+        for j in ahead:
+            self._gather(self.units[j], wait=False)
+
+    def _pre_forward(self, module, args):
+        unit = self._unit_of_module[id(module)]
+        self._recording.append(unit.index)
+        self._gather(unit)
+        self._prefetch_after(unit, backward=False)
+
+    def _post_forward(self, module, args, output):
+        unit = self._unit_of_module[id(module)]
+        if torch.is_grad_enabled():
+            tensors = [t for t in torch.utils._pytree.tree_leaves(output)
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
+            fired = []
+
+            def pre_backward(grad, unit=unit, fired=fired):
+                if not fired:
+                    fired.append(True)
+                    self._queue_end_of_backward()
+                    self._gather(unit)
+                    self._prefetch_after(unit, backward=True)
+                return grad
+
+            for t in tensors:
+                t.register_hook(pre_backward)
+        if self.config.reshard_after_forward:
+            self._release(unit)
+        return output
+
+    # --- gradients -----------------------------------------------------------------------------------
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        unit, f, i = self._where[id(p)]
+        self._queue_end_of_backward()
+        if not _allocated(f.grad_full):
+            _realloc(f.grad_full)
+        f.view(f.grad_full, i).add_(p.grad)
+        p.grad = None
+        if not self.sync:
+            return
+        if id(p) in unit.arrived:
+            raise RuntimeError(f"ZeRO-3: parameter {f.names[i]} received a gradient twice in one backward")
+        unit.arrived.add(id(p))
+        if len(unit.arrived) == unit.trainable:
+            self._reduce(unit)
+
+    def _reduce(self, unit: _Unit) -> None:
+        cfg = self.config
+        unit.reduced = []
+        for f in unit.flats:
+            if f.trainable:
+                _realloc(f.grad_full)
+                h = collectives.reduce_scatter(f.grad_full, f.grad_shard, self.group, op="avg",
+                                               accumulate_dtype=cfg.reduce_dtype, backend=cfg.comm, async_op=True,
+                                               check=False, timeout=cfg.timeout_s)
+                unit.reduced.append(h)
+        if unit is not self.units[-1]:
+            self._release(unit)
+
+    def _queue_end_of_backward(self) -> None:
+        if not self._backward_queued:
+            self._backward_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        self._backward_queued = False
+        error = None
+        if self.sync:
+            for u in self.units:  # parameters that got no gradient count as zero (every rank reduces)
+                if u.trainable and u.reduced is None:
+                    self._reduce(u)
+        for u in self.units:
+            for h in u.reduced or []:
+                try:
+                    h.wait()
+                except BaseException as e:  # noqa: BLE001 - re-raised after every handle was waited for
+                    error = error or e
+            if self.sync:
+                u.reduced = None
+                u.arrived.clear()
+                for f in u.flats:
+                    if f.trainable:
+                        _free(f.grad_full)
+            self._release(u)
+        if error is not None:
+            raise error
+
+    # --- the engine interface the optimizer uses ----------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        self._recording = []
+        self._gather(self.units[-1])
+        try:
+            out = self.module(*args, **kwargs)
+        except RuntimeError as e:
+            if any(not u.gathered for u in self.units):
+                raise RuntimeError(f"ZeRO-3: forward failed while units {[u.name for u in self.units if not u.gathered]} "
+                                   f"were not gathered (their parameters have 0 elements): a module that reads "
+                                   f"another unit's weight must do it inside model.gather_parameters(). The "
+                                   f"error: {e}") from e
+            raise
+        self._order = self._recording
+        if not torch.is_grad_enabled():
+            self._release(self.units[-1])
+        return out
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate full gradients locally without communicating; the next synced backward reduces once."""
+        old, self.sync = self.sync, False
+        try:
+            yield
+        finally:
+            self.sync = old
+
+    @contextlib.contextmanager
+    def gather_parameters(self):
+        """Every unit gathered (whole weights to read or save), freed on exit."""
+        for u in self.units:
+            self._gather(u)
+        try:
+            yield
+        finally:
+            for u in self.units:
+                self._release(u)
+
+    def wait_for_parameters(self) -> None:
+        pass
+
+    def check_parameters(self) -> None:
+        for f in self.trainable_flats:
+            for n, p in zip(f.names, f.params):
+                ours = f.empty if p.numel() == 0 else f.full
+                if p.untyped_storage().data_ptr() != ours.untyped_storage().data_ptr():
+                    raise RuntimeError(f"ZeRO: parameter {n} was replaced or moved after apply_zero (its storage is "
+                                       f"no longer the unit's flat buffer, so the optimizer would not update it); "
+                                       f"change parameters before apply_zero")
+
+    def parameter_shards(self) -> list[torch.Tensor]:
+        return [f.shard for f in self.trainable_flats]
+
+    def gradient_shards(self) -> list[torch.Tensor]:
+        return [f.grad_shard for f in self.trainable_flats]
+
+    def gather_parameters_async(self) -> None:
+        pass  # stage 3 gathers each unit when it runs
+
+    def zero_grad(self) -> None:
+        for f in self.trainable_flats:
+            f.grad_shard.zero_()
+            if _allocated(f.grad_full):
+                f.grad_full.zero_()
+
+    def memory(self) -> ZeroMemory:
+        flats = [f for u in self.units for f in u.flats]
+        params = sum(f.k * f.shard.element_size() for f in flats)
+        grads = sum(f.k * f.shard.element_size() for f in self.trainable_flats)
+        opt = self._optimizer.state_bytes() if self._optimizer is not None else 0
+        host = 0
+        if self.config.offload_optimizer and self._optimizer is not None:
+            host = opt + sum(t.numel() * t.element_size() for t in self._optimizer._host_grads + self._optimizer._copies)
+            opt = 0
+        full = [sum(f.padded * f.full.element_size() for f in u.flats) for u in self.units]
+        gathered = full[-1] + sum(sorted(full[:-1], reverse=True)[:1 + self.config.prefetch])
+        sent = 0
+        for u in self.units:
+            times = 1 if (u is self.units[-1] or not self.config.reshard_after_forward) else 2
+            for f in u.flats:
+                e = f.shard.element_size()
+                sent += (self.world - 1) * f.k * e * (times + (1 if f.trainable else 0))
+        return ZeroMemory(parameters=params, gradients=grads, optimizer_states=opt, gathered=gathered,
+                          communicated=sent, host_optimizer_states=host)
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

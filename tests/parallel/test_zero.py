@@ -26,9 +26,26 @@ PER_RANK = 4
 BUCKET_MB = 0.004  # ~4 KiB buckets: several buckets, a parameter larger than a bucket
 
 
-def _mlp(dtype, device="cpu"):
+class _Blocks(nn.Module):
+    """Residual blocks in an nn.ModuleList: stage 3 makes each block a unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(24, 32)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(32, 33), nn.GELU(), nn.Linear(33, 32)) for _ in range(3))
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(h)
+
+
+def _mlp(dtype, device="cpu", blocks=False):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(24, 97), nn.GELU(), nn.Linear(97, 8)).to(device, dtype)
+    model = _Blocks() if blocks else nn.Sequential(nn.Linear(24, 97), nn.GELU(), nn.Linear(97, 8))
+    return model.to(device, dtype)
 
 
 def _batch(step, world, dtype, device="cpu"):
@@ -47,7 +64,7 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
     if device == "cuda":
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
-    model = _mlp(dtype, device)
+    model = _mlp(dtype, device, blocks=stage == 3)
     if rank == 1:  # construction broadcasts rank 0's weights
         with torch.no_grad():
             for p in model.parameters():
@@ -73,7 +90,8 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
         if step == overflow_step and rank == 1:
             loss = loss * float("inf")
         (scaler.scale(loss) if fp16 else loss).backward()
-        before = [p.detach().clone() for p in model.parameters()]
+        with zmodel.gather_parameters():
+            before = [p.detach().clone() for p in model.parameters()]
         if fp16:
             scaler.clip_grad_norm_(opt, 0.5)
             scaler.step(opt)
@@ -84,9 +102,12 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
         opt.zero_grad()
         zmodel.wait_for_parameters()
         if step == overflow_step:
-            skipped_equal = (bool(opt.last_step_skipped)
-                             and all(torch.equal(a, b) for a, b in zip(before, model.parameters())))
-    out = {"params": [p.detach().cpu() for p in model.parameters()], "memory": mem,
+            with zmodel.gather_parameters():
+                skipped_equal = (bool(opt.last_step_skipped)
+                                 and all(torch.equal(a, b) for a, b in zip(before, model.parameters())))
+    with zmodel.gather_parameters():
+        params = [p.detach().cpu().clone() for p in model.parameters()]
+    out = {"params": params, "memory": mem,
            "skipped_equal": skipped_equal,
            "masters_on_host": all(m.data_ptr() != s.data_ptr() for m, s in zip(opt.masters,
                                                                                  zmodel.parameter_shards()))}
@@ -113,7 +134,7 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
             ref_opt.zero_grad()
         out["ref"] = [p.detach().cpu() for p in ref.parameters()]
         if fp16:  # the oracle: the same training in fp64 (torch.optim.AdamW, torch's clip)
-            ref64 = _mlp(torch.float64)
+            ref64 = _mlp(torch.float64, blocks=stage == 3)
             opt64 = torch.optim.AdamW(ref64.parameters(), lr=1e-2, weight_decay=0.1)
             ref64.load_state_dict({k: v.double() for k, v in start.items()})
             for step in range(STEPS):
@@ -146,6 +167,8 @@ def _check_equal_to_single_process(results, dtype):
     (2, torch.float32, False),
     (2, torch.float16, False),
     (2, torch.float16, True),
+    (3, torch.float32, False),
+    (3, torch.float16, False),
 ])
 def test_matches_single_process(stage, dtype, offload):
     results = run_distributed(_train, 2, (stage, dtype, offload), timeout=60)
@@ -154,7 +177,7 @@ def test_matches_single_process(stage, dtype, offload):
         assert all(r["masters_on_host"] for r in results)
     # the engine's allocations are what estimate_memory predicts
     cfg = ZeroConfig(stage=stage, offload_optimizer=offload, reduce_bucket_mb=BUCKET_MB)
-    assert all(r["memory"] == estimate_memory(_mlp(dtype), cfg, 2) for r in results)
+    assert all(r["memory"] == estimate_memory(_mlp(dtype, blocks=stage == 3), cfg, 2) for r in results)
 
 
 def test_an_overflow_on_one_rank_skips_the_step_everywhere():
