@@ -603,7 +603,7 @@ class Zero3Model(nn.Module):
         self._where = {id(p): (u, f, f.slot[id(p)]) for u in self.units for f in u.flats for p in f.params}
         self._hooks = []
         for u in self.units[:-1]:
-            self._hooks.append(u.module.register_forward_pre_hook(self._pre_forward))
+            self._hooks.append(u.module.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
             self._hooks.append(u.module.register_forward_hook(self._post_forward))
         for u in self.units:
             for f in u.flats:
@@ -652,11 +652,16 @@ class Zero3Model(nn.Module):
         for j in ahead:
             self._gather(self.units[j], wait=False)
 
-    def _pre_forward(self, module, args):
+    def _pre_forward(self, module, args, kwargs):
         unit = self._unit_of_module[id(module)]
         self._recording.append(unit.index)
         self._gather(unit)
         self._prefetch_after(unit, backward=False)
+        if torch.is_grad_enabled():
+            inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor) and t.requires_grad]
+            if inputs:  # the unit's backward is over once its inputs have their gradients
+                torch.autograd.graph.register_multi_grad_hook(inputs, lambda grads, unit=unit: self._release(unit))
 
     def _post_forward(self, module, args, output):
         unit = self._unit_of_module[id(module)]
@@ -706,8 +711,6 @@ class Zero3Model(nn.Module):
                                                accumulate_dtype=cfg.reduce_dtype, backend=cfg.comm, async_op=True,
                                                check=False, timeout=cfg.timeout_s)
                 unit.reduced.append(h)
-        if unit is not self.units[-1]:
-            self._release(unit)
 
     def _queue_end_of_backward(self) -> None:
         if not self._backward_queued:
@@ -744,9 +747,9 @@ class Zero3Model(nn.Module):
         self._gather(self.units[-1])
         try:
             out = self.module(*args, **kwargs)
-        except RuntimeError as e:
+        except (RuntimeError, IndexError) as e:  # what shape checks raise on a 0-element weight
             if any(not u.gathered for u in self.units):
-                raise RuntimeError(f"ZeRO-3: forward failed while units {[u.name for u in self.units if not u.gathered]} "
+                raise type(e)(f"ZeRO-3: forward failed while units {[u.name for u in self.units if not u.gathered]} "
                                    f"were not gathered (their parameters have 0 elements): a module that reads "
                                    f"another unit's weight must do it inside model.gather_parameters(). The "
                                    f"error: {e}") from e

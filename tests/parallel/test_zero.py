@@ -193,3 +193,99 @@ def test_matches_single_process_cuda(stage):
         pytest.skip("needs 2 GPUs")
     results = run_distributed(_train, 2, (stage, torch.float16, False, "cuda"), timeout=120, backend="nccl")
     _check_equal_to_single_process(results, torch.float16)
+
+
+def _lora_llama(rank, world):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmkern.peft import LoraConfig, apply_lora
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=16, attn_implementation="eager")
+    model = LlamaForCausalLM(cfg)
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # nonzero B, so that every adapter factor gets a gradient from the first step
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ref = copy.deepcopy(model) if rank == 0 else None
+    total_bytes = sum(p.numel() * 4 for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    zmodel, opt = apply_zero(model, ZeroConfig(stage=3, timeout_s=30), lr=1e-2)
+    mem = zmodel.memory()
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, 64, (2 * world, 16), generator=g)
+        zmodel(input_ids=ids[2 * rank:2 * rank + 2], labels=ids[2 * rank:2 * rank + 2]).loss.backward()
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+    with zmodel.gather_parameters():
+        got = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = {"memory": mem, "total_bytes": total_bytes, "trainable": trainable, "units": len(zmodel.units)}
+    if rank == 0:
+        ref_opt = FusedAdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(4):
+            g = torch.Generator().manual_seed(step)
+            ids = torch.randint(0, 64, (2 * world, 16), generator=g)
+            ref(input_ids=ids, labels=ids).loss.backward()
+            ref_opt.clip_grad_norm_(1.0)
+            ref_opt.step()
+            ref_opt.zero_grad()
+        out["max_diff"] = max((got[n] - p).abs().max().item() for n, p in ref.named_parameters())
+        out["lora_moved"] = any(not torch.equal(got[n], p0) for n, p0 in got.items() if "lora" in n)
+    zmodel.close()
+    return out
+
+
+def test_lora_on_a_tiny_llama_under_stage_3_shards_the_frozen_base():
+    results = run_distributed(_lora_llama, 2, timeout=90)
+    r0 = results[0]
+    assert r0["units"] == 3 and r0["max_diff"] <= 1e-5, r0["max_diff"]
+    for r in results:
+        m = r["memory"]
+        # the frozen base is sharded too: half the bytes per rank, up to a padding element per flat
+        assert r["total_bytes"] <= 2 * m.parameters <= r["total_bytes"] + 4 * 2 * 2 * r0["units"]
+        # optimizer state (fp32: two moments) for the adapters' shards only
+        assert m.optimizer_states == 8 * m.gradients // 4 and 2 * m.gradients // 4 >= r["trainable"]
+
+
+class _Peek(_Blocks):
+    """Reads block 0's weight outside block 0 (as a tied weight would), without gather_parameters()."""
+
+    def forward(self, x):
+        h = super().forward(x)
+        return h + nn.functional.linear(h, self.layers[0][2].weight[:8, :8])
+
+
+def _bad_input(rank, world):
+    errors = {}
+    try:
+        apply_zero(_mlp(torch.float32), ZeroConfig(stage=1 if rank == 0 else 2, timeout_s=20))
+    except ValueError as e:
+        errors["config"] = str(e)
+    model = _mlp(torch.float32)
+    zmodel, opt = apply_zero(model, ZeroConfig(stage=2, timeout_s=20))
+    model[0].weight.data = torch.zeros_like(model[0].weight)
+    zmodel(torch.randn(2, 24)).sum().backward()
+    try:
+        opt.step()
+    except RuntimeError as e:
+        errors["replaced"] = str(e)
+    zmodel.close()
+    torch.manual_seed(0)
+    zmodel, opt = apply_zero(_Peek(), ZeroConfig(stage=3, timeout_s=20))
+    try:
+        zmodel(torch.randn(2, 24))
+    except IndexError as e:
+        errors["unit"] = str(e)
+    zmodel.close()
+    return errors
+
+
+def test_bad_input_is_an_error_on_every_rank():
+    for errors in run_distributed(_bad_input, 2, timeout=60):
+        assert "rank 1 has config" in errors["config"] and "stage" in errors["config"]
+        assert "parameter 0.weight was replaced" in errors["replaced"]
+        assert "gather_parameters" in errors["unit"] and "layers.0" in errors["unit"]
