@@ -9,6 +9,8 @@ Layers, each using only the ones above it:
     buffers.py      FlatLayout + GradBuffer: flat padded buckets reduced during backward
     ddp.py          DistributedDataParallel on a GradBuffer
     zero.py         ZeRO: optimizer states, gradients (and parameters) partitioned over the group
+    memory.py       estimate_memory: ZeRO's per-rank bytes without running; `llmkern plan --zero`
+    checkpoint.py   DCP checkpoints keyed by parameter names, loadable at any world size and stage
     pipeline/       pipeline parallelism: schedules as checked data, partitioning, the runtime
 """
 from llmkern.parallel.buffers import (
@@ -37,6 +39,8 @@ from llmkern.parallel.ddp import DDPConfig, DDPStats, DistributedDataParallel, a
 from llmkern.parallel.groups import DEFAULT_TIMEOUT_S, CollectiveError
 from llmkern.parallel.mesh import ParallelConfig, ParallelDims, init_mesh, mark_sharded, sharded_over
 from llmkern.parallel.zero import ZeroConfig, ZeroMemory, ZeroModel, ZeroOptimizer, apply_zero
+from llmkern.parallel.checkpoint import load_checkpoint, save_checkpoint
+from llmkern.parallel.memory import estimate_memory
 from llmkern.parallel.pipeline import Pipeline, PipelineConfig, PipelineError, apply_pipeline
 
 __all__ = [
@@ -48,3 +52,4 @@ __all__ = [
 ]
 __all__ += ["Pipeline", "PipelineConfig", "PipelineError", "apply_pipeline"]
 __all__ += ["ZeroConfig", "ZeroMemory", "ZeroModel", "ZeroOptimizer", "apply_zero"]
+__all__ += ["estimate_memory", "load_checkpoint", "save_checkpoint"]

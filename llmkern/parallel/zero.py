@@ -280,6 +280,22 @@ class ZeroModel(nn.Module):
                                                 backend=cfg.comm, async_op=True, check=False, timeout=cfg.timeout_s)
                          for flat, k in zip(self.flat_params, self.shard_numel)]
 
+    def checkpoint_flats(self) -> list[dict]:
+        """Each bucket as llmkern.parallel.checkpoint reads it: its parameters' names, shapes and offsets,
+        the shard length k and this rank's parameter shard."""
+        name_of = {id(p): n for n, p in zip(self.names, self.params)}
+        out = []
+        for spec, shard, k in zip(self.layout.buckets, self.parameter_shards(), self.shard_numel):
+            params = [self.layout.params[i] for i in spec.params]
+            out.append({"names": [name_of[id(p)] for p in params], "shapes": [tuple(p.shape) for p in params],
+                        "offsets": list(spec.offsets), "k": k, "shard": shard, "trainable": True, "params": params})
+        return out
+
+    def after_load(self) -> None:
+        """A checkpoint wrote this rank's shards: every rank's are all-gathered."""
+        self.gather_parameters_async()
+        self.wait_for_parameters()
+
     def zero_grad(self) -> None:
         """Zeroes the gradient buffers and shards (they are accumulated into, as torch's .grad)."""
         for b in self.buffer.buckets:
@@ -799,6 +815,17 @@ class Zero3Model(nn.Module):
 
     def gather_parameters_async(self) -> None:
         pass  # stage 3 gathers each unit when it runs
+
+    def checkpoint_flats(self) -> list[dict]:
+        """Each unit's flats as llmkern.parallel.checkpoint reads them (see ZeroModel.checkpoint_flats)."""
+        return [{"names": f.names, "shapes": [tuple(sh) for sh in f.shapes], "offsets": f.offsets, "k": f.k,
+                 "shard": f.shard, "trainable": f.trainable, "params": f.params}
+                for u in self.units for f in u.flats]
+
+    def after_load(self) -> None:
+        """A checkpoint wrote this rank's shards; units gathered before it are stale and released."""
+        for u in self.units:
+            self._release(u)
 
     def zero_grad(self) -> None:
         for f in self.trainable_flats:
