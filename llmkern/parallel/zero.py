@@ -1,4 +1,5 @@
-"""ZeRO stages 1 and 2: fp32 masters and moments partitioned across the data-parallel ranks.
+"""ZeRO: fp32 masters and moments (stage 1), gradients (stage 2) and parameters (stage 3, Zero3Model
+below) partitioned across the data-parallel ranks.
 
     model, optimizer = llmkern.parallel.apply_zero(model, ZeroConfig(stage=2), lr=1e-4)
     scaler = DynamicLossScaler(process_group=...)            # optional, fp16
@@ -35,6 +36,10 @@ llmkern.optim.CPUAdam's C++ kernel there; reduced gradient shards are copied dow
 buffers and the updated 16-bit shards come back through host copy buffers (pinned when CUDA is
 usable). On a CPU-only machine the "device" is the CPU too; the host store is still separate
 memory (tests check the masters do not alias the parameters).
+
+Stage 3 (Zero3Model): every parameter, trainable or frozen, lives as this rank's shard of a flat
+buffer per unit (each child of an nn.ModuleList, i.e. each transformer block, and the root with the
+rest) and dtype; see the class. The optimizer above steps its trainable shards unchanged.
 
 Construction is collective: every rank checks that the others hold the same trainable parameters,
 the same ZeroConfig and the same bucket plan (a ValueError naming the rank and the difference), then

@@ -75,6 +75,7 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
     cfg = ZeroConfig(stage=stage, offload_optimizer=offload, reduce_bucket_mb=BUCKET_MB, timeout_s=30,
                      reduce_dtype=torch.float32 if dtype != torch.float32 else None)
     zmodel, opt = apply_zero(model, cfg, lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
     fp16 = dtype == torch.float16
     scaler = DynamicLossScaler(init_scale=2.0 ** 10) if fp16 else None
     mem = zmodel.memory()
@@ -99,6 +100,7 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
         else:
             opt.clip_grad_norm_(0.5)
             opt.step()
+        sched.step()
         opt.zero_grad()
         zmodel.wait_for_parameters()
         if step == overflow_step:
@@ -113,11 +115,13 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
                                                                                  zmodel.parameter_shards()))}
     if rank == 0:
         ref_opt = FusedAdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+        ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: 1.0 / (1 + 0.1 * s))
         ref_scaler = DynamicLossScaler(init_scale=2.0 ** 10) if fp16 else None
         for step in range(STEPS):
             if step == overflow_step:
                 if fp16:
                     ref_scaler.update(True)
+                ref_sched.step()
                 continue
             x, y = _batch(step, world, dtype, device)
             if fp16:  # plain fp16 training accumulates the same micro-batches' gradients in fp16
@@ -131,19 +135,23 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
                 _loss(ref, x, y).backward()
                 ref_opt.clip_grad_norm_(0.5)
                 ref_opt.step()
+            ref_sched.step()
             ref_opt.zero_grad()
         out["ref"] = [p.detach().cpu() for p in ref.parameters()]
         if fp16:  # the oracle: the same training in fp64 (torch.optim.AdamW, torch's clip)
             ref64 = _mlp(torch.float64, blocks=stage == 3)
             opt64 = torch.optim.AdamW(ref64.parameters(), lr=1e-2, weight_decay=0.1)
+            sched64 = torch.optim.lr_scheduler.LambdaLR(opt64, lambda s: 1.0 / (1 + 0.1 * s))
             ref64.load_state_dict({k: v.double() for k, v in start.items()})
             for step in range(STEPS):
                 if step == overflow_step:
+                    sched64.step()
                     continue
                 x, y = _batch(step, world, torch.float64)
                 _loss(ref64, x.to(dtype).double(), y.to(dtype).double()).double().backward()
                 torch.nn.utils.clip_grad_norm_(ref64.parameters(), 0.5)
                 opt64.step()
+                sched64.step()
                 opt64.zero_grad()
             out["ref64"] = [p.detach() for p in ref64.parameters()]
     zmodel.close()
@@ -162,37 +170,53 @@ def _check_equal_to_single_process(results, dtype):
         assert_close_to_ref(r0["params"], r0["ref64"], r0["ref"], name="parameters after 10 steps")
 
 
-@pytest.mark.parametrize("stage,dtype,offload", [
-    (1, torch.float32, False),
-    (2, torch.float32, False),
-    (2, torch.float16, False),
-    (2, torch.float16, True),
-    (3, torch.float32, False),
-    (3, torch.float16, False),
-])
-def test_matches_single_process(stage, dtype, offload):
-    results = run_distributed(_train, 2, (stage, dtype, offload), timeout=60)
+# (stage, dtype, offload, step with an overflow planted on rank 1 or -1). All run in one pair of
+# processes: starting two ranks and importing torch costs more than the 10 steps of a case.
+CASES = [
+    (1, torch.float32, False, -1),
+    (2, torch.float32, False, -1),
+    (3, torch.float32, False, -1),
+    (2, torch.float16, False, 3),
+    (3, torch.float16, False, 3),
+    (1, torch.float16, True, -1),
+    (2, torch.float16, True, -1),
+    (3, torch.float16, True, -1),
+]
+
+
+def _train_cases(rank, world, cases, device="cpu"):
+    return [_train(rank, world, stage, dtype, offload, device, overflow) for stage, dtype, offload, overflow in cases]
+
+
+def _check_case(case, results):
+    stage, dtype, offload, overflow_step = case
     _check_equal_to_single_process(results, dtype)
     if offload:
         assert all(r["masters_on_host"] for r in results)
+    if overflow_step >= 0:  # every rank skipped that step and changed nothing, bit for bit
+        assert all(r["skipped_equal"] for r in results)
     # the engine's allocations are what estimate_memory predicts
     cfg = ZeroConfig(stage=stage, offload_optimizer=offload, reduce_bucket_mb=BUCKET_MB)
     assert all(r["memory"] == estimate_memory(_mlp(dtype, blocks=stage == 3), cfg, 2) for r in results)
 
 
-def test_an_overflow_on_one_rank_skips_the_step_everywhere():
-    results = run_distributed(_train, 2, (2, torch.float16, False, "cpu", 3), timeout=60)
-    assert all(r["skipped_equal"] for r in results)
-    _check_equal_to_single_process(results, torch.float16)
+def test_every_stage_matches_single_process():
+    per_rank = run_distributed(_train_cases, 2, (CASES,), timeout=240)
+    for i, case in enumerate(CASES):
+        try:
+            _check_case(case, [r[i] for r in per_rank])
+        except AssertionError as e:
+            raise AssertionError(f"stage {case[0]}, {case[1]}, offload={case[2]}: {e}") from e
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("stage", [1, 2])
-def test_matches_single_process_cuda(stage):
+def test_every_stage_matches_single_process_cuda():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    results = run_distributed(_train, 2, (stage, torch.float16, False, "cuda"), timeout=120, backend="nccl")
-    _check_equal_to_single_process(results, torch.float16)
+    cases = [c for c in CASES if c[1] == torch.float16]
+    per_rank = run_distributed(_train_cases, 2, (cases, "cuda"), timeout=300, backend="nccl")
+    for i, case in enumerate(cases):
+        _check_case(case, [r[i] for r in per_rank])
 
 
 def _lora_llama(rank, world):
