@@ -138,6 +138,13 @@ class ZeroMemory:
         return self.parameters + self.gradients + self.optimizer_states
 
 
+# A rank that skips a step (or calls the engine in another order) would otherwise pair its collectives
+# with different ones of its peers and go on with wrong data: one collective per step (the first
+# bucket's reduce-scatter, the first bucket's all-gather; in stage 3 the root unit's all-gathers) also
+# exchanges its signature (collectives' check=True, one small message per peer), so every rank raises
+# a ValueError naming the two calls instead. Checking every bucket would add a message per bucket.
+
+
 class _ShardReducer:
     """The GradBuffer's reducer: each bucket reduce-scattered (averaged) into the rank's gradient shard.
     Stage 2 reduces into a separate shard and frees the bucket's storage when its collective is done."""
@@ -148,9 +155,10 @@ class _ShardReducer:
     def launch(self, bucket: buffers.Bucket) -> collectives.Handle:
         e = self.engine
         out = e._grad_shards[bucket.spec.index] if e.config.stage >= 2 else None
+        # The first bucket's collective checks that every rank is at the same call (see the comment above).
         handle = collectives.reduce_scatter(bucket.data, out, e.group, op="avg",
                                             accumulate_dtype=e.config.reduce_dtype, backend=e.config.comm,
-                                            async_op=True, check=False, timeout=e.config.timeout_s)
+                                            async_op=True, check=bucket.spec.index == 0, timeout=e.config.timeout_s)
         if e.config.stage >= 2 and not bucket.data.is_cuda:
             handle.add_done_callback(lambda ok, data=bucket.data: ok and _free(data))
         return handle
@@ -282,8 +290,8 @@ class ZeroModel(nn.Module):
         """All-gathers every bucket's parameter buffer in place; the next forward waits for it."""
         cfg = self.config
         self._gathers = [collectives.all_gather(flat[self.rank * k:(self.rank + 1) * k], flat, self.group,
-                                                backend=cfg.comm, async_op=True, check=False, timeout=cfg.timeout_s)
-                         for flat, k in zip(self.flat_params, self.shard_numel)]
+                                                backend=cfg.comm, async_op=True, check=i == 0, timeout=cfg.timeout_s)
+                         for i, (flat, k) in enumerate(zip(self.flat_params, self.shard_numel))]
 
     def checkpoint_flats(self) -> list[dict]:
         """Each bucket as llmkern.parallel.checkpoint reads it: its parameters' names, shapes and offsets,
@@ -648,7 +656,8 @@ class Zero3Model(nn.Module):
                 f.full.untyped_storage().resize_(f.padded * f.full.element_size())
                 f.attach()
                 unit.pending.append(collectives.all_gather(f.shard, f.full, self.group, backend=cfg.comm,
-                                                           async_op=True, check=False, timeout=cfg.timeout_s))
+                                                           async_op=True, check=unit is self.units[-1],
+                                                           timeout=cfg.timeout_s))
                 self.gathers += 1
             unit.gathered = True
         if wait:

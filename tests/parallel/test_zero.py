@@ -305,6 +305,16 @@ def _bad_input(rank, world):
     except IndexError as e:
         errors["unit"] = str(e)
     zmodel.close()
+    # rank 1 skips the optimizer step of step 1: its next reduce-scatter meets rank 0's all-gather
+    zmodel, opt = apply_zero(_mlp(torch.float32), ZeroConfig(stage=2, reduce_bucket_mb=BUCKET_MB, timeout_s=10))
+    try:
+        for step in range(3):
+            zmodel(torch.randn(4, 24)).sum().backward()
+            if not (rank == 1 and step == 1):
+                opt.step()
+            opt.zero_grad()
+    except (RuntimeError, ValueError) as e:
+        errors["skipped"] = str(e)
     return errors
 
 
@@ -313,3 +323,4 @@ def test_bad_input_is_an_error_on_every_rank():
         assert "rank 1 has config" in errors["config"] and "stage" in errors["config"]
         assert "parameter 0.weight was replaced" in errors["replaced"]
         assert "gather_parameters" in errors["unit"] and "layers.0" in errors["unit"]
+        assert "disagree on call" in errors["skipped"] and "reduce_scatter (rank 0: all_gather)" in errors["skipped"]
