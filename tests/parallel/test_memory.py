@@ -75,3 +75,16 @@ def test_bad_input_is_named():
         estimate_memory("7b", ZeroConfig(), 2)
     with pytest.raises(ValueError, match="stage"):
         ZeroConfig(stage=4)
+
+
+def test_plan_reads_a_hugging_face_config(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from llmkern.cli import main as cli_main
+
+    LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                vocab_size=1000).save_pretrained(tmp_path)
+    assert cli_main(["plan", "--zero", "--config", str(tmp_path), "--world-size", "3"]) == 0
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("DP", "ZeRO"))}
+    assert rows["ZeRO-3"][3] < rows["ZeRO-2"][3] < rows["ZeRO-1"][3] < rows["DP"][3]
