@@ -226,7 +226,6 @@ class ZeroModel(nn.Module):
         self._grad_shards = ([torch.zeros(n, dtype=s.dtype, device=self.device) for n, s in zip(k, self.layout.buckets)]
                              if config.stage >= 2 else [b.shard(self.rank, self.world) for b in self.buffer.buckets])
         self._gathers: list[collectives.Handle] = []
-        self.steps_communicated = 0
 
     # --- construction ---------------------------------------------------------------------------------
 
