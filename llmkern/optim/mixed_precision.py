@@ -164,7 +164,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
         if loss_scaler is not None:
             norm = norm * loss_scaler.inv_scale().to(norm.device)
         self._pending_clip = (sumsq, torch.full_like(norm, float(max_norm)))
-        return norm.reshape(())
+        return norm.float().reshape(())  # sumsq is float64: the norm of finite fp32 gradients is finite
 
     # ---- step --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -200,7 +200,7 @@ class MixedPrecisionOptimizer(torch.optim.Optimizer):
             if self._pending_clip is not None:
                 norm = sumsq.sqrt() * grad_coef
                 clip = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-                grad_coef = grad_coef * torch.where(torch.isfinite(clip), clip, one)
+                grad_coef = (grad_coef * torch.where(torch.isfinite(clip), clip, one)).float()  # sumsq is float64
         self._pending_clip = None
         for gi, group in enumerate(self.param_groups):
             self._step_group(gi, group, found_inf, grad_coef)
