@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Literal
 
 import torch
@@ -376,6 +377,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.optimizer_class = optimizer_class
         self.last_step_skipped: torch.Tensor | None = None
         self._pending_clip: tuple[torch.Tensor, float] | None = None
+        self._pieces: list | None = None
         shards = engine.parameter_shards()
         self._copies: list[torch.Tensor] = []
         masters = []
@@ -458,9 +460,22 @@ class ZeroOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         keys = self.fused_update.state_keys
         masters = self.masters
-        self.fused_update(group, masters, grads, [[self.state[m][k] for m in masters] for k in keys],
-                          self._copies, self.step_count, scalars,
-                          rounding_seed=launch_seed(self.rounding_seed, 0, bool(self._copies)))
+        seed = launch_seed(self.rounding_seed, 0, bool(self._copies))
+        if getattr(self.fused_update, "state_rounding", "nearest") == "stochastic":
+            # Stochastic rounding draws bits keyed by each element's index in the unsharded launch (the
+            # trainable parameters concatenated in registration order): one launch per contiguous piece
+            # of a parameter in a shard, with element_offset = that piece's unsharded index.
+            for t, pieces in enumerate(self._unsharded_pieces()):
+                for lo, n, index in pieces:
+                    def cut(x, lo=lo, n=n):
+                        return x[lo:lo + n]
+                    m = masters[t]
+                    self.fused_update(group, [cut(m)], [cut(grads[t])], [[cut(self.state[m][k])] for k in keys],
+                                      [cut(self._copies[t])] if self._copies else [], self.step_count, scalars,
+                                      rounding_seed=seed, element_offset=index)
+        else:
+            self.fused_update(group, masters, grads, [[self.state[m][k] for m in masters] for k in keys],
+                              self._copies, self.step_count, scalars, rounding_seed=seed)
         if self.offload:
             targets = e.parameter_shards()
             sources = self._copies if self._copies else masters
@@ -470,6 +485,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = device_scalars.found_inf.bool().reshape(())
         return loss
 
+    def _unsharded_pieces(self) -> list[list[tuple[int, int, int]]]:
+        """Per trainable shard: (offset in the shard, length, index in the unsharded concatenation of the
+        trainable parameters in registration order) of every piece of a parameter it holds."""
+        if self._pieces is None:
+            from llmkern.parallel.checkpoint import _pieces
+
+            e = self.engine
+            base, n = {}, 0
+            for name, p in e.module.named_parameters():
+                if p.requires_grad:
+                    base[name] = n
+                    n += math.prod(p.shape) if p.numel() else math.prod(_shape_of(e, name))
+            self._pieces = []
+            for flat in e.checkpoint_flats():
+                if flat["trainable"]:
+                    got = _pieces(flat["names"], flat["shapes"], flat["offsets"], flat["k"], e.rank)
+                    self._pieces.append([(slo, n, base[flat["names"][i]] + plo) for i, plo, slo, n in got])
+        return self._pieces
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the gradient buckets and shards (the gradients are views into them: set_to_none is
         ignored)."""
@@ -478,6 +512,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         raise NotImplementedError("ZeroOptimizer state is saved with llmkern.parallel.save_checkpoint (keyed by "
                                   "parameter names, reshardable)")
+
+
+def _shape_of(engine, name: str) -> tuple[int, ...]:
+    """The shape of parameter `name` as the engine laid it out (stage 3 parameters have 0 elements at rest)."""
+    for flat in engine.checkpoint_flats():
+        if name in flat["names"]:
+            return flat["shapes"][flat["names"].index(name)]
+    raise KeyError(name)
 
 
 def apply_zero(model: nn.Module, config: ZeroConfig | None = None, optimizer_class=FusedAdamW, mesh=None,

@@ -9,11 +9,13 @@ ulps (checked against the size of the weights).
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
 from torch import nn
 
+from llmkern.ops.fused_adamw import fused_adamw_
 from llmkern.optim import DynamicLossScaler, FusedAdamW
 from llmkern.parallel import ZeroConfig, apply_zero
 from llmkern.parallel.memory import estimate_memory
@@ -324,3 +326,32 @@ def test_bad_input_is_an_error_on_every_rank():
         assert "parameter 0.weight was replaced" in errors["replaced"]
         assert "gather_parameters" in errors["unit"] and "layers.0" in errors["unit"]
         assert "disagree on call" in errors["skipped"] and "reduce_scatter (rank 0: all_gather)" in errors["skipped"]
+
+
+def _stochastic(rank, world, stage):
+    kw = dict(lr=1e-2, weight_decay=0.1, state_dtype=torch.bfloat16, state_rounding="stochastic", rounding_seed=7)
+    model = _mlp(torch.float32, blocks=stage == 3)
+    ref = copy.deepcopy(model)
+    zmodel, opt = apply_zero(model, ZeroConfig(stage=stage, reduce_bucket_mb=BUCKET_MB, timeout_s=30), **kw)
+    ref_opt = FusedAdamW(ref.parameters(), **kw)
+    for step in range(3):
+        x, y = _batch(step, 1, torch.float32)
+        for m, o in ((zmodel, opt), (ref, ref_opt)):
+            _loss(m, x, y).backward()
+            o.step()
+            o.zero_grad()
+    with zmodel.gather_parameters():
+        return all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def _stochastic_stages(rank, world):
+    return [_stochastic(rank, world, stage) for stage in (2, 3)]
+
+
+@pytest.mark.skipif("element_offset" not in inspect.signature(fused_adamw_).parameters,
+                    reason="fused_adamw_ has no element_offset argument")
+def test_stochastic_rounding_on_shards_draws_the_unsharded_bits():
+    """One rank, so the gradients are the single process's bit for bit: bf16 moments rounded
+    stochastically on the shard pieces (reverse-order buckets, stage 3 units) with element_offset give
+    the unsharded run's weights exactly."""
+    assert run_distributed(_stochastic_stages, 1, timeout=60) == [[True, True]]
