@@ -5,6 +5,7 @@ before it writes anything.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -18,11 +19,14 @@ _INT64_MAX = (1 << 63) - 1
 
 def check_hyper(value, name: str, lo: float, lo_open: bool, hi: float, hi_open: bool) -> float:
     """value as a float, or ValueError unless lo <(=) value <(=) hi (NaN never is): multi_tensor.h check_hyper,
-    with its message. A value that is not a real number is a TypeError."""
+    with its message ("eps must be > 0 and finite, got 0", "beta1 must be in [0, 1), got 1"). A value that is
+    not a real number is a TypeError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     v = float(value)
     if not ((v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):
+        if math.isinf(hi):
+            raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo:g} and finite, got {v:g}")
         raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, "
                          f"got {v:g}")
     return v

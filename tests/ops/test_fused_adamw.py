@@ -375,10 +375,10 @@ def test_bad_tensor_is_refused_before_anything_is_written(backend, what, k, j, m
 
 
 # ---- validation at every boundary, the same on every backend --------------------------------------
-BAD_HP = [("lr", -1.0, r"lr must be in \[0, inf\), got -1"), ("lr", float("nan"), r"lr must be in \[0, inf\), got nan"),
-          ("lr", float("inf"), r"lr must be in \[0, inf\), got inf"), ("beta1", 1.0, r"beta1 must be in \[0, 1\), got 1"),
-          ("beta2", -0.1, r"beta2 must be in \[0, 1\), got -0.1"), ("eps", 0.0, r"eps must be in \(0, inf\), got 0"),
-          ("weight_decay", -1e-3, r"weight_decay must be in \[0, inf\), got -0.001")]
+BAD_HP = [("lr", -1.0, r"lr must be >= 0 and finite, got -1"), ("lr", float("nan"), r"lr must be >= 0 and finite, got nan"),
+          ("lr", float("inf"), r"lr must be >= 0 and finite, got inf"), ("beta1", 1.0, r"beta1 must be in \[0, 1\), got 1"),
+          ("beta2", -0.1, r"beta2 must be in \[0, 1\), got -0.1"), ("eps", 0.0, r"eps must be > 0 and finite, got 0"),
+          ("weight_decay", -1e-3, r"weight_decay must be >= 0 and finite, got -0.001")]
 
 
 def _hp_args(case, **over):

@@ -177,10 +177,10 @@ def test_emulated_kernel_under_each_schedule(schedule, monkeypatch):
             assert_close_to_ref(flat(out[k]), flat(ref[k]), flat(base[k]), name=f"emu {schedule} list {k}")
 
 
-BAD_HP = [(dict(lr=-0.1), r"lr must be in \[0, inf\), got -0.1"),
+BAD_HP = [(dict(lr=-0.1), r"lr must be >= 0 and finite, got -0.1"),
           (dict(momentum=1.0), r"momentum must be in \[0, 1\), got 1"),
           (dict(dampening=1.5), r"dampening must be in \[0, 1\], got 1.5"),
-          (dict(weight_decay=float("nan")), r"weight_decay must be in \[0, inf\), got nan"),
+          (dict(weight_decay=float("nan")), r"weight_decay must be >= 0 and finite, got nan"),
           (dict(dampening=0.5, nesterov=True), r"nesterov needs momentum > 0 and dampening == 0, got momentum 0.9, "
                                                r"dampening 0.5")]
 

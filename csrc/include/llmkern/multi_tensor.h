@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -52,10 +53,16 @@ inline void check_tensor_lists(const std::vector<at::TensorList>& lists, const s
 
 // A hyper-parameter outside its range (NaN never is in one) is a ValueError in Python, with the message
 // of llmkern/ops/_multi_tensor.py check_hyper, which the Python backends (triton, ref) raise.
+// The message reads "eps must be > 0 and finite, got 0" for an unbounded range, "beta1 must be in [0, 1),
+// got 1" for a bounded one.
 inline void check_hyper(double value, const char* name, double lo, bool lo_open, double hi, bool hi_open) {
   const bool ok = (lo_open ? value > lo : value >= lo) && (hi_open ? value < hi : value <= hi);
-  TORCH_CHECK_VALUE(ok, name, " must be in ", lo_open ? "(" : "[", lo, ", ", hi, hi_open ? ")" : "]",
-                    ", got ", value);
+  if (std::isinf(hi)) {
+    TORCH_CHECK_VALUE(ok, name, " must be ", lo_open ? "> " : ">= ", lo, " and finite, got ", value);
+  } else {
+    TORCH_CHECK_VALUE(ok, name, " must be in ", lo_open ? "(" : "[", lo, ", ", hi, hi_open ? ")" : "]",
+                      ", got ", value);
+  }
 }
 
 // step >= 1 wherever an update happens (found_inf == 0): step = 0 divides by 1 - beta^0 = 0. A CPU step

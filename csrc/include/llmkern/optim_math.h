@@ -61,21 +61,24 @@ LLMKERN_HD AdamCoeffs adam_coeffs(double step, double lr, double beta1, double b
 }
 
 // One element. vmax is null, or AMSGrad's running max of v (then the denominator uses it).
+// Every multiply-add is an explicit fmaf, so the compiler has none left to contract: with g++'s
+// -ffp-contract=fast (setup.py) the CPU kernel's vector body and its scalar remainder contracted
+// differently, so an element's result depended on its position in a 512-element block, and a shard
+// stepped with element_offset differed from the whole tensor by 1 ulp in 4 of 3082 parameters
+// (tests/ops/test_fused_adamw.py test_shards_draw_the_bits_of_the_whole_tensor). nvcc contracts the
+// same pairs by default, so the CUDA kernel's arithmetic is what it was.
 LLMKERN_HD void adam_element(float& p, float g, float& m, float& v, float* vmax, const AdamCoeffs& c) {
-  if (c.decoupled) {
-    p *= c.decay;
-  } else {
-    g += c.weight_decay * p;
-  }
-  m = c.beta1 * m + c.one_minus_beta1 * g;
-  v = c.beta2 * v + c.one_minus_beta2 * g * g;
+  if (!c.decoupled) g = fmaf(c.weight_decay, p, g);
+  m = fmaf(c.beta1, m, c.one_minus_beta1 * g);
+  v = fmaf(c.beta2, v, c.one_minus_beta2 * g * g);
   float vhat = v;
   if (vmax != nullptr) {
     *vmax = *vmax > v ? *vmax : v;
     vhat = *vmax;
   }
-  const float denom = sqrtf(vhat) * c.inv_sqrt_bc2 + c.eps;
-  p -= c.step_size * m / denom;
+  const float denom = fmaf(sqrtf(vhat), c.inv_sqrt_bc2, c.eps);
+  const float update = c.step_size * m / denom;
+  p = c.decoupled ? fmaf(p, c.decay, -update) : p - update;
 }
 
 // SGD with momentum, torch.optim.SGD's formula:
