@@ -24,9 +24,8 @@ AMP_DTYPES = [torch.bfloat16, torch.float16]
 def grid(backends):
     """backend x autocast dtype: both dtypes on cpu and ref, bf16 on the slow emulator and Triton
     interpreter (their fp16 path is the same code, tested in their own suites)."""
-    return [pytest.param(b, d, id=f"{b.id if hasattr(b, 'id') else b}-{str(d)[6:]}", marks=getattr(b, "marks", ()))
-            for b in backends for d in AMP_DTYPES
-            if d == torch.bfloat16 or (b.id if hasattr(b, "id") else b) in ("cpu", "ref", "cuda")]
+    return [pytest.param(b.values[0], d, id=f"{b.id}-{str(d)[6:]}", marks=b.marks)
+            for b in backends for d in AMP_DTYPES if d == torch.bfloat16 or b.id in ("cpu", "ref", "cuda")]
 
 
 def grads_of(fn, leaves, gy, dtype, device):
