@@ -30,6 +30,21 @@ def seed_key(seed: int) -> int:
     return _fmix32_int((s & _M32) ^ _fmix32_int((s >> 32) ^ 0x9E3779B9))
 
 
+def seed_key_tensor(seed: torch.Tensor) -> torch.Tensor:
+    """seed_key of an int64 seed tensor, as a 0-d int64 tensor: computed with tensor ops, so a seed
+    drawn as a tensor is never read on the host (no device sync, no torch.compile graph break)."""
+    s = seed.reshape(())
+    return _fmix32((s & _M32) ^ _fmix32(((s >> 32) & _M32) ^ 0x9E3779B9))
+
+
+def check_dropout_p(p: float, who: str = "lora_linear", name: str = "dropout_p") -> None:
+    """The one range check of a dropout probability: [0, 1) (p = 1 would divide by 1 - p = 0). The
+    C++ ops check the same range (csrc/ops/lora_linear.h); modules and configs call this to fail early,
+    naming themselves (`who`) and their field (`name`)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{who}: {name} must be in [0, 1), got {p!r}")
+
+
 def as_int32(key: int) -> int:
     """A 32-bit key as the signed int32 with the same bits: how the Triton kernels take it (an i32
     argument bitcast to uint32 inside)."""
@@ -63,11 +78,17 @@ def counter_hash(key: int, counter: torch.Tensor) -> torch.Tensor:
     return _fmix32(_fmix32(lo ^ key) ^ hi ^ 0x85EBCA6B)
 
 
-def dropout_keep_mask(seed: int, offset: int, p: float, rows: int, cols: int, device=None) -> torch.Tensor:
-    """Boolean keep-mask of a (rows, cols) row-major view: True where the element is kept."""
-    counter = torch.arange(rows * cols, dtype=torch.int64, device=device) + offset
-    h = counter_hash(dropout_key(seed), counter)
-    return ((h >> 8) >= dropout_threshold(p)).reshape(rows, cols)
+def dropout_keep_mask(seed: int | torch.Tensor, offset: int, p: float, rows: int, cols: int, device=None,
+                      row_stride: int | None = None) -> torch.Tensor:
+    """Boolean keep-mask of a (rows, cols) row-major view: True where the element is kept. Element
+    (n, k) draws counter offset + n·row_stride + k (row_stride None: cols); a tensor-parallel shard
+    passes offset + col_offset and the full row length. `seed`: an int or an int64 tensor."""
+    stride = cols if row_stride is None else row_stride
+    counter = (torch.arange(rows, dtype=torch.int64, device=device)[:, None] * stride
+               + torch.arange(cols, dtype=torch.int64, device=device)) + offset
+    key = seed_key_tensor(seed).to(counter.device) if isinstance(seed, torch.Tensor) else dropout_key(seed)
+    h = counter_hash(key, counter)
+    return (h >> 8) >= dropout_threshold(p)
 
 
 def rounding_key(seed: int, step: int) -> int:

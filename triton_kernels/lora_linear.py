@@ -11,7 +11,9 @@ The base GEMM x·Wᵀ stays in torch (cuBLAS); the three LoRA kernels here do th
 Backward saves x and u = drop(x)·Aᵀ (fp32) only; the dropout mask is regenerated from (seed, offset)
 by the counter-based hash of csrc/include/llmkern/rng.h (triton_kernels/_rng.py, in uint32
 arithmetic), tested bit for bit against llmkern/_rng.py. Element (n, k) of an (N, K) row-major view
-uses counter offset + n·K + k (64-bit, split into lo/hi 32-bit words).
+uses counter offset + n·row_stride + k (64-bit, split into lo/hi 32-bit words); the launchers take
+offset = offset + col_offset and row_stride = K on a single device (rng.h). A dropped element is
+multiplied by 0 as PyTorch's x * mask does, so a dropped NaN or inf gives NaN (tl.where(keep, x, x·0)).
 
 Numerics and tiles (decided on paper and with the static check; nothing is timed, as the build
 machines have no GPU):
@@ -45,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern._rng import as_int32, dropout_key, dropout_threshold
+from llmkern._rng import as_int32, check_dropout_p, dropout_key, dropout_threshold
 from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, distinct, is_aligned as _is_aligned, variant
 from llmkern.triton_kernels._rng import counter_hash
 
@@ -86,7 +88,8 @@ def _lora_linear_keep(row_lo, row_hi, cols, key, threshold):
 # "any" (no alignment known: small tiles). Mixed cases (e.g. aligned x, odd K, or a misaligned weight
 # view) get the small tiles, whose loads are then at most as wide as in the aligned variant; they and
 # K == 1 or C == 1 (which Triton turns into constants) are not compiled by the static check.
-_NO_SPEC = ["N", "R", "stride_mr", "stride_mk", "stride_mc", "rows_per_split", "key", "threshold", "offset"]
+_NO_SPEC = ["N", "R", "stride_mr", "stride_mk", "stride_mc", "rows_per_split", "key", "threshold", "offset",
+            "row_stride"]
 
 
 @triton.jit(do_not_specialize=[a for a in _NO_SPEC if a not in ("stride_mc", "rows_per_split")])
@@ -94,7 +97,7 @@ def _lora_linear_down_kernel(
     x_ptr, m_ptr, u_ptr,
     N, K, R,
     stride_mr, stride_mk,
-    scale, key, threshold, offset,
+    scale, key, threshold, offset, row_stride,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -113,7 +116,7 @@ def _lora_linear_down_kernel(
     x_rows = x_ptr + row[:, None]
     m_cols = m_ptr + offs_r[None, :].to(tl.int64) * stride_mr
     if HAS_DROPOUT:
-        row_lo, row_hi = _lora_linear_row_counter(offset, row)
+        row_lo, row_hi = _lora_linear_row_counter(offset, offs_n.to(tl.int64) * row_stride)
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_k0
@@ -121,7 +124,7 @@ def _lora_linear_down_kernel(
         x = tl.load(x_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = _lora_linear_keep(row_lo[:, None], row_hi[:, None], offs_k[None, :], key, threshold)
-            x = tl.where(keep, x, tl.zeros_like(x))
+            x = tl.where(keep, x, (x.to(tl.float32) * 0.0).to(x.dtype))
         # mᵀ tile (BLOCK_K, BLOCK_R), in x's dtype so fp16/bf16 run on tensor cores.
         mt = tl.load(m_cols + offs_k[:, None].to(tl.int64) * stride_mk,
                      mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(x.dtype)
@@ -136,7 +139,7 @@ def _lora_linear_up_add_kernel(
     out_ptr, u_ptr, m_ptr,
     N, C, R,
     stride_mc, stride_mr,
-    alpha, key, threshold, offset,
+    alpha, key, threshold, offset, row_stride,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -165,9 +168,9 @@ def _lora_linear_up_add_kernel(
     acc = acc * alpha
     row = offs_n.to(tl.int64) * C
     if HAS_DROPOUT:
-        row_lo, row_hi = _lora_linear_row_counter(offset, row)
+        row_lo, row_hi = _lora_linear_row_counter(offset, offs_n.to(tl.int64) * row_stride)
         keep = _lora_linear_keep(row_lo[:, None], row_hi[:, None], offs_c[None, :], key, threshold)
-        acc = tl.where(keep, acc, 0.0)
+        acc = tl.where(keep, acc, acc * 0.0)
     mask = mask_n[:, None] & mask_c[None, :]
     out_ptrs = out_ptr + row[:, None] + offs_c[None, :]
     out = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -178,7 +181,7 @@ def _lora_linear_up_add_kernel(
 def _lora_linear_wgrad_kernel(
     u_ptr, x_ptr, g_ptr,
     N, K, R, rows_per_split,
-    alpha, key, threshold, offset,
+    alpha, key, threshold, offset, row_stride,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -203,9 +206,9 @@ def _lora_linear_wgrad_kernel(
         row = offs_n.to(tl.int64) * K
         x = tl.load(x_ptr + row[:, None] + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            row_lo, row_hi = _lora_linear_row_counter(offset, row)
+            row_lo, row_hi = _lora_linear_row_counter(offset, offs_n.to(tl.int64) * row_stride)
             keep = _lora_linear_keep(row_lo[:, None], row_hi[:, None], offs_k[None, :], key, threshold)
-            x = tl.where(keep, x, tl.zeros_like(x))
+            x = tl.where(keep, x, (x.to(tl.float32) * 0.0).to(x.dtype))
         # uᵀ tile (BLOCK_R, BLOCK_N), rounded to x's dtype for the tensor-core dot.
         ut = tl.load(u_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None],
                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
@@ -267,7 +270,7 @@ def _config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, dropout: boo
 # pointers and i32 scalars.
 _KERNEL_FNS = {"down": (_lora_linear_down_kernel, "K"), "up_add": (_lora_linear_up_add_kernel, "C"),
                "wgrad": (_lora_linear_wgrad_kernel, "K")}
-_TYPES = {"u_ptr": "*fp32", "g_ptr": "*fp32", "scale": "fp32", "alpha": "fp32", "offset": "i64"}
+_TYPES = {"u_ptr": "*fp32", "g_ptr": "*fp32", "scale": "fp32", "alpha": "fp32", "offset": "i64", "row_stride": "i64"}
 
 
 def _aot_config(kernel: str, dtype: torch.dtype, r: int, aligned: bool, dropout: bool) -> AotConfig:
@@ -317,20 +320,27 @@ def _check_rank(r: int):
 
 def _dropout_args(p: float, seed: int, scale: float) -> tuple[bool, float, int, int]:
     """(HAS_DROPOUT, scale with 1/(1-p) folded in, key as int32 bits, threshold)."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"lora_linear (Triton): dropout_p must be in [0, 1], got {p}")
+    check_dropout_p(p, "lora_linear (Triton)")
     if p == 0.0:
         return False, float(scale), 0, 0
-    inv_keep = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)  # p = 1 drops everything (threshold 2^24)
-    return True, float(scale) * inv_keep, as_int32(dropout_key(seed)), dropout_threshold(p)
+    return True, float(scale) / (1.0 - p), as_int32(dropout_key(seed)), dropout_threshold(p)
+
+
+def _row_stride(row_stride: int | None, k: int, col_offset: int) -> int:
+    """The counter distance between rows (rng.h): k on a single device; checked as the C++ ops check it."""
+    stride = k if row_stride is None else row_stride
+    if col_offset < 0 or stride < col_offset + k:
+        raise ValueError(f"lora_linear (Triton): the dropout counter needs 0 <= col_offset and col_offset + "
+                         f"C_in <= row_stride, got col_offset={col_offset}, C_in={k}, row_stride={stride}")
+    return stride
 
 
 def lora_down(x: torch.Tensor, m: torch.Tensor, *, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
-              offset: int = 0) -> torch.Tensor:
+              offset: int = 0, col_offset: int = 0, row_stride: int | None = None) -> torch.Tensor:
     """u = scale · drop(x) · mᵀ in fp32.
 
     x (N, K) contiguous; m (R, K), any strides (the backward passes B.t()). Mask counter of x[n, k]:
-    offset + n·K + k. Returns u (N, R) fp32.
+    offset + col_offset + n·row_stride + k (row_stride None: K). Returns u (N, R) fp32.
     """
     _check_2d(x=x, m=m)
     _check_dtype(x=x, m=m)
@@ -342,23 +352,24 @@ def lora_down(x: torch.Tensor, m: torch.Tensor, *, scale: float = 1.0, dropout_p
         raise ValueError(f"lora_down: m must be (R, {k}), got {tuple(m.shape)}")
     _check_rank(r)
     has_dropout, scale_eff, key, threshold = _dropout_args(dropout_p, seed, scale)
+    stride = _row_stride(row_stride, k, col_offset)
     if n == 0 or k == 0:
         return torch.zeros((n, r), dtype=torch.float32, device=x.device)
     u = torch.empty((n, r), dtype=torch.float32, device=x.device)
     cfg = _config("down", x.dtype, r, _is_aligned(k, x, m, u), has_dropout)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _lora_linear_down_kernel[grid](x, m, u, n, k, r, m.stride(0), m.stride(1), scale_eff, key, threshold,
-                                   offset, **cfg)
+                                   offset + col_offset, stride, **cfg)
     return u
 
 
 def lora_up_add_(out: torch.Tensor, u: torch.Tensor, m: torch.Tensor, *, alpha: float, dropout_p: float = 0.0,
-                 seed: int = 0, offset: int = 0) -> torch.Tensor:
+                 seed: int = 0, offset: int = 0, col_offset: int = 0, row_stride: int | None = None) -> torch.Tensor:
     """out += alpha · drop'(u · mᵀ) in place, accumulated in fp32 and rounded once to out's dtype.
 
     out (N, C) contiguous; u (N, R) fp32 contiguous; m (C, R), any strides (called with A.t()).
-    With dropout_p > 0, element (n, c) is multiplied by keep(offset + n·C + c) / (1 - p): the
-    backward of dropout on the input. Returns out.
+    With dropout_p > 0, element (n, c) is multiplied by keep(offset + col_offset + n·row_stride + c) / (1 - p)
+    (row_stride None: C): the backward of dropout on the input. Returns out.
     """
     _check_2d(out=out, u=u, m=m)
     _check_dtype(out=out, m=m)
@@ -373,20 +384,22 @@ def lora_up_add_(out: torch.Tensor, u: torch.Tensor, m: torch.Tensor, *, alpha: 
                          f"m {tuple(m.shape)} do not match (N, C), (N, R), (C, R)")
     _check_rank(r)
     has_dropout, alpha_eff, key, threshold = _dropout_args(dropout_p, seed, alpha)
+    stride = _row_stride(row_stride, c, col_offset)
     if n == 0 or c == 0:
         return out
     cfg = _config("up_add", out.dtype, r, _is_aligned(c, out, u, m), has_dropout)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_C"]))
     _lora_linear_up_add_kernel[grid](out, u, m, n, c, r, m.stride(0), m.stride(1), alpha_eff, key, threshold,
-                                     offset, **cfg)
+                                     offset + col_offset, stride, **cfg)
     return out
 
 
 def lora_wgrad(u: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
-               offset: int = 0) -> torch.Tensor:
+               offset: int = 0, col_offset: int = 0, row_stride: int | None = None) -> torch.Tensor:
     """G = alpha · uᵀ · drop(x) in fp32.
 
-    u (N, R) fp32 contiguous; x (N, K) contiguous. Mask counter of x[n, k]: offset + n·K + k.
+    u (N, R) fp32 contiguous; x (N, K) contiguous. Mask counter of x[n, k]: offset + col_offset +
+    n·row_stride + k (row_stride None: K).
     Returns G (R, K) fp32. Deterministic: N is split across programs into fp32 partials summed by torch.
     """
     _check_2d(u=u, x=x)
@@ -400,6 +413,7 @@ def lora_wgrad(u: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0, dropout_
         raise ValueError(f"lora_wgrad: u {tuple(u.shape)} and x {tuple(x.shape)} differ in N")
     _check_rank(r)
     has_dropout, alpha_eff, key, threshold = _dropout_args(dropout_p, seed, alpha)
+    stride = _row_stride(row_stride, k, col_offset)
     if n == 0 or k == 0:
         return torch.zeros((r, k), dtype=torch.float32, device=x.device)
     cfg = _config("wgrad", x.dtype, r, _is_aligned(k, u, x), has_dropout)
@@ -410,23 +424,25 @@ def lora_wgrad(u: torch.Tensor, x: torch.Tensor, *, alpha: float = 1.0, dropout_
     split = triton.cdiv(n, rows_per_split)
     g = torch.empty((split, r, k), dtype=torch.float32, device=x.device)
     _lora_linear_wgrad_kernel[(k_tiles, split)](u, x, g, n, k, r, rows_per_split, alpha_eff, key, threshold,
-                                                offset, **cfg)
+                                                offset + col_offset, stride, **cfg)
     return g[0] if split == 1 else g.sum(0)
 
 
-def lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, offset):
+def lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, offset, col_offset=0, row_stride=None):
     """y = x·Wᵀ + b + scale·(drop(x)·Aᵀ)·Bᵀ; returns (y, u) with u = drop(x)·Aᵀ (N, R) fp32 for backward.
 
     x (N, C_in), weight (C_out, C_in), bias (C_out) or None, lora_a (R, C_in), lora_b (C_out, R).
     """
     _check_contiguous(x=x)
     y = torch.nn.functional.linear(x, weight, bias)
-    u = lora_down(x, lora_a, dropout_p=dropout_p, seed=seed, offset=offset)
+    u = lora_down(x, lora_a, dropout_p=dropout_p, seed=seed, offset=offset, col_offset=col_offset,
+                  row_stride=row_stride)
     lora_up_add_(y, u, lora_b, alpha=scale)
     return y, u
 
 
-def lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale, dropout_p, seed, offset):
+def lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale, dropout_p, seed, offset, col_offset=0,
+                    row_stride=None):
     """Gradients of lora_linear_fwd w.r.t. x, lora_a, lora_b (grad_a/grad_b in the params' dtype).
 
     gu = scale·grad_y·B (N, R) fp32; grad_b = scale·grad_yᵀ·u; grad_a = guᵀ·drop(x);
@@ -435,7 +451,8 @@ def lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale, dropout_p, seed
     _check_contiguous(grad_y=grad_y, x=x)
     gu = lora_down(grad_y, lora_b.t(), scale=scale)
     grad_b = lora_wgrad(u, grad_y, alpha=scale).t().contiguous().to(lora_b.dtype)
-    grad_a = lora_wgrad(gu, x, dropout_p=dropout_p, seed=seed, offset=offset).to(lora_a.dtype)
+    counter = dict(dropout_p=dropout_p, seed=seed, offset=offset, col_offset=col_offset, row_stride=row_stride)
+    grad_a = lora_wgrad(gu, x, **counter).to(lora_a.dtype)
     grad_x = grad_y @ weight
-    lora_up_add_(grad_x, gu, lora_a.t(), alpha=1.0, dropout_p=dropout_p, seed=seed, offset=offset)
+    lora_up_add_(grad_x, gu, lora_a.t(), alpha=1.0, **counter)
     return grad_x, grad_a, grad_b

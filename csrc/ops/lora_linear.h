@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "llmkern/checks.h"
+#include "llmkern/rng.h"
 
 namespace llmkern::ops::detail {
 
@@ -43,6 +44,20 @@ inline LoraShapes check_lora_inputs(const at::Tensor& x, const at::Tensor& weigh
   int64_t n = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) n *= x.size(i);
   return {n, c_in, c_out, r};
+}
+
+// The dropout parameters of one call, checked: seed an int64 CPU tensor of one element (read here, on
+// the host, without a device sync), col_offset >= 0 and row_stride >= col_offset + C_in (the local
+// columns lie inside the full row whose counters they share).
+inline DropoutParams lora_dropout_params(double dropout_p, const at::Tensor& seed, int64_t offset, int64_t col_offset,
+                                         int64_t row_stride, const LoraShapes& sh) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1 && seed.device().is_cpu(),
+              "lora_linear: seed must be an int64 CPU tensor with one element, got a ", seed.scalar_type(),
+              " tensor of shape ", seed.sizes(), " on ", seed.device());
+  TORCH_CHECK(col_offset >= 0 && row_stride >= col_offset + sh.c_in, "lora_linear: the dropout counter needs ",
+              "0 <= col_offset and col_offset + C_in <= row_stride, got col_offset=", col_offset, ", C_in=", sh.c_in,
+              ", row_stride=", row_stride);
+  return make_dropout_params(dropout_p, *seed.data_ptr<int64_t>(), offset, col_offset, row_stride);
 }
 
 inline at::ScalarType lora_acc_dtype(const at::Tensor& x) {

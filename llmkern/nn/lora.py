@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from llmkern.ops.lora_linear import lora_linear
+from llmkern.ops.lora_linear import check_dropout_p, lora_linear
 
 
 class LoRALinear(nn.Module):
@@ -52,8 +52,7 @@ class LoRALinear(nn.Module):
                use_rslora: bool, backend: str | None) -> None:
         if r < 1:
             raise ValueError(f"LoRALinear: r must be >= 1, got {r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
+        check_dropout_p(dropout, "LoRALinear", "dropout")
         self.out_features, self.in_features = weight.shape
         self.r, self.alpha, self.dropout, self.use_rslora, self.backend = r, alpha, dropout, use_rslora, backend
         self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -99,10 +98,12 @@ class LoRALinear(nn.Module):
         if self.merged or self.disabled:
             return nn.functional.linear(x, self.weight, self.bias)
         p = self.dropout if self.training else 0.0
-        # A fresh mask per call, drawn from torch's default generator (reproducible under torch.manual_seed).
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if p > 0 else 0
+        # A fresh mask per call, seeded from torch's CPU generator (reproducible under torch.manual_seed).
+        # The seed stays a tensor: reading it with .item() would sync a device in eager mode and break
+        # the graph under torch.compile (25 breaks in a tiny Llama); the op reads it on the host.
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else 0
         return lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scale, p,
-                               seed, 0, backend=self.backend)
+                           seed, 0, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

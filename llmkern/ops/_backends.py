@@ -24,14 +24,31 @@ Adding an op, rms_norm as the example:
      and the public function: check the inputs, b = choose("rms_norm", tensors, DTYPES, backend),
      then run("rms_norm", b, rms_norm_ref, *args): rms_norm_ref for "ref", else op("rms_norm", b).
   4. Export rms_norm and rms_norm_ref from llmkern/ops/__init__.py; tests in tests/ops/test_rms_norm.py.
-Registrations made per namespace later (autocast, vmap) loop over namespaces(name).
+Registrations made per namespace later (vmap) loop over namespaces(name).
+
+Autocast: ``register_op(..., autocast=policy)`` registers an AutocastCPU and an AutocastCUDA kernel for
+the op in every namespace; the public function's first line is
+``args = autocast(name, *args)``, so that its checks, the backend choice and ``ref`` see the dtypes the
+kernels will run in. The policies (AutocastPolicy), chosen per op kind as torch's own ops are:
+  "lower"  GEMM-like ops (lora_linear, adapter_bottleneck): fp32/fp16/bf16 inputs are cast to the
+           autocast dtype (bf16 on the CPU, fp16 or bf16 on CUDA) and the kernels accumulate in fp32,
+           as nn.Linear under autocast runs cuBLAS/oneDNN in bf16 with an fp32 accumulator.
+  "fp32"   norms and losses (rms_norm, layer norms, cross_entropy): fp16/bf16 inputs are cast to fp32
+           and the op returns fp32, as torch's autocast does for layer_norm and cross_entropy; a module
+           that must return its input's dtype (HF's LlamaRMSNorm returns weight * x.to(input_dtype))
+           casts the result back itself.
+  "promote" elementwise ops over several tensors (swiglu, rope): inputs of mixed float dtypes are cast
+           to the widest of them, as torch's autocast "promote" list (cat, stack, addcmul) does; a
+           single-dtype call runs unchanged.
+fp64 inputs are never cast (torch's autocast leaves fp64 alone too). Inside an autocast kernel autocast
+is off for the op; its backward gets no autocast kernel, and runs on the cast tensors the forward saved.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import warnings
-from typing import Callable, Literal, Mapping, Sequence, Union
+from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 import torch
 
@@ -154,8 +171,12 @@ def op(name: str, backend: Backend) -> torch._ops.OpOverloadPacket:
 
 
 def run(name: str, backend: Backend, ref: Callable, *args):
-    """Runs `name` on the chosen backend: `ref` for "ref", else its dispatcher op."""
-    return ref(*args) if backend == "ref" else op(name, backend)(*args)
+    """Runs `name` on the chosen backend: `ref` for "ref", else its dispatcher op. `args` went through
+    autocast() first; `ref` then runs with autocast off, as the dispatcher's autocast kernel runs the op."""
+    if backend != "ref":
+        return op(name, backend)(*args)
+    with _autocast_off(args):
+        return ref(*args)
 
 
 def schema(name: str) -> str:
@@ -184,6 +205,109 @@ class Backward:
     """What the forward saves for the formula (torch.library.register_autograd's setup_context)."""
 
 
+AutocastPolicy = Literal["lower", "fp32", "promote"]
+"""How an op runs under torch.autocast (see the module docstring): "lower" casts to the autocast dtype,
+"fp32" to fp32, "promote" to the widest float dtype among the inputs."""
+AUTOCAST: dict[str, AutocastPolicy] = {}
+"""Op name -> its autocast policy, as register_op registered it."""
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _tensors(args) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(_tensors(a))
+    return out
+
+
+def _autocast_target(policy: AutocastPolicy, device_type: str, args) -> torch.dtype | None:
+    """The dtype the op's float inputs on `device_type` are cast to, or None for no cast."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    if policy == "lower":
+        return torch.get_autocast_dtype(device_type)
+    if policy == "fp32":
+        return torch.float32
+    dtypes = {t.dtype for t in _tensors(args) if t.device.type == device_type and t.dtype in _CASTABLE}
+    if len(dtypes) < 2:
+        return None
+    return torch.float32 if torch.float32 in dtypes else torch.float16 if torch.float16 in dtypes else torch.bfloat16
+
+
+def _cast(a, device_type: str, dtype: torch.dtype):
+    if isinstance(a, torch.Tensor):
+        return a.to(dtype) if a.device.type == device_type and a.dtype in _CASTABLE else a
+    if isinstance(a, (list, tuple)):
+        return type(a)(_cast(v, device_type, dtype) for v in a)
+    return a
+
+
+def _cast_args(policy: AutocastPolicy, device_type: str, args: tuple) -> tuple:
+    dtype = _autocast_target(policy, device_type, args)
+    return args if dtype is None else tuple(_cast(a, device_type, dtype) for a in args)
+
+
+def autocast(name: str, *args: Any) -> tuple:
+    """`args` cast as `name`'s autocast kernel will cast them (identity when autocast is off on their
+    device or the op has no policy). The public function calls it first, so that its checks, the
+    backend choice and `ref` see the dtypes the kernels run in."""
+    policy = AUTOCAST.get(name)
+    if policy is None:
+        return args
+    for dev in {t.device.type for t in _tensors(args)} & set(_AUTOCAST_DEVICES):
+        args = _cast_args(policy, dev, args)
+    return args
+
+
+class _autocast_off:
+    """Turns autocast off on the devices of `args` for the `ref` path (a no-op when it is off)."""
+
+    def __init__(self, args):
+        self._ctx = [torch.autocast(d, enabled=False) for d in sorted({t.device.type for t in _tensors(args)})
+                     if d in _AUTOCAST_DEVICES and torch.is_autocast_enabled(d)]
+
+    def __enter__(self):
+        for c in self._ctx:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self._ctx):
+            c.__exit__(*exc)
+
+
+_autocast_libraries: dict[str, torch.library.Library] = {}
+
+
+def _register_autocast(ns: str, name: str, policy: AutocastPolicy) -> None:
+    """An Autocast<Device> kernel for <ns>::<name>: casts the inputs by `policy`, then redispatches
+    below autocast (torch.library.register_autocast casts to one fixed dtype; this reads the autocast
+    dtype of the call). Also registered as the op's Python kernel for that key, which the tracers
+    (torch.compile, make_fx) dispatch to."""
+    lib = _autocast_libraries.get(ns)
+    if lib is None:
+        lib = _autocast_libraries[ns] = torch.library.Library(ns, "IMPL")
+    overload = getattr(getattr(torch.ops, ns), name).default
+    for dev in _AUTOCAST_DEVICES:
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(dev)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def py_kernel(*args, _dev=dev, _key=key):
+            # Cast first: autocast's "enabled" is the absence of its key from the excluded set, so
+            # inside the guard torch.is_autocast_enabled() reads False.
+            args = _cast_args(policy, _dev, args)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return overload(*args)
+
+        if overload.has_kernel_for_dispatch_key(key):
+            overload.py_kernels.pop(key)
+        overload.py_impl(key)(py_kernel)
+        lib.impl(name, lambda _keyset, *args, _k=py_kernel: _k(*args), key_name, with_keyset=True)
+
+
 REGISTERED: dict[str, dict[str, str]] = {}
 """Op name -> per backend, why its kernels are unavailable (the `unavailable` of choose())."""
 _NAMESPACES: dict[str, list[str]] = {}
@@ -191,11 +315,19 @@ _triton_library: torch.library.Library | None = None
 
 
 def register_op(name: str, *, fake: Callable, backward: Backward | None = None,
-                triton: Callable[[], Mapping[str, Callable]] | None = None) -> dict[str, str]:
+                triton: Callable[[], Mapping[str, Callable]] | None = None,
+                autocast: AutocastPolicy | None = None) -> dict[str, str]:
     """Registers `fake` (and the autograd of `backward`) for `name` in every namespace that carries it,
     after defining it under llmkern_triton from C++'s schema when `triton` is given: ``triton()``
     imports the Triton launchers and returns {op name: implementation} for `name` (and its backward).
-    Returns, per backend, why its kernels are unavailable; REGISTERED[name] keeps it."""
+    `autocast` registers the op's autocast kernels with that policy (module docstring); its backward
+    gets none: it runs on the tensors the forward saved, already cast (a backward run inside an
+    autocast region must not recast lora_linear's fp32 xa). Returns, per backend, why its kernels are
+    unavailable; REGISTERED[name] keeps it."""
+    if autocast is not None:
+        if autocast not in ("lower", "fp32", "promote"):
+            raise ValueError(f"register_op({name!r}): autocast must be 'lower', 'fp32' or 'promote', got {autocast!r}")
+        AUTOCAST[name] = autocast
 
     def register(ns: str) -> None:
         torch.library.register_fake(f"{ns}::{name}")(fake)
@@ -203,6 +335,8 @@ def register_op(name: str, *, fake: Callable, backward: Backward | None = None,
             torch.library.register_fake(f"{ns}::{backward.name}")(backward.fake)
             torch.library.register_autograd(f"{ns}::{name}", backward.formula(ns),
                                             setup_context=backward.setup_context)
+        if autocast is not None:
+            _register_autocast(ns, name, autocast)
         _NAMESPACES.setdefault(name, []).append(ns)
 
     unavailable: dict[str, str] = {}

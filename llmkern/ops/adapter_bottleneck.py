@@ -4,6 +4,8 @@ Houlsby) or the wrapped sublayer's output (parallel, He et al.).
 Shapes: x (..., C), down_weight D (R, C), down_bias d (R), up_weight U (C, R), up_bias u (C),
 optional LayerNorm weight/bias (C) (LayerNorm iff ln_weight is given), residual like x.
 fp32, fp16 and bf16 on the compiled backends, accumulating in fp32; fp64 runs on ``ref`` only.
+Under torch.autocast every float input is cast to the autocast dtype (``_backends``' "lower" policy):
+the adapter's two GEMMs run as nn.Linear's do, its LayerNorm in fp32 inside the kernel.
 
 Eager PyTorch stores, per token, LN(x), the pre-activation z, act(z) and (for the up projection)
 act(z) again as its input: the kernels store only z (T, R) in fp32 and the LayerNorm row statistics
@@ -58,9 +60,13 @@ def adapter_bottleneck_ref(x, down_weight, down_bias, up_weight, up_bias, scale=
     return (x if residual is None else residual) + scale * out
 
 
-def check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight, ln_bias, residual):
+def check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight, ln_bias, residual,
+                         eps: float | None = None):
     """Shape, dtype, device and value checks with messages that name what was expected. The C++ ops
-    check the same things; this keeps the ``ref`` and ``triton`` paths as strict."""
+    check the same things; this keeps the ``ref`` and ``triton`` paths as strict. `eps` (the forward's;
+    None for the backward, which has none) must be >= 0, with or without LayerNorm, as in C++."""
+    if eps is not None and not eps >= 0.0:  # NaN too
+        raise ValueError(f"adapter_bottleneck: eps must be >= 0, got {eps}")
     if x.dim() < 1:
         raise ValueError("adapter_bottleneck: x must have shape (..., C), got a 0-d tensor")
     c = x.shape[-1]
@@ -175,7 +181,8 @@ def _triton():
         return None if t is None else t.contiguous()
 
     def fwd(x, down_weight, down_bias, up_weight, up_bias, scale, activation, ln_weight, ln_bias, eps, residual):
-        check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight, ln_bias, residual)
+        check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight, ln_bias, residual,
+                             eps)
         if x.dim() != 2:
             raise ValueError(f"adapter_bottleneck: x must be (T, C) here (the op flattens x), got {tuple(x.shape)}")
         return tuple(tk.adapter_bottleneck_fwd(
@@ -197,7 +204,7 @@ def _triton():
 UNAVAILABLE = _backends.register_op(
     "adapter_bottleneck", fake=_fake_forward, triton=_triton,
     backward=_backends.Backward(name="_adapter_bottleneck_backward", fake=_fake_backward, formula=_make_backward,
-                                setup_context=_setup_context))
+                                setup_context=_setup_context), autocast="lower")
 
 
 def adapter_bottleneck(x, down_weight, down_bias, up_weight, up_bias, scale: float = 1.0,
@@ -209,13 +216,15 @@ def adapter_bottleneck(x, down_weight, down_bias, up_weight, up_bias, scale: flo
     ``backend`` (or ``LLMKERN_BACKEND``) forces a backend; a refused one raises
     :class:`~llmkern.ops._backends.BackendRefused` with the reason.
     """
-    check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight, ln_bias, residual)
+    x, down_weight, down_bias, up_weight, up_bias, ln_weight, ln_bias, residual = _backends.autocast(
+        "adapter_bottleneck", x, down_weight, down_bias, up_weight, up_bias, ln_weight, ln_bias, residual)
+    check_adapter_inputs(x, down_weight, down_bias, up_weight, up_bias, activation, ln_weight, ln_bias, residual, eps)
     tensors = [t for t in (x, down_weight, down_bias, up_weight, up_bias, ln_weight, ln_bias, residual)
                if t is not None]
     chosen = _backends.choose("adapter_bottleneck", tensors, DTYPES, backend)
     if chosen == "ref":
-        return adapter_bottleneck_ref(x, down_weight, down_bias, up_weight, up_bias, scale, activation, ln_weight,
-                                      ln_bias, eps, residual)
+        return _backends.run("adapter_bottleneck", chosen, adapter_bottleneck_ref, x, down_weight, down_bias,
+                             up_weight, up_bias, scale, activation, ln_weight, ln_bias, eps, residual)
     c = x.shape[-1]
     x2 = x.reshape(-1, c)
     res2 = residual.reshape(-1, c) if residual is not None else None

@@ -12,6 +12,7 @@ import math
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal, get_args
 
+from llmkern._rng import check_dropout_p
 from llmkern.ops._backends import BACKENDS, Backend
 from llmkern.peft.targets import ModuleSpec, normalize_spec
 
@@ -185,8 +186,7 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: r must be a positive int, got {self.r!r}")
         if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
             raise ValueError(f"LoraConfig: lora_alpha must be a finite number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_dropout_p(self.lora_dropout, "LoraConfig", "lora_dropout")  # the op's own range check
         self.target_modules = normalize_spec("LoraConfig", "target_modules", self.target_modules)
         self.exclude_modules = normalize_spec("LoraConfig", "exclude_modules", self.exclude_modules)
         self.modules_to_save = normalize_spec("LoraConfig", "modules_to_save", self.modules_to_save)

@@ -154,3 +154,77 @@ def test_constructor_and_repr():
     mod = LoRALinear(10, 6, r=2, alpha=4, dropout=0.1, bias=False)
     assert mod.bias is None and mod.weight.shape == (6, 10)
     assert "r=2" in repr(mod) and "alpha=4" in repr(mod) and "dropout=0.1" in repr(mod)
+
+
+def tiny_lora_llama(dropout: float):
+    transformers = pytest.importorskip("transformers")
+    from llmkern.peft import LoraConfig, apply_lora
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    model = transformers.LlamaForCausalLM(cfg)
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"]))
+    with torch.no_grad():  # a non-zero B, as after some training, so dropout shows in the output
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_(0, 0.1)
+    return model.train()
+
+
+def test_compiled_llama_with_lora_dropout_has_no_graph_breaks():
+    """The dropout seed is drawn as a tensor (no Tensor.item()): a one-layer Llama with 7 LoRA layers at
+    p = 0.05 is one graph (each LoRA layer broke the graph when the seed was drawn with .item())."""
+    model = tiny_lora_llama(0.05)
+    ids = torch.randint(1, 64, (2, 9))
+    explanation = torch._dynamo.explain(model)(input_ids=ids)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+def test_compiled_lora_dropout_matches_eager_for_the_same_seed():
+    """fullgraph compile (AOTAutograd, eager kernels) equals eager for the same torch.manual_seed, output
+    and gradients: the seed is the same draw of the CPU generator, and backward regenerates the mask."""
+    _, mod = trained_lora(dropout=0.3)
+    mod.train()
+    x = torch.randn(5, 7, 96)
+
+    def step(m):
+        torch.manual_seed(123)
+        y = m(x)
+        y.square().sum().backward()
+        grads = [p.grad.clone() for p in (m.lora_A.weight, m.lora_B.weight)]
+        m.zero_grad()
+        return y.detach(), grads
+
+    y_eager, g_eager = step(mod)
+    y_comp, g_comp = step(torch.compile(mod, fullgraph=True, backend="aot_eager"))
+    assert torch.equal(y_eager, y_comp)
+    assert all(torch.equal(a, b) for a, b in zip(g_eager, g_comp))
+    torch.manual_seed(124)
+    assert not torch.equal(mod(x), y_eager)  # another seed, another mask
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_under_autocast_matches_peft_under_autocast(dtype):
+    """LoRALinear with fp32 weights under torch.autocast runs in the autocast dtype as PEFT's LoRA
+    layer (nn.Linear math) does under the same autocast; both against fp64 on the cast inputs."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(3)
+    lin = nn.Linear(96, 80)
+    theirs = peft.tuners.lora.Linear(nn.Linear(96, 80), "default", peft.LoraConfig(r=8, lora_alpha=16), r=8,
+                                     lora_alpha=16)
+    theirs.base_layer.load_state_dict(lin.state_dict())
+    ours = LoRALinear.from_linear(lin, r=8, alpha=16)
+    with torch.no_grad():
+        ours.lora_B.weight.normal_(0, 0.1)
+        theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    x = torch.randn(5, 7, 96)
+    with torch.autocast("cpu", dtype=dtype):
+        got, base = ours(x), theirs(x)
+    assert got.dtype == base.dtype == dtype
+    low = [t.detach().to(dtype).double() for t in (x, lin.weight, lin.bias, ours.lora_A.weight, ours.lora_B.weight)]
+    assert_close_to_ref(got, lora_linear_ref(*low, ours.scale), base, name="y",
+                        cond=lora_linear_ref(*[t.abs() for t in low], ours.scale))

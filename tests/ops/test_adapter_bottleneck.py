@@ -332,3 +332,14 @@ def test_env_override(monkeypatch):
     monkeypatch.setenv("LLMKERN_BACKEND", "cuda")
     with pytest.raises(_backends.BackendRefused):
         adapter_bottleneck(*ins[:5])
+
+
+@pytest.mark.parametrize("backend", backend_params() + [pytest.param("ref", id="ref")])
+@pytest.mark.parametrize("eps", [-1e-5, float("nan")])
+@pytest.mark.parametrize("ln", [True, False], ids=["ln", "noln"])
+def test_bad_eps_refused_by_every_backend(backend, eps, ln):
+    """eps < 0 (or NaN) is refused the same way everywhere; ref returned NaN and Triton finite values."""
+    inputs = make_inputs((3,), 8, 2, torch.float32, ln=ln, device=device_of(backend))
+    x, dw, db, uw, ub, lw, lb, res = inputs
+    with pytest.raises((ValueError, RuntimeError), match=rf"adapter_bottleneck: eps must be >= 0, got {eps}"):
+        adapter_bottleneck(x, dw, db, uw, ub, 1.0, "relu", lw, lb, eps, res, backend=backend)

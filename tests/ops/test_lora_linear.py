@@ -146,8 +146,9 @@ def test_saves_only_x_and_small_product():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         lora_linear(x, w, b, a, bb, 2.0, 0.1, 3, backend="cpu")
     activations = [t for t in saved if t.data_ptr() not in {p.data_ptr() for p in (w, a, bb)}]
-    assert sorted(tuple(t.shape) for t in activations) == [(256, 8), (256, 512)]
-    assert sum(t.numel() * t.element_size() for t in activations) == 256 * 512 * 4 + 256 * 8 * 4
+    # Besides x and the product, the 8-byte seed tensor (0-d int64) from which backward regenerates the mask.
+    assert sorted(tuple(t.shape) for t in activations) == [(), (256, 8), (256, 512)]
+    assert sum(t.numel() * t.element_size() for t in activations) == 256 * 512 * 4 + 256 * 8 * 4 + 8
 
 
 @pytest.mark.parametrize("ns", ["llmkern", pytest.param("llmkern_emu", marks=pytest.mark.skipif(
@@ -157,11 +158,14 @@ def test_opcheck(ns):
     for t in (x, a, bb):
         t.requires_grad_()
     op = getattr(torch.ops, ns)
-    torch.library.opcheck(op.lora_linear, (x, w, b, a, bb, 1.5, 0.2, 7, 0))
-    torch.library.opcheck(op.lora_linear, (x.detach(), w, None, a.detach(), bb.detach(), 1.5, 0.0, 0, 0))
-    y, xa = op.lora_linear(x.detach(), w, b, a.detach(), bb.detach(), 1.5, 0.2, 7, 0)
+    seed = torch.tensor(7)
+    torch.library.opcheck(op.lora_linear, (x, w, b, a, bb, 1.5, 0.2, seed, 0, 0, 12))
+    torch.library.opcheck(op.lora_linear, (x.detach(), w, None, a.detach(), bb.detach(), 1.5, 0.0, seed, 0, 0, 12))
+    # A column shard's counters: columns 3..15 of 20-wide rows.
+    torch.library.opcheck(op.lora_linear, (x, w, b, a, bb, 1.5, 0.2, seed, 5, 3, 20))
+    y, xa = op.lora_linear(x.detach(), w, b, a.detach(), bb.detach(), 1.5, 0.2, seed, 0, 0, 12)
     torch.library.opcheck(op._lora_linear_backward,
-                          (torch.randn_like(y), x.detach(), w, a.detach(), bb.detach(), xa, 1.5, 0.2, 7, 0))
+                          (torch.randn_like(y), x.detach(), w, a.detach(), bb.detach(), xa, 1.5, 0.2, seed, 0, 0, 12))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -218,9 +222,9 @@ def test_cpp_op_checks_too():
     """The dispatcher op validates on its own (a caller may skip the Python wrapper)."""
     x, w, b, a, bb = make_inputs((2,), 12, 10, 4, torch.float32)
     with pytest.raises(RuntimeError, match=r"lora_b has shape \[10, 3\]; expected \(C_out, R\) = \(10, 4\)"):
-        torch.ops.llmkern.lora_linear(x, w, b, a, bb[:, :3], 1.0, 0.0, 0, 0)
+        torch.ops.llmkern.lora_linear(x, w, b, a, bb[:, :3], 1.0, 0.0, torch.tensor(0), 0, 0, 12)
     with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
-        torch.ops.llmkern.lora_linear(x, w, b, a, bb, 1.0, 1.0, 0, 0)
+        torch.ops.llmkern.lora_linear(x, w, b, a, bb, 1.0, 1.0, torch.tensor(0), 0, 0, 12)
 
 
 def test_refused_backend_says_why():
@@ -264,3 +268,135 @@ def test_schedules_agree(backend, monkeypatch):
     for o in outs[1:]:
         assert all(torch.equal(t0, t1) for t0, t1 in zip(outs[0], o))
 
+
+
+# ---- the dropout counter of a tensor-parallel column shard: col_offset and row_stride ----
+def with_ref(params):
+    return params + [pytest.param("ref", id="ref")]
+
+
+def dropout_probe(backend, x, p, seed, offset, **kw):
+    """dropout(x) and the gradient of x for grad_y = 1, through the op with W = 0 and A = B = identity
+    (scale 1): y = mask·x/(1-p) and grad_x = mask/(1-p), so their nonzeros are the mask."""
+    c = x.shape[-1]
+    eye = torch.eye(c, device=x.device)
+    x = x.detach().requires_grad_()
+    y = lora_linear(x, torch.zeros(c, c, device=x.device), None, eye, eye, 1.0, p, seed, offset, backend=backend,
+                    **kw)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    return y.detach(), gx
+
+
+@pytest.mark.parametrize("backend", with_ref(backend_params()))
+def test_column_shard_draws_the_slice_of_the_full_mask(backend):
+    """Local element (n, k) of columns [a, b) with col_offset=a, row_stride=C_in draws the bit of (n, a + k)
+    of the single-device call, in forward and backward (rows are the flattened leading dims)."""
+    dev = device_of(backend)
+    full, a, b, p, seed, offset = 40, 13, 31, 0.5, 2**40 + 3, 7
+    x = torch.rand(2, 5, full, device=dev) + 0.5  # no zeros: a zero output is a dropped element
+    y_full, g_full = dropout_probe(backend, x, p, seed, offset)
+    keep = _rng.dropout_keep_mask(seed, offset, p, 10, full).reshape(2, 5, full).to(dev)
+    assert torch.equal(y_full != 0, keep) and torch.equal(g_full != 0, keep)
+    y_s, g_s = dropout_probe(backend, x[..., a:b], p, seed, offset, col_offset=a, row_stride=full)
+    assert torch.equal(y_s != 0, keep[..., a:b]) and torch.equal(g_s != 0, keep[..., a:b])
+    torch.testing.assert_close(y_s, y_full[..., a:b], rtol=0, atol=0)  # the same products, one term each
+    torch.testing.assert_close(g_s, g_full[..., a:b], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("col_offset,row_stride", [(-1, 20), (3, 14), (0, 11)])
+def test_bad_counter_layout(col_offset, row_stride):
+    args = make_inputs((2,), 12, 8, 2, torch.float32)
+    with pytest.raises(ValueError, match=rf"col_offset \+ C_in <= row_stride, got col_offset={col_offset}, C_in=12"):
+        lora_linear(*args, 1.0, 0.1, 0, col_offset=col_offset, row_stride=row_stride)
+    with pytest.raises(RuntimeError, match=rf"col_offset \+ C_in <= row_stride, got col_offset={col_offset}, C_in=12"):
+        torch.ops.llmkern.lora_linear(*args, 1.0, 0.1, torch.tensor(0), 0, col_offset, row_stride)
+
+
+# ---- the seed ----
+def test_seed_takes_the_full_uint64_range():
+    """A seed is its 64 bits: 2^64 - 1 and -1 draw the same mask (rng.h reads the seed as uint64)."""
+    args = make_inputs((6,), 16, 8, 2, torch.float32)
+    y_big = lora_linear(*args, 1.0, 0.5, 2**64 - 1)
+    assert torch.equal(y_big, lora_linear(*args, 1.0, 0.5, -1))
+    assert torch.equal(y_big, lora_linear(*args, 1.0, 0.5, torch.tensor(-1)))
+    assert not torch.equal(y_big, lora_linear(*args, 1.0, 0.5, 2**63 - 1))
+    torch.testing.assert_close(y_big, lora_linear_ref(*args, 1.0, 0.5, 2**64 - 1))
+    with pytest.raises(ValueError, match=r"seed must be in \[-2\^63, 2\^64\).*got 18446744073709551616"):
+        lora_linear(*args, 1.0, 0.5, 2**64)
+    with pytest.raises(ValueError, match=r"seed must be an int or an int64 CPU tensor with one element, got a "
+                                         r"torch.int32 tensor"):
+        lora_linear(*args, 1.0, 0.5, torch.tensor(3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"seed must be an int64 CPU tensor with one element, got a Float"):
+        torch.ops.llmkern.lora_linear(*args, 1.0, 0.5, torch.tensor(3.0), 0, 0, 16)
+
+
+@pytest.mark.parametrize("backend", with_ref(backend_params()))
+def test_tensor_seed_equals_int_seed(backend):
+    args = make_inputs((3, 4), 24, 8, 2, torch.float32, device_of(backend))
+    assert torch.equal(lora_linear(*args, 1.0, 0.3, 12345, backend=backend),
+                       lora_linear(*args, 1.0, 0.3, torch.tensor(12345), backend=backend))
+
+
+# ---- validation and NaN on every backend ----
+@pytest.mark.parametrize("ns", _backends.namespaces("lora_linear"))
+@pytest.mark.parametrize("p", [-0.1, 1.0, float("nan")])
+def test_every_dispatcher_op_refuses_dropout_out_of_range(ns, p):
+    """One range, [0, 1), on every backend's op, forward and backward (Triton accepted p = 1)."""
+    x, w, b, a, bb = make_inputs((2,), 8, 8, 2, torch.float32)
+    op, seed = getattr(torch.ops, ns), torch.tensor(0)
+    with pytest.raises((RuntimeError, ValueError), match=r"dropout_p must be in \[0, 1\)"):
+        op.lora_linear(x, w, b, a, bb, 1.0, p, seed, 0, 0, 8)
+    y, xa = op.lora_linear(x, w, b, a, bb, 1.0, 0.1, seed, 0, 0, 8)
+    with pytest.raises((RuntimeError, ValueError), match=r"dropout_p must be in \[0, 1\)"):
+        op._lora_linear_backward(torch.ones_like(y), x, w, a, bb, xa, 1.0, p, seed, 0, 0, 8)
+
+
+@pytest.mark.parametrize("case", ["bias shape", "lora_b shape", "dtype", "rank 0"])
+@pytest.mark.skipif("triton" in UNAVAILABLE, reason=UNAVAILABLE.get("triton", ""))
+def test_triton_op_validates_as_cpp_does(case):
+    """torch.ops.llmkern_triton.lora_linear checks its inputs with the messages of the C++ op."""
+    make, exc, msg = BAD[case]
+    args = make(*make_inputs((2, 3), 12, 10, 4, torch.float32))
+    with pytest.raises(exc, match=msg):
+        torch.ops.llmkern_triton.lora_linear(*args, 1.0, 0.0, torch.tensor(0), 0, 0, 12)
+    with pytest.raises(ValueError, match=r"col_offset \+ C_in <= row_stride"):
+        torch.ops.llmkern_triton.lora_linear(*make_inputs((2, 3), 12, 10, 4, torch.float32), 1.0, 0.0,
+                                             torch.tensor(0), 0, 1, 12)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_nan_propagates_through_dropped_elements(backend):
+    """Dropout multiplies by a 0/1 mask, and 0·NaN = NaN in PyTorch's unfused x * mask: a dropped NaN
+    or inf still poisons its row of xa (so y) and its column of grad_a, on every backend as in ref."""
+    dev = device_of(backend)
+    x, w, b, a, bb = make_inputs((4,), 8, 6, 2, torch.float32, dev)
+    keep = _rng.dropout_keep_mask(3, 0, 0.5, 4, 8)
+    dropped, kept = (~keep).nonzero()[0].tolist(), keep.nonzero()[-1].tolist()
+    assert dropped[0] != kept[0]
+    x[tuple(dropped)] = float("nan")
+    x[tuple(kept)] = float("inf")
+    gy = torch.ones(4, 6, device=dev)
+    ours = run(lora_linear, x, w, b, a, bb, 1.0, 0.5, 3, gy, backend=backend)
+    ref = run(lora_linear_ref, x, w, b, a, bb, 1.0, 0.5, 3, gy)
+    for name, o, r in zip(("y", "grad_x", "grad_a", "grad_b"), ours, ref):
+        assert torch.equal(o.isnan().cpu(), r.isnan().cpu()), name
+    assert ref[0][dropped[0]].isnan().all()  # the dropped NaN reached y: the case the test is about
+
+
+@pytest.mark.parametrize("backend", with_ref(backend_params()))
+@pytest.mark.parametrize("c_in,c_out", [(0, 8), (8, 0)], ids=["c_in=0", "c_out=0"])
+def test_zero_features(backend, c_in, c_out):
+    """C_in = 0 gives y = bias and zero gradients; C_out = 0 an empty y; both of the right shapes."""
+    dev = device_of(backend)
+    g = torch.Generator().manual_seed(0)
+    x, a = torch.randn(3, 2, c_in, generator=g).to(dev), torch.randn(2, c_in, generator=g).to(dev)
+    w, b = torch.randn(c_out, c_in, generator=g).to(dev), torch.randn(c_out, generator=g).to(dev)
+    bb = torch.randn(c_out, 2, generator=g).to(dev)
+    x, a, bb = (t.requires_grad_() for t in (x, a, bb))
+    y = lora_linear(x, w, b, a, bb, 1.0, 0.1, 1, backend=backend)
+    assert y.shape == (3, 2, c_out)
+    if c_in == 0:
+        torch.testing.assert_close(y, b.expand(3, 2, c_out).detach(), rtol=0, atol=0)
+    gx, ga, gb = torch.autograd.grad(y, (x, a, bb), torch.ones_like(y), allow_unused=True)
+    assert gx.shape == x.shape and ga.shape == a.shape and gb.shape == bb.shape
+    assert not (gx.any() or ga.any() or gb.any())

@@ -1,9 +1,13 @@
 // Counter-based dropout RNG shared bit-for-bit by every backend: this header (C++ CPU and CUDA),
-// triton_kernels/lora_linear.py and llmkern/ops/_rng.py (the reference). Nothing is stored: the
-// mask of element i of a (N, C) row-major view is a pure function of (seed, offset + i), so the
+// triton_kernels/lora_linear.py and llmkern/_rng.py (the reference). Nothing is stored: the
+// mask of element (n, k) of a (N, C) row-major view is a pure function of (seed, its counter), so the
 // backward pass regenerates exactly the forward mask.
 //   key  = dropout_key(seed)                          32-bit, computed once on the host
-//   c    = offset + i                                 64-bit counter, i = n * C + k
+//   c    = offset + col_offset + n * row_stride + k   64-bit counter; single device: col_offset = 0,
+//                                                     row_stride = C. A tensor-parallel shard holding
+//                                                     columns [a, a + C) of a C_full-wide input passes
+//                                                     col_offset = a, row_stride = C_full: its mask is
+//                                                     the slice of the single-device mask.
 //   h    = fmix32(fmix32(lo32(c) ^ key) ^ hi32(c) ^ 0x85EBCA6B)
 //   keep = (h >> 8) >= threshold,  threshold = round(p * 2^24)
 //   dropout(x) = keep ? x / (1 - p) : 0
@@ -76,15 +80,24 @@ LLMKERN_HD uint16_t bf16_bits_stochastic(float x, uint32_t r16) {
 
 // Everything a kernel needs to regenerate a mask, passed by value (CPU and CUDA kernels alike).
 struct DropoutParams {
-  uint64_t offset;
+  uint64_t offset;      // offset + col_offset
+  uint64_t row_stride;  // counter distance between rows
   uint32_t key;
   uint32_t threshold;
   double inv_keep;  // 1/(1-p)
   bool on;          // p > 0
+
+  // The counter of local element (n, k), less `offset` (which dropout_mult and the CPU tiles add).
+  LLMKERN_HD uint64_t local(int64_t n, int64_t k) const {
+    return static_cast<uint64_t>(n) * row_stride + static_cast<uint64_t>(k);
+  }
 };
 
-inline DropoutParams make_dropout_params(double p, int64_t seed, int64_t offset) {
-  return {static_cast<uint64_t>(offset), dropout_key(seed), dropout_threshold(p), 1.0 / (1.0 - p), p > 0.0};
+inline DropoutParams make_dropout_params(double p, int64_t seed, int64_t offset, int64_t col_offset,
+                                         int64_t row_stride) {
+  return {static_cast<uint64_t>(offset) + static_cast<uint64_t>(col_offset), static_cast<uint64_t>(row_stride),
+          dropout_key(seed), dropout_threshold(p), 1.0 / (1.0 - p), p > 0.0};
 }
+inline DropoutParams no_dropout() { return make_dropout_params(0.0, 0, 0, 0, 0); }
 
 }  // namespace llmkern

@@ -3,6 +3,8 @@
 // The base GEMM x·Wᵀ (+ b) goes to ATen (MKL sgemm / oneDNN bf16). The LoRA path is ours: thin
 // (…, R) products that are memory-bound, done in a few fused passes over rows with fp32 (fp64 for
 // fp64) accumulation and the dropout mask regenerated on the fly (llmkern/rng.h):
+// Dropout multiplies by the 0 or 1/(1-p) multiplier, so a dropped NaN or inf stays NaN (0·NaN = NaN),
+// as PyTorch's unfused x * mask does; every backend does the same (tests/ops/test_lora_linear.py).
 //   forward   pass F1 over x:   xa[n,:] = dropout(x[n,:])·Aᵀ
 //             pass F2 over y:   y[n,:] += s·xa[n,:]·Bᵀ                 (in place in the GEMM output)
 //   backward  gx = gy·W by ATen, then
@@ -99,7 +101,7 @@ inline void load_tile(const T* src, int64_t K, int64_t n0, int64_t nr, int64_t k
     load_cvt(src + (n0 + j) * K + k0, b, kc);
     if (!d.on) continue;
     A* m = mult + j * CB;
-    const uint64_t base = d.offset + static_cast<uint64_t>(n0 + j) * static_cast<uint64_t>(K) + k0;
+    const uint64_t base = d.offset + d.local(n0 + j, k0);
 #pragma omp simd
     for (int64_t k = 0; k < kc; ++k) {
       m[k] = dropout_keep(d.key, base + static_cast<uint64_t>(k), d.threshold) ? s : A(0);
@@ -203,7 +205,7 @@ void forward_up(T* y, int64_t N, int64_t C, const A* xa, const A* bt, int64_t R,
 template <typename T, typename A>
 void backward_gy(const T* gy, int64_t N, int64_t C, const A* bt, int64_t R, A scale, const A* xa, A* gu, A* gbt) {
   const int64_t blocks = (N + RB - 1) / RB;
-  const DropoutParams none = make_dropout_params(0.0, 0, 0);
+  const DropoutParams none = no_dropout();
 #pragma omp parallel num_threads(threads_for(N * C * R))
   {
     std::vector<A> buf(RB * CB), part(RB * R), coef(RB * R), gpart(R * C, A(0));
@@ -263,11 +265,12 @@ void backward_x(const T* x, int64_t N, int64_t K, const A* a, int64_t R, const D
 std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                                    const at::Tensor& lora_b, double scale, double dropout_p,
-                                                   int64_t seed, int64_t offset) {
+                                                   const at::Tensor& seed, int64_t offset, int64_t col_offset,
+                                                   int64_t row_stride) {
   using namespace detail;
   LoraForward f = prepare_lora_forward(x, weight, bias, lora_a, lora_b, dropout_p);
   const auto& sh = f.sh;
-  const DropoutParams d = make_dropout_params(dropout_p, seed, offset);
+  const DropoutParams d = lora_dropout_params(dropout_p, seed, offset, col_offset, row_stride, sh);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_cpu", [&] {
     using A = typename AccOf<scalar_t>::type;
     forward_down(f.x2.data_ptr<scalar_t>(), sh.n, sh.c_in, f.a.data_ptr<A>(), sh.r, d, f.xa.data_ptr<A>());
@@ -279,11 +282,12 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& xa, double scale, double dropout_p, int64_t seed, int64_t offset) {
+    const at::Tensor& lora_b, const at::Tensor& xa, double scale, double dropout_p, const at::Tensor& seed,
+    int64_t offset, int64_t col_offset, int64_t row_stride) {
   using namespace detail;
   LoraBackward b = prepare_lora_backward(grad_y, x, weight, lora_a, lora_b, xa, dropout_p);
   const auto& sh = b.sh;
-  const DropoutParams d = make_dropout_params(dropout_p, seed, offset);
+  const DropoutParams d = lora_dropout_params(dropout_p, seed, offset, col_offset, row_stride, sh);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_backward_cpu", [&] {
     using A = typename AccOf<scalar_t>::type;
     const A s = static_cast<A>(scale);

@@ -1,6 +1,7 @@
 // CUDA implementation of the fused LoRA linear (schema: csrc/ops/lora_linear.cpp). The base GEMMs
 // (x·Wᵀ + b, gy·W) go to cuBLAS through ATen; the LoRA path is three kernels of ours, all
-// accumulating in fp32 (fp64 for fp64) with the dropout mask regenerated from (seed, offset):
+// accumulating in fp32 (fp64 for fp64) with the dropout mask regenerated from (seed, offset) at the
+// counters of csrc/include/llmkern/rng.h (DropoutParams::local), a dropped NaN staying NaN (0·NaN):
 //   rows_dot      out[n, r] = α·Σ_k mult(n,k)·src[n, k]·M[r, k]       one warp per row
 //   add_lowrank   dst[n, c] += α·mult(n,c)·Σ_r U[n, r]·Mt[r, c]       U rows staged in shared memory
 //   wgrad         G[r, k] += α·Σ_n U[n, r]·mult(n,k)·src[n, k]         N split over blocks, atomics in A
@@ -44,7 +45,7 @@ __global__ void lora_rows_dot_kernel(const T* __restrict__ src, int64_t N, int64
 #pragma unroll
       for (int j = 0; j < kRC; ++j) acc[j] = A(0);
       for (int64_t k = lane; k < K; k += kWarp) {
-        const A v = Elem<T>::load(row[k]) * dropout_mult<A>(d, static_cast<uint64_t>(n * K + k));
+        const A v = Elem<T>::load(row[k]) * dropout_mult<A>(d, d.local(n, k));
 #pragma unroll
         for (int j = 0; j < kRC; ++j)
           if (r0 + j < R) acc[j] += v * M[(r0 + j) * K + k];
@@ -87,7 +88,7 @@ __global__ void lora_add_lowrank_kernel(T* __restrict__ dst, int64_t N, int64_t 
         const int64_t n = n0 + j;
         if (n < N) {
           T* p = dst + n * C + c;
-          *p = Elem<T>::store(Elem<T>::load(*p) + dropout_mult<A>(d, static_cast<uint64_t>(n * C + c)) * acc[j]);
+          *p = Elem<T>::store(Elem<T>::load(*p) + dropout_mult<A>(d, d.local(n, c)) * acc[j]);
         }
       }
     }
@@ -102,7 +103,7 @@ __global__ void lora_wgrad_kernel(const A* __restrict__ U, const T* __restrict__
   cuda::column_reduce<kWgradLanes, kRC>(
       U, R, K, n_begin, n_end,
       [&](int64_t n, int64_t k) {
-        return Elem<T>::load(src[n * K + k]) * dropout_mult<A>(d, static_cast<uint64_t>(n * K + k));
+        return Elem<T>::load(src[n * K + k]) * dropout_mult<A>(d, d.local(n, k));
       },
       [&](int64_t r, int64_t k, A s) { atomicAdd(G + r * K + k, alpha * s); });
 }
@@ -154,12 +155,13 @@ void wgrad(const at::Tensor& U, const at::Tensor& src, double alpha, const Dropo
 std::tuple<at::Tensor, at::Tensor> lora_linear_device(const at::Tensor& x, const at::Tensor& weight,
                                                       const std::optional<at::Tensor>& bias,
                                                       const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                                      double scale, double dropout_p, int64_t seed, int64_t offset) {
+                                                      double scale, double dropout_p, const at::Tensor& seed,
+                                                      int64_t offset, int64_t col_offset, int64_t row_stride) {
   using namespace detail;
   LLMKERN_DEVICE_GUARD(x);
   LoraForward f = prepare_lora_forward(x, weight, bias, lora_a, lora_b, dropout_p);
-  const DropoutParams d = make_dropout_params(dropout_p, seed, offset);
-  const DropoutParams none = make_dropout_params(0.0, 0, 0);
+  const DropoutParams d = lora_dropout_params(dropout_p, seed, offset, col_offset, row_stride, f.sh);
+  const DropoutParams none = no_dropout();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_device", [&] {
     using T = typename CudaType<scalar_t>::type;
     using A = typename Elem<T>::acc;
@@ -171,13 +173,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_device(const at::Tensor& x, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_device(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const at::Tensor& xa, double scale, double dropout_p, int64_t seed, int64_t offset) {
+    const at::Tensor& lora_b, const at::Tensor& xa, double scale, double dropout_p, const at::Tensor& seed,
+    int64_t offset, int64_t col_offset, int64_t row_stride) {
   using namespace detail;
   LLMKERN_DEVICE_GUARD(x);
   // wgrad accumulates into the zeroed gbt/ga with atomics in the accumulation dtype (fp64 atomicAdd: sm_60+).
   LoraBackward b = prepare_lora_backward(grad_y, x, weight, lora_a, lora_b, xa, dropout_p);
-  const DropoutParams d = make_dropout_params(dropout_p, seed, offset);
-  const DropoutParams none = make_dropout_params(0.0, 0, 0);
+  const DropoutParams d = lora_dropout_params(dropout_p, seed, offset, col_offset, row_stride, b.sh);
+  const DropoutParams none = no_dropout();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_linear_backward_device", [&] {
     using T = typename CudaType<scalar_t>::type;
     using A = typename Elem<T>::acc;
