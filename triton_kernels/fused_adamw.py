@@ -2,7 +2,9 @@
 csrc/include/llmkern/optim_math.h for the element math, which this mirrors).
 
 One launch per tensor (triton_kernels/_optim.py says why). Per launch the kernel reads found_inf and
-skips every load and store when it is set, so an overflow step moves no memory and never syncs.
+the step and skips every load and store when found_inf is set or the step is < 1 (no update is numbered
+0: 1 - beta^0 = 0 would divide; llmkern/ops/_multi_tensor.py check_step reports it), so such a step
+moves no memory and never syncs.
 
 Constants derived from the hyper-parameters (1 - beta, 1 - lr*wd) are computed in Python doubles
 and rounded once: 1 - 0.999f in fp32 is 1.3e-5 off, 100x PyTorch's own fp32 error. For the same
@@ -29,7 +31,8 @@ def _fused_adamw_fwd_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, copy_ptr, n, f
                             STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    skip = tl.load(found_inf_ptr) != 0.0
+    t = tl.load(step_ptr)
+    skip = (tl.load(found_inf_ptr) != 0.0) | (t < 1.0) | (t != t)  # an overflow, a step < 1 or NaN
     mask = (offs < n) & (skip == 0)
     coef = tl.load(grad_coef_ptr)
     step_size = tl.load(coefs_ptr)
@@ -49,8 +52,9 @@ def _fused_adamw_fwd_kernel(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, copy_ptr, n, f
         vhat = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
     if STOCHASTIC:
         # rng.h: key = rounding_key(seed key, step); element k = base + offs of the call draws
+        # (base includes element_offset)
         # h = counter_hash(key, k); m takes its low 16 bits, v and AMSGrad's max the high 16.
-        key = rounding_key(rng_key, tl.load(step_ptr).to(tl.int32).to(tl.uint32))
+        key = rounding_key(rng_key, t.to(tl.int32).to(tl.uint32))
         c = base + offs
         h = counter_hash(c.to(tl.uint32), (c >> 32).to(tl.uint32), key)
         tl.store(m_ptr + offs, bf16_stochastic(m, h), mask=mask)
@@ -101,12 +105,12 @@ AOT_CONFIGS: list[AotConfig] = [_aot_config(*combo, amsgrad, sr) for combo in _C
 
 def fused_adamw_triton_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf, grad_coef,
                         lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, stochastic_rounding=False,
-                        rounding_seed=0) -> None:
+                        rounding_seed=0, element_offset=0) -> None:
     """Launcher, one launch per tensor; the arguments were checked by the op (llmkern/ops/fused_adamw.py)."""
     t = step.double()
     coefs = torch.cat([lr / (1.0 - beta1 ** t), (1.0 - beta2 ** t).rsqrt()]).float()
     key = as_int32(seed_key(rounding_seed))
-    base = 0  # the call-wide index of tensor j's first element (the rounding counter)
+    base = element_offset  # the call-wide index of tensor j's first element + element_offset (the rounding counter)
     for j, p in enumerate(params):
         n = p.numel()
         base += n

@@ -2,8 +2,8 @@
 csrc/include/llmkern/optim_math.h sgd_element, which this mirrors line for line).
 
 One launch per tensor (triton_kernels/_optim.py says why). Per launch the
-kernel reads found_inf and masks every load and store off when it is set, so an overflow step moves
-no memory; it reads the step count on the device too (step 1 sets the momentum buffer to the
+kernel reads found_inf and the step and masks every load and store off when found_inf is set or the
+step is < 1 (llmkern/ops/_multi_tensor.py check_step reports that), so such a step moves no memory; it reads the step count on the device too (step 1 sets the momentum buffer to the
 gradient, torch.optim.SGD's rule), so nothing waits for the host.
 
 Numerics: fp32 in registers whatever the storage dtypes (the interpreter computes bf16 arithmetic
@@ -31,7 +31,8 @@ def _fused_sgd_fwd_kernel(p_ptr, g_ptr, buf_ptr, copy_ptr, n, step_ptr, found_in
                           BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: a tensor may pass 2^31 elements
-    skip = tl.load(found_inf_ptr) != 0.0
+    t = tl.load(step_ptr)
+    skip = (tl.load(found_inf_ptr) != 0.0) | (t < 1.0) | (t != t)  # an overflow, a step < 1 or NaN
     mask = (offs < n) & (skip == 0)
     coef = tl.load(grad_coef_ptr)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -39,7 +40,7 @@ def _fused_sgd_fwd_kernel(p_ptr, g_ptr, buf_ptr, copy_ptr, n, step_ptr, found_in
     g = g + weight_decay * p
     d = g
     if HAS_MOMENTUM:
-        first = tl.load(step_ptr) == 1.0
+        first = t == 1.0
         buf = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         buf = tl.where(first, g, momentum * buf + one_minus_dampening * g)
         tl.store(buf_ptr + offs, to_storage(buf, buf_ptr), mask=mask)

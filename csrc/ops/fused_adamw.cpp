@@ -13,7 +13,11 @@
 //                 are unaffected): unbiased, so small updates of v accumulate in expectation
 //   rounding_seed the random bits are a function of (rounding_seed, step, element index) only
 //                 (csrc/include/llmkern/rng.h), identical on every backend
-// step, found_inf and grad_coef are tensors so that a GPU step never waits for the host.
+//   element_offset added to every element's index in the call's concatenated params (>= 0): a 1-D
+//                 shard of a flat tensor stepped with element_offset = its start draws the bits the
+//                 whole tensor would (ZeRO steps the shards of flat fp32 masters)
+// step, found_inf and grad_coef are tensors so that a GPU step never waits for the host. A step < 1
+// with found_inf 0 is refused before anything is written (multi_tensor.h check_step).
 #include "llmkern/registration.h"
 
 LLMKERN_LIBRARY_FRAGMENT(m) {
@@ -21,5 +25,5 @@ LLMKERN_LIBRARY_FRAGMENT(m) {
       "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(d!)[] model_copies, Tensor step, Tensor found_inf, Tensor grad_coef, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool stochastic_rounding=False, "
-      "int rounding_seed=0) -> ()");
+      "int rounding_seed=0, int element_offset=0) -> ()");
 }

@@ -6,16 +6,25 @@
 
 namespace llmkern::ops {
 
+// The checks of every backend, in this order (llmkern/ops/fused_adamw.py check_args is the Python twin):
+// hyper-parameters, element_offset, the scalar tensors, the step, the lists, the per-tensor dtype rules.
 inline void check_fused_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList model_copies,
-                              const at::Tensor& step,
-                       const at::Tensor& found_inf, const at::Tensor& grad_coef, double lr, double beta1,
-                       double beta2, double eps, double weight_decay) {
+                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                              at::TensorList model_copies, const at::Tensor& step, const at::Tensor& found_inf,
+                              const at::Tensor& grad_coef, double lr, double beta1, double beta2, double eps,
+                              double weight_decay, int64_t element_offset) {
   using namespace llmkern::detail;
+  check_hyper(lr, "lr", 0.0, false, INFINITY, true);
+  check_hyper(beta1, "beta1", 0.0, false, 1.0, true);
+  check_hyper(beta2, "beta2", 0.0, false, 1.0, true);
+  check_hyper(eps, "eps", 0.0, true, INFINITY, true);
+  check_hyper(weight_decay, "weight_decay", 0.0, false, INFINITY, true);
+  TORCH_CHECK_VALUE(element_offset >= 0, "element_offset must be >= 0, got ", element_offset);
   const at::Device device = step.device();
   check_scalar_tensor(step, "step", device);
   check_scalar_tensor(found_inf, "found_inf", device);
   check_scalar_tensor(grad_coef, "grad_coef", device);
+  check_step(step, found_inf);
   check_tensor_lists({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies},
                      {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "model_copies"},
                      {false, false, false, false, true, true}, device);
@@ -33,11 +42,6 @@ inline void check_fused_adamw(at::TensorList params, at::TensorList grads, at::T
                 "] float16 or bfloat16, got ", params[j].scalar_type(), " and ",
                 model_copies.empty() ? at::kFloat : model_copies[j].scalar_type());
   }
-  check_hyper(lr, "lr", 0.0, false, INFINITY, true);
-  check_hyper(beta1, "beta1", 0.0, false, 1.0, true);
-  check_hyper(beta2, "beta2", 0.0, false, 1.0, true);
-  check_hyper(eps, "eps", 0.0, true, INFINITY, true);
-  check_hyper(weight_decay, "weight_decay", 0.0, false, INFINITY, true);
 }
 
 }  // namespace llmkern::ops

@@ -1,9 +1,13 @@
-"""multi_tensor_sumsq(tensors) -> float32 [1]: the sum of squares of all elements of all tensors, inf or
+"""multi_tensor_sumsq(tensors) -> float64 [1]: the sum of squares of all elements of all tensors, inf or
 nan when any element is. The optimizers' overflow check and global gradient norm in one read.
 
-Every compiled backend accumulates in fp32 only over short runs (512 squares on the CPU, 128 per
-CUDA thread, 64 per Triton lane) and in double above them, and rounds once to float32: within 2x of
-plain PyTorch's fp32 error. None syncs with the host or uses atomics, so each is deterministic:
+The result is float64 so that it never overflows for finite inputs: a finite fp32 or bf16 gradient
+of 1.9e19 has a square past fp32's 3.4e38, and an fp32 sum made the optimizers skip such a step as if
+it had overflowed (csrc/ops/multi_tensor_sumsq.cpp). Every compiled backend squares and adds in fp32
+over short runs (512 squares on the CPU, 128 per CUDA thread, 64 per Triton lane), within 2x of plain
+PyTorch's fp32 error, and in double above them; a run whose fp32 sum is not finite is summed again in
+double, so only an inf or nan element gives a non-finite result, and the fast path stays fp32. None
+syncs with the host or uses atomics, so each is deterministic:
   cpu     C++ kernel (OpenMP, vectorized)
   cuda    csrc/ops/cuda/multi_tensor_sumsq_kernel.cu: a block reduction per chunk, then one block
           sums the partials (also run on CPU tensors under the emulator as "emu")
@@ -29,7 +33,7 @@ DTYPES = {"cpu": FP32_FP16_BF16, "cuda": FP32_FP16_BF16, "emu": FP32_FP16_BF16, 
 
 
 def _fake(tensors):
-    return tensors[0].new_empty(1, dtype=torch.float32)
+    return tensors[0].new_empty(1, dtype=torch.float64)
 
 
 def check_tensors(tensors: Sequence[torch.Tensor]) -> None:
@@ -62,11 +66,11 @@ UNAVAILABLE: dict[str, str] = _backends.register_op("multi_tensor_sumsq", fake=_
 
 
 def multi_tensor_sumsq(tensors: Sequence[torch.Tensor], *, backend: Backend | None = None) -> torch.Tensor:
-    """Sum of squares of every element of `tensors` (any shapes, dense, one device), as a float32
+    """Sum of squares of every element of `tensors` (any shapes, dense, one device), as a float64
     tensor of one element on their device; zeros(1) on the CPU for an empty list."""
     tensors = list(tensors)
     if not tensors:
-        return torch.zeros(1, dtype=torch.float32)
+        return torch.zeros(1, dtype=torch.float64)
     device = tensors[0].device
     for j, t in enumerate(tensors):
         if t.device != device:  # before dispatch: a CPU + meta list would otherwise reach the fake
@@ -77,10 +81,8 @@ def multi_tensor_sumsq(tensors: Sequence[torch.Tensor], *, backend: Backend | No
 
 
 def multi_tensor_sumsq_ref(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor norms accumulated in fp64, squared and summed in fp64, rounded once to float32
-    (float64 for fp64 tensors: the oracle). fp32 norms squared were 10x plain PyTorch's fp32 error
-    (the rounding of the norm doubles when squared: 11 vs 1.1 on a sum of 6.3e7); fp16 norms would
-    overflow past 65504."""
-    out = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    """Per-tensor norms accumulated in fp64, squared and summed in fp64 (for fp64 tensors: the oracle).
+    fp32 norms squared were 10x plain PyTorch's fp32 error (the rounding of the norm doubles when
+    squared: 11 vs 1.1 on a sum of 6.3e7); fp16 norms would overflow past 65504."""
     norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float64)
-    return torch.stack(norms).square().sum().reshape(1).to(out)
+    return torch.stack(norms).square().sum().reshape(1)

@@ -341,14 +341,15 @@ BAD = [  # (what, list k, tensor j, the error every compiled backend gives)
     ("mixed state dtypes", 3, 1, "must both be float32 or both bfloat16"),
     ("fp32 model copy", 5, 1, "must be the float32 master"),
     ("short list", 2, None, "exp_avgs has 2 tensors but params has 3"),
+    ("broadcastable grad", 1, 0, r"grads\[0\] has shape [\[(]1,?[\])] but params\[0\] has shape [\[(]97,?[\])]"),
 ]
 
 
-@pytest.mark.parametrize("backend", [b for b in backends() if b != "ref"])
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("what,k,j,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_tensor_is_refused_before_anything_is_written(backend, what, k, j, message, request):
-    """A bad tensor behind good ones: the same clear error on every compiled backend, and no tensor
-    of the call is half-updated (the reference is the oracle and does not validate)."""
+    """A bad tensor behind good ones: the same clear error on every backend, the reference included
+    (it broadcast a (1,) gradient over a (97,) parameter), and no tensor of the call is half-updated."""
     if backend == "triton":
         request.getfixturevalue("triton_interpret")
     case = make_case(COMBOS[1], shapes=[(97,), (1025, 3), "t(33, 17)"])
@@ -362,6 +363,8 @@ def test_bad_tensor_is_refused_before_anything_is_written(backend, what, k, j, m
         case[k][j] = case[k][j].bfloat16()
     elif what == "fp32 model copy":
         case[k][j] = case[k][j].float()
+    elif what == "broadcastable grad":
+        case[k][j] = torch.ones(1, dtype=case[k][j].dtype)
     else:
         case[k] = case[k][:2]
     before = clone(case)
@@ -369,3 +372,132 @@ def test_bad_tensor_is_refused_before_anything_is_written(backend, what, k, j, m
         F.fused_adamw_(*case, *scalars(), **HP, backend=backend)
     for lb, la in zip(before, case):
         assert all(torch.equal(b, a) for b, a in zip(lb, la))
+
+
+# ---- validation at every boundary, the same on every backend --------------------------------------
+BAD_HP = [("lr", -1.0, r"lr must be in \[0, inf\), got -1"), ("lr", float("nan"), r"lr must be in \[0, inf\), got nan"),
+          ("lr", float("inf"), r"lr must be in \[0, inf\), got inf"), ("beta1", 1.0, r"beta1 must be in \[0, 1\), got 1"),
+          ("beta2", -0.1, r"beta2 must be in \[0, 1\), got -0.1"), ("eps", 0.0, r"eps must be in \(0, inf\), got 0"),
+          ("weight_decay", -1e-3, r"weight_decay must be in \[0, inf\), got -0.001")]
+
+
+def _hp_args(case, **over):
+    hp = {**HP, **over}
+    return (*case, *scalars(), hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"], True)
+
+
+@pytest.mark.parametrize("name,value,message", BAD_HP, ids=[f"{n}={v}" for n, v, _ in BAD_HP])
+def test_bad_hyperparameter_same_error_on_every_boundary(name, value, message, request):
+    """The op (every backend behind it), check_hyperparameters (which the optimizers call at
+    construction) and each dispatcher op on its own raise the same ValueError, before any write."""
+    case = make_case(COMBOS[1], shapes=[(97,), (5, 3)])
+    before = clone(case)
+    with pytest.raises(ValueError, match=message):
+        F.check_hyperparameters(**{k: v for k, v in {**HP, name: value}.items()})
+    for b in ("cpu", "ref"):
+        with pytest.raises(ValueError, match=message):
+            F.fused_adamw_(*case, *scalars(), **{**HP, name: value}, backend=b)
+    for ns in NAMESPACES:
+        ns = ns.values[0] if hasattr(ns, "values") else ns
+        if ns[len("llmkern_"):] in F.UNAVAILABLE:
+            continue
+        with pytest.raises(ValueError, match=message):
+            namespace(ns, request).fused_adamw_(*_hp_args(case, **{name: value}))
+    for lb, la in zip(before, case):
+        assert all(torch.equal(b, a) for b, a in zip(lb, la))
+
+
+def test_hyperparameter_of_the_wrong_type():
+    with pytest.raises(TypeError, match="beta1 must be a number, got tuple"):
+        F.check_hyperparameters(1e-3, (0.9, 0.99), 0.999, 1e-8, 0.0)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_step_zero_is_refused_before_any_write(backend, rounding, request):
+    """step = 0 would divide by 1 - beta^0 = 0: every backend refuses it with the same ValueError and
+    writes nothing (the CUDA kernel under emulation and Triton wrote NaN into the parameters). With
+    found_inf set (a first step that overflowed: the optimizer has not counted it) nothing happens."""
+    if backend == "triton":
+        request.getfixturevalue("triton_interpret")
+    case = make_case((torch.float32, torch.float16, torch.bfloat16, torch.float16), shapes=[(97,), (1025, 3)])
+    before = clone(case)
+    with pytest.raises(ValueError, match=r"step must be >= 1 \(the 1-based number of this update\) when found_inf "
+                                         r"is 0, got 0"):
+        F.fused_adamw_(*case, *scalars(0.0), **HP, state_rounding=rounding, backend=backend)
+    F.fused_adamw_(*case, *scalars(0.0, found_inf=1.0), **HP, state_rounding=rounding, backend=backend)
+    for lb, la in zip(before, case):
+        assert all(torch.equal(b, a) for b, a in zip(lb, la))
+    ns = {"cpu": "llmkern", "emu": "llmkern_emu", "triton": "llmkern_triton"}.get(backend)
+    if ns is not None:  # the dispatcher op on its own
+        with pytest.raises(ValueError, match="step must be >= 1"):
+            getattr(torch.ops, ns).fused_adamw_(*case, *scalars(0.0), 1e-2, 0.9, 0.99, 1e-8, 0.0, True)
+
+
+SHARD_N = 1025 * 3 + 7  # odd: the shards are not multiples of any vector width or block
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+def test_shards_draw_the_bits_of_the_whole_tensor(backend, amsgrad, request):
+    """A flat fp32 master stepped whole, and the same tensor stepped as 3 shards (each its own call,
+    element_offset = its start, as ZeRO steps its 1-D shards), store the same bits in every list,
+    bf16 moments stochastically rounded included, over 3 steps."""
+    if backend == "triton":
+        request.getfixturevalue("triton_interpret")
+    whole = make_case((torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16), shapes=[(SHARD_N,)],
+                      amsgrad=amsgrad)
+    shards = clone(whole)
+    cuts = [0, 1031, 2049, SHARD_N]  # uneven shard lengths
+    views = [[[t[a:b] for t in lst] for lst in shards] for a, b in zip(cuts, cuts[1:])]
+    hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    for t in range(1, 4):
+        F.fused_adamw_(*whole, *scalars(float(t), 0.0, 0.5), **hp, state_rounding="stochastic", rounding_seed=77,
+                       backend=backend)
+        for (a, _), view in zip(zip(cuts, cuts[1:]), views):
+            F.fused_adamw_(*view, *scalars(float(t), 0.0, 0.5), **hp, state_rounding="stochastic",
+                           rounding_seed=77, element_offset=a, backend=backend)
+    for k in range(6):
+        for x, y in zip(whole[k], shards[k]):
+            assert torch.equal(x.view(torch.int16) if x.dtype == torch.bfloat16 else x,
+                               y.view(torch.int16) if y.dtype == torch.bfloat16 else y), k
+    # the test has power: without the offsets the shards draw other bits
+    unshifted = clone(whole)
+    for a, b in zip(cuts, cuts[1:]):
+        F.fused_adamw_(*[[t[a:b] for t in lst] for lst in unshifted], *scalars(4.0, 0.0, 0.5), **hp,
+                       state_rounding="stochastic", rounding_seed=77, backend=backend)
+    F.fused_adamw_(*whole, *scalars(4.0, 0.0, 0.5), **hp, state_rounding="stochastic", rounding_seed=77,
+                   backend=backend)
+    assert not torch.equal(unshifted[3][0].view(torch.int16), whole[3][0].view(torch.int16))
+
+
+def test_element_offset_bad_input():
+    case = make_case(COMBOS[5], shapes=[(5,)])
+    with pytest.raises(ValueError, match="element_offset must be an int64 >= 0, got -1"):
+        F.fused_adamw_(*case, *scalars(), **HP, element_offset=-1)
+    with pytest.raises(ValueError, match="element_offset must be >= 0, got -1"):
+        torch.ops.llmkern.fused_adamw_(*case, *scalars(), 1e-2, 0.9, 0.99, 1e-8, 0.0, True, True, 0, -1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_step_zero_on_cuda_is_a_device_side_assert(backend):
+    """On CUDA the step is not read on the host (that would sync): the kernels write nothing and
+    _assert_async reports it. A device-side assert ends the CUDA context, so it runs in a subprocess."""
+    import subprocess
+    import sys
+    code = f"""
+import torch
+from llmkern.ops import fused_adamw_
+p = [torch.ones(97, device="cuda")]
+g = [torch.ones(97, device="cuda")]
+m, v = [torch.zeros(97, device="cuda")], [torch.zeros(97, device="cuda")]
+s = lambda x: torch.tensor([x], device="cuda")
+fused_adamw_(p, g, m, v, [], [], s(0.0), s(1.0), s(1.0), lr=0.1, backend="{backend}")  # overflow: fine
+torch.cuda.synchronize()
+assert bool((p[0] == 1).all())
+fused_adamw_(p, g, m, v, [], [], s(0.0), s(0.0), s(1.0), lr=0.1, backend="{backend}")
+torch.cuda.synchronize()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "step must be >= 1" in proc.stderr, proc.stderr[-2000:]

@@ -133,17 +133,17 @@ BAD = [  # (what to break in list k, tensor j, the error it must give)
     ("shape", 2, 1, "has shape"),
     ("dtype", 1, 1, "must be float32, float16 or bfloat16"),
     ("fp32 copy", 3, 1, "must be the float32 master"),
+    ("broadcastable grad", 1, 0, r"grads\[0\] has shape [\[(]1,?[\])] but params\[0\] has shape [\[(]97,?[\])]"),
 ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("what,k,j,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_tensor_is_refused_before_anything_is_written(backend, what, k, j, message, request):
-    """A bad tensor behind good ones: a clear error, and no tensor of the call is half-updated."""
+    """A bad tensor behind good ones: the same clear error on every backend, the reference included,
+    and no tensor of the call is half-updated."""
     if backend == "triton":
         request.getfixturevalue("triton_interpret")
-    if backend == "ref":
-        pytest.skip("the reference is the oracle and does not validate its input")
     case = make_case(COMBOS[1], 0.9)
     if what == "strided":
         case[k][j] = torch.randn(case[0][j].numel() * 2).to(case[k][j].dtype)[::2].reshape(case[0][j].shape)
@@ -151,6 +151,8 @@ def test_bad_tensor_is_refused_before_anything_is_written(backend, what, k, j, m
         case[k][j] = torch.zeros(case[0][j].numel() + 1, dtype=case[k][j].dtype)
     elif what == "dtype":
         case[k][j] = case[k][j].double()
+    elif what == "broadcastable grad":
+        case[k][j] = torch.ones(1, dtype=case[k][j].dtype)
     else:
         case[k][j] = case[k][j].float()
     before = [[t.clone() for t in lst] for lst in case]
@@ -173,3 +175,49 @@ def test_emulated_kernel_under_each_schedule(schedule, monkeypatch):
     for k in range(4):
         if out[k]:
             assert_close_to_ref(flat(out[k]), flat(ref[k]), flat(base[k]), name=f"emu {schedule} list {k}")
+
+
+BAD_HP = [(dict(lr=-0.1), r"lr must be in \[0, inf\), got -0.1"),
+          (dict(momentum=1.0), r"momentum must be in \[0, 1\), got 1"),
+          (dict(dampening=1.5), r"dampening must be in \[0, 1\], got 1.5"),
+          (dict(weight_decay=float("nan")), r"weight_decay must be in \[0, inf\), got nan"),
+          (dict(dampening=0.5, nesterov=True), r"nesterov needs momentum > 0 and dampening == 0, got momentum 0.9, "
+                                               r"dampening 0.5")]
+
+
+@pytest.mark.parametrize("over,message", BAD_HP, ids=[next(iter(o)) for o, _ in BAD_HP])
+def test_bad_hyperparameter_same_error_on_every_boundary(over, message, request):
+    """The op (every backend behind it), check_hyperparameters and each dispatcher op on its own raise
+    the same ValueError, before any write."""
+    hp = {**HPS[0], **over}
+    case = make_case(COMBOS[1], 0.9)
+    before = [[t.clone() for t in lst] for lst in case]
+    with pytest.raises(ValueError, match=message):
+        S.check_hyperparameters(hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"], hp["nesterov"])
+    for b in ("cpu", "ref"):
+        with pytest.raises(ValueError, match=message):
+            S.fused_sgd_(*case, *scalars(1), **hp, backend=b)
+    for ns in NAMESPACES:
+        ns = ns.values[0] if hasattr(ns, "values") else ns
+        if ns[len("llmkern_"):] in S.UNAVAILABLE:
+            continue
+        with pytest.raises(ValueError, match=message):
+            namespace(ns, request).fused_sgd_(*case, *scalars(1), hp["lr"], hp["momentum"], hp["dampening"],
+                                              hp["weight_decay"], hp["nesterov"])
+    for lb, la in zip(before, case):
+        assert all(torch.equal(b, a) for b, a in zip(lb, la))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_zero_is_refused_before_any_write(backend, request):
+    """The same rule as fused_adamw_: an update (found_inf 0) needs step >= 1, on every backend."""
+    if backend == "triton":
+        request.getfixturevalue("triton_interpret")
+    case = make_case(COMBOS[1], 0.9)
+    before = [[t.clone() for t in lst] for lst in case]
+    with pytest.raises(ValueError, match=r"step must be >= 1 \(the 1-based number of this update\) when found_inf "
+                                         r"is 0, got 0"):
+        S.fused_sgd_(*case, *scalars(0), **HPS[0], backend=backend)
+    S.fused_sgd_(*case, *scalars(0, found_inf=1.0), **HPS[0], backend=backend)
+    for lb, la in zip(before, case):
+        assert all(torch.equal(b, a) for b, a in zip(lb, la))

@@ -58,7 +58,7 @@ def oracle(ts):
 def test_matches_fp64_oracle(backend, dtype):
     ts = make_tensors(dtype)
     out = multi_tensor_sumsq(ts, backend=backend)
-    assert out.dtype == torch.float32 and out.shape == (1,) and out.device == ts[0].device
+    assert out.dtype == torch.float64 and out.shape == (1,) and out.device == ts[0].device
     # baseline: plain PyTorch in fp32 (the squares of the 16-bit values are exact in fp32)
     base = sum(t.float().pow(2).sum() for t in ts).reshape(1)
     assert_close_to_ref(out, oracle(ts), base, name=f"{backend} {dtype}")
@@ -105,6 +105,24 @@ def test_largest_fp16_values_stay_finite(backend):
     out = multi_tensor_sumsq(ts, backend=backend)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), oracle(ts), rtol=1e-6, atol=0)
+
+
+@pytest.mark.usefixtures("backend_ready")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scale", [2e19, 1e36], ids=["2e19", "1e36"])
+def test_large_finite_values_give_a_finite_sum(backend, dtype, scale):
+    """Finite fp32/bf16 gradients whose squares pass fp32's 3.4e38 (|x| > 1.8e19): the float64 result is
+    finite, and as accurate as plain PyTorch's fp32 sum of squares of the values scaled into range by
+    2^-96 (exact in binary). An fp32 result was inf, and the optimizers skipped such steps as overflows."""
+    g = torch.Generator().manual_seed(5)
+    ts = [(torch.randn(s, generator=g) * scale).to(dtype) for s in [(1025,), (97,), (0,)]]
+    ts.append((torch.randn(9, 4, generator=g) * scale).to(dtype).t())
+    out = multi_tensor_sumsq(ts, backend=backend)
+    assert out.dtype == torch.float64 and torch.isfinite(out).all(), out
+    base = sum((t.float() * 2.0 ** -96).pow(2).sum() for t in ts).double().reshape(1) * 2.0 ** 192
+    assert torch.isfinite(base).all()
+    assert_close_to_ref(out, oracle(ts), base, name=backend)
 
 
 @pytest.mark.skipif("emu" in UNAVAILABLE, reason=UNAVAILABLE.get("emu", ""))

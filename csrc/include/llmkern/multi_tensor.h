@@ -50,10 +50,28 @@ inline void check_tensor_lists(const std::vector<at::TensorList>& lists, const s
   }
 }
 
+// A hyper-parameter outside its range (NaN never is in one) is a ValueError in Python, with the message
+// of llmkern/ops/_multi_tensor.py check_hyper, which the Python backends (triton, ref) raise.
 inline void check_hyper(double value, const char* name, double lo, bool lo_open, double hi, bool hi_open) {
   const bool ok = (lo_open ? value > lo : value >= lo) && (hi_open ? value < hi : value <= hi);
-  TORCH_CHECK(ok, name, " must be in ", lo_open ? "(" : "[", lo, ", ", hi, hi_open ? ")" : "]",
-              ", got ", value);
+  TORCH_CHECK_VALUE(ok, name, " must be in ", lo_open ? "(" : "[", lo, ", ", hi, hi_open ? ")" : "]",
+                    ", got ", value);
+}
+
+// step >= 1 wherever an update happens (found_inf == 0): step = 0 divides by 1 - beta^0 = 0. A CPU step
+// (the CPU kernels, the emulated CUDA kernels) is read here: ValueError before anything is written. A
+// CUDA step is not (that would sync the host): the kernels write nothing when step < 1, as on an
+// overflow, and _assert_async raises a device-side assert, so the error is not silent
+// (llmkern/ops/_multi_tensor.py check_step does the same for the Python backends).
+inline void check_step(const at::Tensor& step, const at::Tensor& found_inf) {
+  static constexpr const char* kMessage =
+      "step must be >= 1 (the 1-based number of this update) when found_inf is 0";
+  if (step.is_cpu()) {
+    const float t = step.item<float>();
+    TORCH_CHECK_VALUE(found_inf.item<float>() != 0.0f || t >= 1.0f, kMessage, ", got ", t);
+  } else {
+    at::_assert_async(at::logical_or(step.ge(1.0), found_inf.ne(0.0)).reshape({}), kMessage);
+  }
 }
 
 }  // namespace llmkern::detail

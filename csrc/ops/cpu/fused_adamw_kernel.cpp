@@ -112,16 +112,16 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList model_copies, const at::Tensor& step,
                      const at::Tensor& found_inf, const at::Tensor& grad_coef, double lr, double beta1,
                      double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                     bool stochastic_rounding, int64_t rounding_seed) {
+                     bool stochastic_rounding, int64_t rounding_seed, int64_t element_offset) {
   check_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf, grad_coef, lr,
-                    beta1, beta2, eps, weight_decay);
+                    beta1, beta2, eps, weight_decay, element_offset);
   if (found_inf.item<float>() != 0.0f) return;  // overflow: nothing changes
-  const double t = step.item<float>();
-  TORCH_CHECK(t >= 1.0, "step must hold the 1-based number of this update, got ", t);
+  const double t = step.item<float>();  // >= 1 (check_step)
   const float coef = grad_coef.item<float>();
   const AdamCoeffs c = adam_coeffs(t, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay);
   const uint32_t key = rounding_key(seed_key(rounding_seed), static_cast<uint32_t>(t));
-  std::vector<uint64_t> base(params.size() + 1, 0);  // call-wide index of each tensor's first element
+  // Call-wide index of each tensor's first element, plus element_offset.
+  std::vector<uint64_t> base(params.size() + 1, static_cast<uint64_t>(element_offset));
   for (size_t j = 0; j < params.size(); ++j) base[j + 1] = base[j] + params[j].numel();
   const auto spans = cpu::make_spans(params);
   cpu::for_each_span(spans, cpu::total_numel(params), [&](const cpu::Span& s) {

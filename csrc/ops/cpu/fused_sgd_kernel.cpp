@@ -67,8 +67,7 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   check_fused_sgd(params, grads, momentum_buffers, model_copies, step, found_inf, grad_coef, lr, momentum,
                   dampening, weight_decay, nesterov);
   if (found_inf.item<float>() != 0.0f) return;
-  const double t = step.item<float>();
-  TORCH_CHECK(t >= 1.0, "step must hold the 1-based number of this update, got ", t);
+  const double t = step.item<float>();  // >= 1 (check_step)
   const SgdCoeffs c{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
                     static_cast<float>(weight_decay), nesterov, t == 1.0};
   const float coef = grad_coef.item<float>();

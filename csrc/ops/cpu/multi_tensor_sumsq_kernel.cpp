@@ -1,5 +1,9 @@
 // CPU kernel of multi_tensor_sumsq (schema: csrc/ops/multi_tensor_sumsq.cpp). fp32 accumulation
-// within a 512-element block (64 vector lanes), double across blocks and spans.
+// within a 512-element block (64 vector lanes), double across blocks and spans; a block whose fp32 sum
+// is not finite is summed again in double, so that only an inf or nan element makes the result so.
+#include <cfloat>
+#include <cmath>
+
 #include "../multi_tensor_sumsq.h"
 #include "llmkern/cpu_float.h"
 #include "llmkern/registration.h"
@@ -35,7 +39,13 @@ double sumsq_span(const raw_t<T>* __restrict x, int64_t n) {
     float block = tail;
 #pragma omp simd reduction(+ : block)
     for (int64_t j = 0; j < kLanes; ++j) block += acc[j];
-    total += block;
+    if (std::fabs(block) <= FLT_MAX) {
+      total += block;
+    } else {  // a square past FLT_MAX (|x| > 1.8e19), or an inf/nan: rare, so the fast path stays fp32
+      double d = 0.0;
+      for (int64_t k = 0; k < len; ++k) d += static_cast<double>(f[k]) * f[k];
+      total += d;
+    }
   }
   return total;
 }
@@ -57,7 +67,7 @@ at::Tensor multi_tensor_sumsq_cpu(at::TensorList tensors) {
   });
   double total = 0.0;
   for (double v : partial) total += v;
-  return at::full({1}, static_cast<float>(total), at::TensorOptions().dtype(at::kFloat));
+  return at::full({1}, total, at::TensorOptions().dtype(at::kDouble));
 }
 
 }  // namespace llmkern::ops

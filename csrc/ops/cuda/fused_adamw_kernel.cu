@@ -3,7 +3,8 @@
 // Also compiled for the CPU under csrc/emu (namespace llmkern_emu), so it has no #ifdef.
 //
 // No host sync: found_inf, step and grad_coef are read by every block from device memory. On an
-// overflow step every block returns after reading 4 bytes, so nothing changes and nothing waits.
+// overflow step every block returns after reading 4 bytes, so nothing changes and nothing waits; so
+// does a step < 1 (no update is numbered 0: 1 - beta^0 = 0 would divide), which check_step reports.
 #include "llmkern/launch.cuh"  // first: under emulation it brings the cuda_runtime.h stand-in
 #include "../fused_adamw.h"
 #include "llmkern/cuda_float.cuh"
@@ -25,8 +26,8 @@ using AdamTable = mta::Table<kAdamLists, 36>;
 template <class P, class G, class S, class M, bool kDecoupled>
 __global__ void fused_adamw_kernel(AdamTable table, const float* step, const float* found_inf,
                                    const float* grad_coef, double lr, double beta1, double beta2, double eps,
-                                   double weight_decay, bool stochastic, uint32_t seed_key) {
-  if (*found_inf != 0.0f) return;
+                                   double weight_decay, bool stochastic, uint32_t seed_key, uint64_t element_offset) {
+  if (*found_inf != 0.0f || !(*step >= 1.0f)) return;
   int t;
   int64_t begin, end;
   mta::block_range(table, t, begin, end);
@@ -47,7 +48,7 @@ __global__ void fused_adamw_kernel(AdamTable table, const float* step, const flo
     // stochastic is uniform across the launch (a kernel argument): no divergence. Only bf16
     // states are rounded; the draw is rng.h's, bit-identical to the CPU and Triton kernels.
     if (std::is_same_v<S, __nv_bfloat16> && stochastic) {
-      const uint32_t h = counter_hash(key, static_cast<uint64_t>(table.base[t] + i));
+      const uint32_t h = counter_hash(key, element_offset + static_cast<uint64_t>(table.base[t] + i));
       m[i] = from_float_stochastic<S>(mf, h);
       v[i] = from_float_stochastic<S>(vf, h >> 16);
       if (vmax != nullptr) vmax[i] = from_float_stochastic<S>(xf, h >> 16);  // v's bits: stored max >= stored v
@@ -66,10 +67,11 @@ void fused_adamw_device(at::TensorList params, at::TensorList grads, at::TensorL
                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList model_copies,
                         const at::Tensor& step, const at::Tensor& found_inf, const at::Tensor& grad_coef,
                         double lr, double beta1, double beta2, double eps, double weight_decay,
-                        bool decoupled_weight_decay, bool stochastic_rounding, int64_t rounding_seed) {
+                        bool decoupled_weight_decay, bool stochastic_rounding, int64_t rounding_seed,
+                        int64_t element_offset) {
   using namespace detail;
   check_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies, step, found_inf,
-                    grad_coef, lr, beta1, beta2, eps, weight_decay);
+                    grad_coef, lr, beta1, beta2, eps, weight_decay, element_offset);
   LLMKERN_DEVICE_GUARD(step);
   const bool has_copy = !model_copies.empty();
   auto key = [&](size_t j) {
@@ -81,6 +83,7 @@ void fused_adamw_device(at::TensorList params, at::TensorList grads, at::TensorL
   const float* gc = grad_coef.data_ptr<float>();
   const uint32_t sk = seed_key(rounding_seed);
   const bool sr = stochastic_rounding;
+  const uint64_t off = static_cast<uint64_t>(element_offset);
   mta::apply<kAdamLists, 36>(
       {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, model_copies}, key,
       [&](const AdamTable& table, int blocks, size_t j) {
@@ -94,10 +97,10 @@ void fused_adamw_device(at::TensorList params, at::TensorList grads, at::TensorL
                 using M = decltype(m0);
                 if (decoupled_weight_decay) {
                   LAUNCH((fused_adamw_kernel<P, G, S, M, true>), blocks, mta::kThreads, 0,
-                         llmkern::current_stream())(table, st, fi, gc, lr, beta1, beta2, eps, weight_decay, sr, sk);
+                         llmkern::current_stream())(table, st, fi, gc, lr, beta1, beta2, eps, weight_decay, sr, sk, off);
                 } else {
                   LAUNCH((fused_adamw_kernel<P, G, S, M, false>), blocks, mta::kThreads, 0,
-                         llmkern::current_stream())(table, st, fi, gc, lr, beta1, beta2, eps, weight_decay, sr, sk);
+                         llmkern::current_stream())(table, st, fi, gc, lr, beta1, beta2, eps, weight_decay, sr, sk, off);
                 }
                 LLMKERN_CUDA_CHECK(cudaGetLastError());
               });

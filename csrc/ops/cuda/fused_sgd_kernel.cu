@@ -22,7 +22,7 @@ template <class P, class G, class B, class M>
 __global__ void fused_sgd_kernel(SgdTable table, const float* step, const float* found_inf, const float* grad_coef,
                                  float lr, float momentum, float one_minus_dampening, float weight_decay,
                                  bool nesterov) {
-  if (*found_inf != 0.0f) return;
+  if (*found_inf != 0.0f || !(*step >= 1.0f)) return;  // an overflow, or a step check_step reports
   int t;
   int64_t begin, end;
   mta::block_range(table, t, begin, end);

@@ -1,8 +1,10 @@
 // CUDA kernel of multi_tensor_sumsq (schema: csrc/ops/multi_tensor_sumsq.cpp; launch scheme:
 // csrc/include/llmkern/multi_tensor_apply.cuh). Also compiled for the CPU under csrc/emu.
 //
-// fp32 only for short runs of squares, double above them, one float32 result (as the CPU kernel,
-// which sums 512-element blocks in fp32). Two kernels, no atomics and no host sync:
+// fp32 only for short runs of squares, double above them, one float64 result (as the CPU kernel,
+// which sums 512-element blocks in fp32). A thread's run whose fp32 sum is not finite (a square past
+// FLT_MAX: |x| > 1.8e19, or an inf/nan) is summed again in double, so that only an inf or nan element
+// makes the result non-finite. Two kernels, no atomics and no host sync:
 //   multi_tensor_sumsq_kernel   one block per 64Ki chunk: each of the 512 threads sums its 128
 //                               squares in fp32, then a warp-shuffle + shared-memory tree sums the
 //                               block in double; thread 0 writes the chunk's partial to its slot.
@@ -13,8 +15,7 @@
 // The result is therefore bit-identical from run to run and under any block or thread schedule
 // (fp32 atomics would make it depend on the order blocks finish). Non-finite inputs need no flag:
 // the sum of squares of any inf is inf and of any nan is nan (squares are >= 0, so inf - inf never
-// occurs), which is what the optimizers read as the overflow flag. A finite fp32 gradient above
-// 1.8e19 also gives inf, as on the CPU: its norm is not representable in fp32 either.
+// occurs), which is what the optimizers read as the overflow flag.
 //
 // Partials: one double per 64Ki elements (7B parameters: 107K partials, 0.9 MB), so the finalize
 // kernel reads 0.01 % of what the main kernel reads.
@@ -23,6 +24,8 @@
 #include "llmkern/cuda_float.cuh"
 #include "llmkern/multi_tensor_apply.cuh"
 #include "llmkern/registration.h"
+
+#include <cfloat>
 
 namespace llmkern::ops {
 namespace detail {
@@ -59,16 +62,24 @@ __global__ void multi_tensor_sumsq_kernel(SumsqTable table, double* partial) {
     const float f = to_float(x[i]);
     acc += f * f;
   }
-  const double sum = block_sum(static_cast<double>(acc), red);
+  double run = acc;
+  if (!(fabsf(acc) <= FLT_MAX)) {  // rare: the divergence costs nothing on the fast path
+    run = 0.0;
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const double f = to_float(x[i]);
+      run += f * f;
+    }
+  }
+  const double sum = block_sum(run, red);
   if (threadIdx.x == 0) partial[blockIdx.x] = sum;
 }
 
-__global__ void sumsq_finalize_kernel(const double* partial, int64_t n, float* out) {
+__global__ void sumsq_finalize_kernel(const double* partial, int64_t n, double* out) {
   __shared__ double red[kWarps];
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
   acc = block_sum(acc, red);
-  if (threadIdx.x == 0) out[0] = static_cast<float>(acc);
+  if (threadIdx.x == 0) out[0] = acc;
 }
 
 }  // namespace detail
@@ -81,7 +92,7 @@ at::Tensor multi_tensor_sumsq_device(at::TensorList tensors) {
   int64_t chunks = 0;
   for (const auto& t : tensors) chunks += (t.numel() + mta::kChunk - 1) / mta::kChunk;
   at::Tensor partial = at::empty({chunks > 0 ? chunks : 1}, opts.dtype(at::kDouble));
-  at::Tensor out = at::empty({1}, opts);
+  at::Tensor out = at::empty({1}, opts.dtype(at::kDouble));
   double* part = partial.data_ptr<double>();
   int64_t written = 0;  // partials of earlier launches; each launch writes the next `blocks` slots
   mta::apply<1, 96>(
@@ -97,7 +108,7 @@ at::Tensor multi_tensor_sumsq_device(at::TensorList tensors) {
       });
   TORCH_CHECK(written == chunks, "multi_tensor_sumsq: launched ", written, " blocks for ", chunks, " chunks");
   LAUNCH(sumsq_finalize_kernel, 1, mta::kThreads, 0, llmkern::current_stream())(part, written,
-                                                                                  out.data_ptr<float>());
+                                                                                  out.data_ptr<double>());
   LLMKERN_CUDA_CHECK(cudaGetLastError());
   return out;
 }
