@@ -16,7 +16,9 @@ same config from the same file. Rank 0 shows a tqdm bar with the loss, the loss 
 
 A checkpoint holds, per rank and keyed by parameter name: the trainable parameters, FusedAdamW's
 state (moments, fp32 masters, step counts) and hyperparameters, the lr schedule, the loss scaler,
-the data stream's generator and torch's RNG (dropout). `--resume RUN_DIR` loads the newest one and
+the data stream's generator and torch's RNG (dropout). Under ZeRO the parameters and optimizer state
+are the engine's shards, written by llmkern.parallel.save_checkpoint; under tp each tp rank's slices
+are keyed by its coordinate. `--resume RUN_DIR` loads the newest one and
 continues the same run, drawing the same batches and dropout masks, so its losses equal the
 uninterrupted run's (tests/train/test_resume.py).
 """
