@@ -58,7 +58,7 @@ lint: $(VENV)/.deps
 test: build lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The fine-tune relaunches itself under torchrun with parallel.nproc ranks (llmkern DDP over gloo) and
+# The fine-tune relaunches itself under torchrun with parallel.nproc ranks (llmkern ZeRO-2 over gloo) and
 # writes runs/demo-<UTC timestamp>/ (metrics, loss curve, checkpoints, adapter); it exits 1 when the
 # held-out accuracy gains less than the config's eval.min_accuracy_gain.
 demo: build-cpu

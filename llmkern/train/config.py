@@ -117,8 +117,9 @@ class KernelsConfig:
     lora_backend: Literal["cpu", "ref", "triton", "cuda"] | None = None
     """Backend of the fused lora_linear op: None picks the fastest usable one (the C++ kernel on a
     CPU); "ref" is plain PyTorch. A backend that cannot run here is refused with its reason."""
-    # `patch: bool` (llmkern.patch: fused norms, SwiGLU, RoPE and losses swapped into the model) joins
-    # this section when llmkern.patch has an implementation; on this tree it is an empty package.
+    patch: bool = False
+    """Swap llmkern's fused kernels into the model (llmkern.patch.apply_llmkern_kernels: RMSNorm,
+    SwiGLU, RoPE and the loss) before training; the run prints what was patched and what was skipped."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -515,12 +516,23 @@ def validate(config: TrainConfig) -> None:
     if par.offload and par.zero_stage == 0:
         raise ConfigError("parallel.offload needs parallel.zero_stage >= 1 (ZeRO-Offload keeps the sharded "
                           "optimizer states on the CPU)")
-    # ZeRO and tensor parallelism are engines of their own (llmkern.parallel's apply_zero and
-    # apply_tensor_parallel / parallelize); until they are part of this tree a config asking for them
-    # is refused here, before any process starts. They are routed in llmkern/train/layout.py.
+    # The engines are routed in llmkern/train/layout.py; a composition it does not route yet is refused
+    # here, before any process starts.
     from llmkern.train import layout
     missing = layout.missing_engines(par)
     if missing:
         raise ConfigError(missing[0])
     if m.source == "tiny" and par.tp > 1 and m.heads % par.tp:
         raise ConfigError(f"parallel.tp ({par.tp}) must divide model.heads ({m.heads})")
+    if par.tp > 1:
+        # Evaluation and saving read whole weights; under tp each rank holds slices, and llmkern train
+        # evaluates the sliced model collectively but does not assemble a whole copy.
+        if par.pp > 1:
+            raise ConfigError(f"parallel.tp ({par.tp}) with parallel.pp ({par.pp}): llmkern train evaluates a "
+                              f"pipeline on a whole copy assembled from the stages, which TP slices cannot fill yet")
+        if me.name not in ("full", "lora"):
+            raise ConfigError(f"method.name: {me.name!r} with parallel.tp ({par.tp}): the TP engine converts "
+                              f"linear and LoRA layers only; use full or lora")
+        if config.checkpoint.save_adapter:
+            raise ConfigError(f"checkpoint.save_adapter with parallel.tp ({par.tp}): each rank holds slices of the "
+                              f"weights and llmkern train does not gather them into one file yet; set it to false")

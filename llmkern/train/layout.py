@@ -8,8 +8,12 @@ saves, and the traffic counters the summary reports.
     dp only          llmkern DistributedDataParallel over the world (fp32 gradient reduction)
     pp (x dp)        llmkern.parallel.apply_pipeline over the ("pp", "dp", "tp") mesh, each stage
                      wrapped in llmkern DDP over "dp"
-    zero_stage 1-3   needs llmkern.parallel.apply_zero (the ZeRO engine)
-    tp > 1           needs llmkern.parallel.apply_tensor_parallel / parallelize (the TP engine)
+    tp (x dp x pp)   llmkern.parallel.parallelize (TP inside, DDP over "dp", the pipeline outside)
+    zero_stage 1-3   llmkern.parallel.apply_zero over the world (dp only), offload: ZeRO-Offload;
+                     the optimizer is the engine's ZeroOptimizer (sharded state)
+
+ZeRO with tp or pp needs parallelize() to take zero_stage (it refuses it in this tree):
+missing_engines says so before launch.
 """
 from __future__ import annotations
 
@@ -26,23 +30,15 @@ import llmkern.parallel as lpar
 def missing_engines(layout) -> list[str]:
     """Errors, naming the field, for the engines `layout` needs that llmkern.parallel lacks."""
     out = []
-    if layout.zero_stage > 0 and not hasattr(lpar, "apply_zero"):
-        out.append(f"parallel.zero_stage: {layout.zero_stage} needs the ZeRO engine (llmkern.parallel.apply_zero), "
-                   f"which this build of llmkern does not have; use zero_stage: 0 (llmkern DDP)")
-    elif layout.zero_stage > 0:
-        # The ZeRO engine exists but is not routed yet: the lead wires apply_zero into parallelize()
-        # below (model, optimizer = apply_zero(model, ZeroConfig(stage=..., offload_optimizer=...),
-        # optimizer_class=FusedAdamW, mesh=dp group)).
-        out.append(f"parallel.zero_stage: {layout.zero_stage}: llmkern.parallel.apply_zero exists but llmkern train "
-                   f"does not route it yet (llmkern/train/layout.py parallelize)")
-    if layout.tp > 1 and not hasattr(lpar, "apply_tensor_parallel"):
-        out.append(f"parallel.tp: {layout.tp} needs the tensor-parallel engine (llmkern.parallel."
-                   f"apply_tensor_parallel), which this build of llmkern does not have; use tp: 1")
-    elif layout.tp > 1:
-        # Wired at merge: apply_tensor_parallel(model, mesh["tp"]) before the data-parallel wrapper,
-        # or llmkern.parallel.parallelize(model, ParallelConfig(dp=, tp=, pp=, zero_stage=)).
-        out.append(f"parallel.tp: {layout.tp}: llmkern.parallel.apply_tensor_parallel exists but llmkern train does "
-                   f"not route it yet (llmkern/train/layout.py parallelize)")
+    if layout.zero_stage > 0 and (layout.tp > 1 or layout.pp > 1):
+        try:  # parallelize() composes ZeRO with TP and the pipeline once it takes zero_stage
+            lpar.check_degrees(lpar.ParallelizeConfig(dp=layout.dp, tp=layout.tp, pp=layout.pp,
+                                                      zero_stage=layout.zero_stage), layout.nproc)
+        except NotImplementedError as e:
+            out.append(f"parallel.zero_stage: {layout.zero_stage} with tp={layout.tp}, pp={layout.pp}: {e}")
+        else:
+            out.append(f"parallel.zero_stage: {layout.zero_stage} with tp={layout.tp}, pp={layout.pp}: llmkern "
+                       f"train routes ZeRO with dp only (llmkern/train/layout.py parallelize)")
     return out
 
 
@@ -51,7 +47,7 @@ class Layout:
     """A model laid out over the ranks (made by `parallelize`)."""
 
     kind: str
-    """"single", "ddp" or "pipeline"."""
+    """"single", "ddp", "pipeline", "tp" (parallelize without a pipeline) or "zero"."""
     model: nn.Module
     """The original model (under a pipeline: the other stages' layers on the meta device)."""
     forward: nn.Module | None
@@ -68,6 +64,16 @@ class Layout:
     """The optimizer over this rank's trainable parameters (an engine that shards the optimizer
     state, ZeRO, builds its own: that is why the layout makes it)."""
 
+    zero: lpar.ZeroModel | None = None
+    """The ZeRO engine (kind "zero"): checkpoints and memory come from it."""
+    tp_rank: int = 0
+    """This rank's tensor-parallel coordinate (its slices of the TP layers)."""
+    collective_eval: bool = False
+    """Evaluating the model is a collective (its TP layers): every rank runs it. (ZeRO-3 gathers a
+    whole copy onto rank 0 instead.)"""
+    sent0: int = 0
+    """llmkern's collective counter (bytes sent) when the layout was made."""
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """This rank's trainable parameters."""
         src = self.pipe.parameters() if self.pipe is not None else self.model.parameters()
@@ -75,11 +81,15 @@ class Layout:
 
     def bytes_sent(self) -> int:
         """Bytes this rank sent for gradients (DDP) and activations (pipeline) so far."""
+        if self.kind in ("zero", "tp"):  # ZeRO's and TP's collectives go through llmkern's counter
+            return lpar.COUNTER.get().bytes_sent - self.sent0
         return sum(d.stats.bytes_sent for d in self.ddp)
 
     def close(self) -> None:
         for d in self.ddp:
             d.close()
+        if self.zero is not None:
+            self.zero.close()
 
 
 def parallelize(model: nn.Module, layout, *, optimizer_class: type, optimizer_kwargs: dict,
@@ -99,12 +109,27 @@ def parallelize(model: nn.Module, layout, *, optimizer_class: type, optimizer_kw
     def optimizer_of(params) -> torch.optim.Optimizer:
         return optimizer_class([p for p in params if p.requires_grad], **optimizer_kwargs)
 
-    # ZeRO goes here when it is routed: model, optimizer = lpar.apply_zero(model, ZeroConfig(stage=
-    # layout.zero_stage, offload_optimizer=layout.offload, ...), optimizer_class=optimizer_class,
-    # mesh=<the dp group>, **optimizer_kwargs), as the data-parallel wrapper instead of DDP (and as
-    # apply_pipeline's data_parallel= callable under pp); TP before it (apply_tensor_parallel on
-    # mesh["tp"]). The checkpoint then takes the sharded optimizer state from the engine (runner.py
-    # Run._state keys full-size states by parameter name).
+    if layout.zero_stage > 0:  # dp only (missing_engines refuses it with tp or pp)
+        zcfg = lpar.ZeroConfig(stage=layout.zero_stage, offload_optimizer=layout.offload, reduce_dtype=torch.float32,
+                               timeout_s=layout.timeout_s)
+        sent0 = lpar.COUNTER.get().bytes_sent
+        zmodel, zopt = lpar.apply_zero(model, zcfg, optimizer_class, **optimizer_kwargs)
+        return Layout(kind="zero", model=model, forward=zmodel, pipe=None, ddp=[], data_rank=rank, data_world=world,
+                      optimizer=zopt, zero=zmodel, sent0=sent0)
+    if layout.tp > 1:
+        # The logits are gathered (loss_parallel=False) so the runner's loss and evaluation read whole
+        # logits; the vocab-parallel loss would save a (B, T, V) gather the tiny demo models do not need.
+        sent0 = lpar.COUNTER.get().bytes_sent
+        run = lpar.parallelize(model, lpar.ParallelizeConfig(
+            dp=layout.dp, tp=layout.tp, pp=layout.pp, loss_parallel=False, microbatches=layout.microbatches,
+            schedule=layout.schedule, ddp=ddp_config, timeout_s=layout.timeout_s))
+        wrappers = [run.module] if isinstance(run.module, lpar.DistributedDataParallel) else []
+        if run.pipeline is not None:
+            wrappers = [m for m in run.pipeline.stage_modules.values() if isinstance(m, lpar.DistributedDataParallel)]
+        return Layout(kind="pipeline" if run.pipeline is not None else "tp", model=model, forward=run.module,
+                      pipe=run.pipeline, ddp=wrappers, data_rank=run.coordinates["dp"], data_world=run.dims.dp,
+                      optimizer=optimizer_of(run.parameters()), tp_rank=run.coordinates["tp"],
+                      collective_eval=True, sent0=sent0)
     if layout.pp > 1:
         mesh = lpar.init_mesh(lpar.ParallelConfig(dp=layout.dp, tp=layout.tp, pp=layout.pp))
         cfg = lpar.PipelineConfig(stages=layout.pp, microbatches=layout.microbatches, schedule=layout.schedule,

@@ -16,7 +16,9 @@ same config from the same file. Rank 0 shows a tqdm bar with the loss, the loss 
 
 A checkpoint holds, per rank and keyed by parameter name: the trainable parameters, FusedAdamW's
 state (moments, fp32 masters, step counts) and hyperparameters, the lr schedule, the loss scaler,
-the data stream's generator and torch's RNG (dropout). `--resume RUN_DIR` loads the newest one and
+the data stream's generator and torch's RNG (dropout). Under ZeRO the parameters and optimizer state
+are the engine's shards, written by llmkern.parallel.save_checkpoint; under tp each tp rank's slices
+are keyed by its coordinate. `--resume RUN_DIR` loads the newest one and
 continues the same run, drawing the same batches and dropout masks, so its losses equal the
 uninterrupted run's (tests/train/test_resume.py).
 """
@@ -164,16 +166,15 @@ def choose_precision(requested: str) -> tuple[str, str]:
 
 def kernels_note(c: C.TrainConfig) -> str:
     """Which of llmkern's fused kernels the run uses, in words."""
-    import llmkern.patch
-
     parts = ["FusedAdamW (unscale, clip and AdamW in one fused step over fp32 masters)"]
     if c.method.name == "lora":
         parts.append(f"the fused lora_linear op (backend {c.kernels.lora_backend or 'chosen per device and dtype'})")
     elif c.method.name == "adapter":
         parts.append("the fused adapter_bottleneck op")
-    if not [n for n in dir(llmkern.patch) if not n.startswith("_")]:
-        # KernelsConfig gets its `patch` field when llmkern.patch has an implementation.
-        parts.append("llmkern.patch is empty in this build, so norms, SwiGLU, RoPE and the loss stay transformers'")
+    if c.kernels.patch:
+        parts.append("llmkern.patch.apply_llmkern_kernels (fused RMSNorm, SwiGLU, RoPE and loss)")
+    else:
+        parts.append("kernels.patch is off, so norms, SwiGLU, RoPE and the loss stay transformers'")
     return "; ".join(parts)
 
 
@@ -324,10 +325,15 @@ class Run:
         if c.method.name != "full":
             self.peft_config = method_config(c.method, c.kernels)
             demo.apply_method(model, c.method.name, self.peft_config)
+        if c.kernels.patch:
+            from llmkern.patch import apply_llmkern_kernels
+            report = apply_llmkern_kernels(model)
+            self.say("  " + str(report).replace("\n", "\n  "))
         trainable, total = lp.count_parameters(model)
         self.say(f"  trainable parameters {trainable:,} of {total:,} ({trainable / total:.2%})")
         # Under a pipeline rank 0 evaluates a whole copy, refreshed from every stage before each use.
-        self.eval_model = copy.deepcopy(model) if c.parallel.pp > 1 and self.main else None
+        # So does ZeRO-3, whose parameters are shards at rest.
+        self.eval_model = copy.deepcopy(model) if (c.parallel.pp > 1 or c.parallel.zero_stage == 3) and self.main else None
         from llmkern.optim import FusedAdamW
         self.layout = parallelize(model, c.parallel, optimizer_class=FusedAdamW,
                                   optimizer_kwargs={"lr": c.optim.lr, "betas": c.optim.betas, "eps": c.optim.eps,
@@ -342,6 +348,8 @@ class Run:
         if p.nproc == 1:
             return "1 process"
         parts = [f"dp {p.dp}"] + ([f"pp {p.pp} ({p.schedule}, {p.microbatches} micro-batches)"] if p.pp > 1 else [])
+        parts += ([f"tp {p.tp}"] if p.tp > 1 else []) + ([f"ZeRO-{p.zero_stage}"] if p.zero_stage else [])
+        parts += ["optimizer offloaded to the CPU"] if p.offload else []
         return f"{p.nproc} ranks ({', '.join(parts)})"
 
     def _train(self, dtype, before, trainable, total, t_start) -> int:
@@ -415,10 +423,12 @@ class Run:
         steps_run = c.schedule.steps - start
         full = self._evaluate(c.schedule.steps, None)
         bytes_rank = self._bytes_per_rank(pipe_bytes)
+        # Under TP every rank runs the evaluation (its layers' collectives); otherwise rank 0 alone.
+        after = (self.data.accuracy(full) if c.data.source == "synthetic" and (self.main or self.layout.collective_eval)
+                 else None)
         if not self.main:
             self.barrier()
             return 0
-        after = self.data.accuracy(full) if c.data.source == "synthetic" else None
         saved = self._save_method(full) if c.checkpoint.save_adapter else None
         png = self._plot() if c.logging.plot else None
         summary = {"event": "end", "accuracy_before": before, "accuracy_after": after,
@@ -444,6 +454,17 @@ class Run:
     def _full_model(self) -> nn.Module | None:
         """On rank 0: the whole trained model (under a pipeline, a copy filled from every stage).
         A collective under a pipeline; None on the other ranks."""
+        z = self.layout.zero
+        if self.layout.collective_eval:
+            return self.model
+        if z is not None and self.eval_model is None and self.c.parallel.zero_stage != 3:
+            z.wait_for_parameters()  # stages 1-2 keep whole parameters: the last step's all-gather
+        if z is not None and self.c.parallel.zero_stage == 3:
+            with z.gather_parameters():  # a collective: every unit gathered whole, freed after
+                whole = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if self.main else None
+            if self.main:
+                self.eval_model.load_state_dict(whole)
+            return self.eval_model if self.main else None
         if self.layout.pipe is None:
             return self.model if self.main else None
         shard = {k: v.detach().cpu() for k, v in self.layout.pipe.state_dict().items()}
@@ -461,12 +482,13 @@ class Run:
     @torch.no_grad()
     def _evaluate(self, step: int, bar) -> nn.Module | None:
         full = self._full_model()
-        if self.main:
+        if self.main or self.layout.collective_eval:
             was = full.training
             full.eval()
             tokens, labels = self.data.eval_batch()
             loss = float(lm_loss(full, tokens, labels))
             full.train(was)
+        if self.main:
             self._log({"step": step, "eval_loss": loss})
             if bar is not None:
                 bar.write(f"  step {step}: held-out loss {loss:.4f}")
@@ -513,6 +535,13 @@ class Run:
 
     def _bytes_per_rank(self, pipe_bytes: int) -> list[dict]:
         """Per rank: bytes of parameters, gradients and optimizer state held, and bytes sent."""
+        if self.layout.zero is not None:  # the engine's own count: shards, freed buckets, host states
+            mem = self.layout.zero.memory()
+            mine = {"rank": self.rank, "params": mem.parameters, "grads": mem.gradients,
+                    "optimizer": mem.optimizer_states + mem.host_optimizer_states, "sent": self.layout.bytes_sent()}
+            out = [None] * self.world
+            dist.all_gather_object(out, mine)
+            return out
         params = sum(t.numel() * t.element_size() for t in {id(p): p for p in self._local_params()}.values())
         grads = sum(p.numel() * p.element_size() for p in self.layout.parameters())
         optim = sum(v.numel() * v.element_size() for st in self.opt.state.values() for v in st.values()
@@ -569,7 +598,9 @@ class Run:
 
     def _named_trainable(self) -> list[tuple[str, nn.Parameter]]:
         src = self.layout.pipe.named_parameters() if self.layout.pipe is not None else self.model.named_parameters()
-        return [(n, p) for n, p in src if p.requires_grad]
+        # Each tp rank holds its own slices under one name: its coordinate keeps them apart.
+        prefix = f"tp{self.layout.tp_rank}." if self.c.parallel.tp > 1 else ""
+        return [(prefix + n, p) for n, p in src if p.requires_grad]
 
     def _state(self, template: bool) -> dict:
         """This rank's training state keyed for torch.distributed.checkpoint. Parameters and optimizer
@@ -593,18 +624,30 @@ class Run:
         return {
             "model": {n: (torch.zeros_like(p) if template else p.detach()) for n, p in named},
             "optim": optim,
-            f"rank{self.rank}": {
-                "rng": torch.get_rng_state(), "data": self.data.state_dict()["generator"],
-                "groups": groups, "sched": self.sched.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None,
-            },
+            f"rank{self.rank}": {**self._rank_state(), "groups": groups},
         }
+
+    def _rank_state(self) -> dict:
+        """What differs per rank: the RNG, the data stream, the lr schedule and the loss scaler."""
+        return {"rng": torch.get_rng_state(), "data": self.data.state_dict()["generator"],
+                "sched": self.sched.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def _load_rank_state(self, mine: dict) -> None:
+        self.sched.load_state_dict(mine["sched"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(mine["scaler"])
+        self.data.load_state_dict({"generator": mine["data"]})
+        torch.set_rng_state(mine["rng"])
 
     def _save_checkpoint(self, step: int) -> None:
         import torch.distributed.checkpoint as dcp
 
         path = self.dir / "checkpoints" / f"step-{step}"
-        dcp.save(self._state(template=False), checkpoint_id=str(path))
+        if self.layout.zero is not None:  # ZeRO's sharded state, keyed by parameter name (any world, any stage)
+            import llmkern.parallel as lpar
+            lpar.save_checkpoint(path, self.layout.zero, self.opt, **{f"rank{self.rank}": self._rank_state()})
+        else:
+            dcp.save(self._state(template=False), checkpoint_id=str(path))
         self.barrier()
 
     @torch.no_grad()
@@ -612,6 +655,11 @@ class Run:
         import torch.distributed.checkpoint as dcp
 
         step, path = latest_checkpoint(self.dir)
+        if self.layout.zero is not None:
+            import llmkern.parallel as lpar
+            self._load_rank_state(lpar.load_checkpoint(path, self.layout.zero, self.opt,
+                                                       **{f"rank{self.rank}": None})[f"rank{self.rank}"])
+            return step
         state = self._state(template=True)
         dcp.load(state, checkpoint_id=str(path))
         named = self._named_trainable()
@@ -624,9 +672,5 @@ class Run:
             groups.append({**saved, "params": [index[id(p)] for p in g["params"]]})
         self.opt.load_state_dict({"state": {index[id(p)]: state["optim"][n] for n, p in named},
                                   "param_groups": groups})
-        self.sched.load_state_dict(mine["sched"])
-        if self.scaler is not None:
-            self.scaler.load_state_dict(mine["scaler"])
-        self.data.load_state_dict({"generator": mine["data"]})
-        torch.set_rng_state(mine["rng"])
+        self._load_rank_state(mine)
         return step

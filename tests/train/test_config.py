@@ -89,15 +89,18 @@ def test_a_method_a_local_model_type_cannot_take(tmp_path):
         from_dict({"model": {"source": "local", "path": str(tmp_path / "nothing")}})
 
 
-def test_engines_this_tree_lacks_are_refused_naming_them():
-    import llmkern.parallel as lpar
-
-    if not hasattr(lpar, "apply_zero"):
-        with pytest.raises(ConfigError, match="parallel.zero_stage: 2 needs the ZeRO engine"):
-            from_dict({"parallel": {"nproc": 2, "dp": 2, "zero_stage": 2}})
-    if not hasattr(lpar, "apply_tensor_parallel"):
-        with pytest.raises(ConfigError, match="parallel.tp: 2 needs the tensor-parallel engine"):
-            from_dict({"parallel": {"nproc": 2, "tp": 2}})
+def test_compositions_train_does_not_route_are_refused_naming_them():
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage: 1 with tp=2, pp=1"):
+        from_dict({"parallel": {"nproc": 4, "dp": 2, "tp": 2, "zero_stage": 1}, "checkpoint": {"save_adapter": False}})
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage: 2 with tp=1, pp=2"):
+        from_dict({"parallel": {"nproc": 2, "pp": 2, "zero_stage": 2}})
+    with pytest.raises(ConfigError, match=r"checkpoint.save_adapter with parallel.tp \(2\)"):
+        from_dict({"parallel": {"nproc": 2, "tp": 2}})
+    with pytest.raises(ConfigError, match=r"method.name: 'adapter' with parallel.tp \(2\)"):
+        from_dict({"parallel": {"nproc": 2, "tp": 2}, "method": {"name": "adapter"},
+                   "checkpoint": {"save_adapter": False}})
+    with pytest.raises(ConfigError, match=r"parallel.tp \(2\) with parallel.pp \(2\)"):
+        from_dict({"parallel": {"nproc": 4, "tp": 2, "pp": 2}, "checkpoint": {"save_adapter": False}})
     with pytest.raises(ConfigError, match="parallel.offload needs parallel.zero_stage"):
         from_dict({"parallel": {"offload": True}})
 

@@ -38,7 +38,7 @@ def run_dir_of(out: Path) -> Path:
 ROOT = Path(__file__).resolve().parents[2]
 # The other 2-rank layouts share one torchrun job (one start and one transformers import per rank, the
 # bulk of a run this small); demo.yaml goes through `llmkern train`'s own relaunch.
-SHARED_JOB = ("dp", "pp")
+SHARED_JOB = ("dp", "pp", "zero1", "zero2", "zero3", "offload", "tp")
 
 
 def overrides_of(path: Path, out: Path) -> tuple[C.TrainConfig, list[str]]:
@@ -66,16 +66,20 @@ def test_config_runs(path, tmp_path, monkeypatch):
 
 
 def test_two_rank_layouts_in_one_job(tmp_path):
-    """dp.yaml and pp.yaml, each run on the same 2 ranks of one torchrun job."""
+    """Every 2-rank layout (DDP, pipeline, ZeRO 1-3, offload, TP), each run on the same 2 ranks of one
+    torchrun job; then the ZeRO-2 run resumed from its step-2 checkpoint (the engine's sharded state)
+    repeats its step-3 loss."""
     jobs = []
     for stem in SHARED_JOB:
         path = ROOT / "examples" / "configs" / f"{stem}.yaml"
         config, overrides = overrides_of(path, tmp_path / stem)
+        if stem == "zero2":
+            overrides = overrides + ["checkpoint.every=2"]
         assert config.parallel.nproc == 2
         jobs.append((str(path), overrides))
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(f"""
-        import datetime, json, sys
+        import datetime, json, shutil, sys
         from pathlib import Path
         import torch.distributed as dist
         from llmkern.train import config as C, runner
@@ -88,6 +92,14 @@ def test_two_rank_layouts_in_one_job(tmp_path):
             dist.barrier()
             if runner.Run(config, run_dir, False).run() != 0:
                 sys.exit(1)
+        path, overrides = {jobs[SHARED_JOB.index("zero2")]!r}
+        config = C.load_config(path, overrides)
+        resumed = Path(config.logging.out_dir) / "resumed"
+        if dist.get_rank() == 0:
+            shutil.copytree(resumed.parent / "run", resumed)
+        dist.barrier()
+        if runner.Run(config, resumed, True).run() != 0:
+            sys.exit(1)
         dist.destroy_process_group()
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
@@ -97,6 +109,14 @@ def test_two_rank_layouts_in_one_job(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stem, (path, overrides) in zip(SHARED_JOB, jobs):
         check_run(C.load_config(path, overrides), Path(path), tmp_path / stem / "run")
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+
+    zero2 = tmp_path / "zero2"
+    assert sorted(p.name for p in (zero2 / "run" / "checkpoints").iterdir()) == ["step-2"]
+    assert losses(zero2 / "resumed") == losses(zero2 / "run")
 
 
 def check_run(config: C.TrainConfig, path: Path, run: Path) -> None:
@@ -112,6 +132,6 @@ def check_run(config: C.TrainConfig, path: Path, run: Path) -> None:
     method = config.method.name
     saved = {"full": "model/config.json", "adapter": "adapter/llmkern_adapter.safetensors"}.get(
         method, "adapter/adapter_model.safetensors")
-    assert (run / saved).is_file()
+    assert (run / saved).is_file() or not config.checkpoint.save_adapter
     if config.parallel.nproc > 1:  # gradients were all-reduced or activations sent: every rank sent bytes
         assert all(b["sent"] > 0 for b in end["bytes_per_rank"])
