@@ -142,6 +142,28 @@ def ring_bandwidth(docs: list[dict], out: Path) -> Path | None:
     return save(fig, out / "ring_bandwidth.png")
 
 
+@scaling_plot("zero")
+def zero_bytes_per_stage(docs: list[dict], out: Path) -> Path | None:
+    """Model-state bytes per rank of each variant of bench/parallel/bench_zero.py, stacked by kind
+    (parameters, gradients, optimizer states on the device, states on the host), one bar per
+    candidate, from rows with ``candidate`` and ``params_bytes`` / ``grads_bytes`` / ``optim_bytes``."""
+    rows = [r for d in docs for r in d.get("rows", []) if r.get("params_bytes") is not None]
+    if not rows:
+        return None
+    fig, ax = new_figure(f"ZeRO: model-state bytes per rank vs stage ({rows[0].get('mode', '')})")
+    names = [r["candidate"] for r in rows]
+    left = [0.0] * len(rows)
+    for key, label in (("params_bytes", "parameters"), ("grads_bytes", "gradients"),
+                       ("optim_bytes", "optimizer states"), ("host_bytes", "host (offload)")):
+        vals = [(r.get(key) or 0) / 2**20 for r in rows]
+        ax.barh(names, vals, left=left, label=label)
+        left = [a + b for a, b in zip(left, vals)]
+    ax.invert_yaxis()
+    ax.set_xlabel("MiB per rank\n" + _cpu_text(docs), fontsize=9)
+    ax.legend(fontsize=8)
+    return save(fig, out / "zero_bytes_per_stage.png")
+
+
 def make_plots(docs: list[dict], out: Path) -> list[Path]:
     """Every plot the documents support: ratio bars per suite, then the registered scaling plots."""
     made = []

@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                    add_help=False)
     sub.add_parser("plan", help="a pipeline schedule's timeline, bubble and memory (llmkern plan --help)",
                    add_help=False)
+    sub.add_parser("checkpoint", help="llmkern checkpoint consolidate DIR OUT: a ZeRO checkpoint as one "
+                   "safetensors file", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "info":
         if rest:
@@ -149,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "train":
         from llmkern import demo
         return demo.main(rest)
+    if args.cmd == "checkpoint":
+        from llmkern.parallel import checkpoint
+        return checkpoint.main(rest)
+    if args.cmd == "plan" and "--zero" in rest:
+        from llmkern.parallel import memory
+        return memory.main([a for a in rest if a != "--zero"])
     if args.cmd == "plan":
         from llmkern.parallel import plan
         return plan.main(rest)

@@ -195,6 +195,15 @@ class Handle:
             torch.cuda.current_stream().wait_event(self._event)
         return self._result
 
+    def add_done_callback(self, fn: Callable[[bool], object]) -> None:
+        """fn(succeeded) once the collective is done: on the collective thread right after it (CPU),
+        or now for a CUDA one (its work is ordered by the stream, not finished: the caller frees CUDA
+        memory after wait() instead)."""
+        if self._future is not None:
+            self._future.add_done_callback(lambda f: fn(f.exception() is None))
+        elif self._event is None:
+            fn(True)
+
     def is_completed(self) -> bool:
         if self._future is not None:
             return self._future.done()

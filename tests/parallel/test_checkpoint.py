@@ -1,0 +1,128 @@
+"""save_checkpoint / load_checkpoint through DCP: a bit-exact round trip at the same world size (weights,
+fp32 masters, moments, step, loss scaler), a checkpoint of stage 2 on 2 ranks resumed by stage 3 on 3
+ranks continuing as the 2-rank run does, and consolidation to one safetensors file without a process
+group."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from llmkern.optim import DynamicLossScaler
+from llmkern.parallel import ZeroConfig, apply_zero, load_checkpoint, save_checkpoint
+from llmkern.testing import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+GLOBAL = 12      # rows per step: splits over 2 and 3 ranks
+BUCKET_MB = 0.004
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(24, 32)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(32, 33), nn.GELU(), nn.Linear(33, 32)) for _ in range(2))
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(h)
+
+
+def _model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return _Blocks().to(dtype)
+
+
+def _steps(zmodel, opt, rank, world, first, count, dtype=torch.float32, scaler=None):
+    per = GLOBAL // world
+    for step in range(first, first + count):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(GLOBAL, 24, generator=g).to(dtype), torch.randn(GLOBAL, 8, generator=g).to(dtype)
+        loss = nn.functional.mse_loss(zmodel(x[rank * per:(rank + 1) * per]).float(), y[rank * per:(rank + 1) * per].float())
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+        opt.zero_grad()
+
+
+def _everything(zmodel, opt):
+    """Every state tensor of this rank (its shards), for bit-exact comparisons."""
+    out = [s.clone() for s in zmodel.parameter_shards()] + [m.detach().clone() for m in opt.masters]
+    out += [opt.state[m][k].clone() for m in opt.masters for k in ("exp_avg", "exp_avg_sq")]
+    return out + [opt.step_count.clone()]
+
+
+def _params(zmodel, model):
+    with zmodel.gather_parameters():
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _save(rank, world, directory):
+    cfg = ZeroConfig(stage=2, reduce_bucket_mb=BUCKET_MB, timeout_s=30)
+    model = _model()
+    zmodel, opt = apply_zero(model, cfg, lr=1e-2, weight_decay=0.1)
+    _steps(zmodel, opt, rank, world, 0, 3)
+    save_checkpoint(f"{directory}/fp32", zmodel, opt, step=3)
+    at_save = _params(zmodel, model)
+    # the same world size: a fresh run (other weights) loads every state tensor bit for bit
+    fresh = _model(seed=5)
+    zfresh, ofresh = apply_zero(fresh, cfg, lr=5.0)
+    extra = load_checkpoint(f"{directory}/fp32", zfresh, ofresh, step=None)
+    exact = all(torch.equal(a, b) for a, b in zip(_everything(zmodel, opt), _everything(zfresh, ofresh)))
+    exact &= ofresh.param_groups[0]["lr"] == 1e-2 and extra == {"step": 3}
+    # fp16 with masters and the loss scaler
+    m16 = _model(dtype=torch.float16)
+    z16, o16 = apply_zero(m16, ZeroConfig(stage=2, reduce_bucket_mb=BUCKET_MB, reduce_dtype=torch.float32), lr=1e-2)
+    scaler = DynamicLossScaler(init_scale=2.0 ** 10, growth_interval=2)
+    _steps(z16, o16, rank, world, 0, 3, torch.float16, scaler)
+    save_checkpoint(f"{directory}/fp16", z16, o16, scaler=scaler)
+    f16 = _model(seed=5, dtype=torch.float16)
+    zf16, of16 = apply_zero(f16, ZeroConfig(stage=2, reduce_bucket_mb=BUCKET_MB, reduce_dtype=torch.float32), lr=1e-2)
+    scaler2 = DynamicLossScaler()
+    load_checkpoint(f"{directory}/fp16", zf16, of16, scaler=scaler2)
+    exact16 = all(torch.equal(a, b) for a, b in zip(_everything(z16, o16), _everything(zf16, of16)))
+    exact16 &= scaler2.state_dict() == scaler.state_dict() and len(o16.masters[0]) > 0
+    _steps(zmodel, opt, rank, world, 3, 2)
+    return {"exact": exact, "exact16": exact16, "at_save": at_save, "final": _params(zmodel, model)}
+
+
+def _resume(rank, world, directory, stage):
+    model = _model(seed=9)
+    zmodel, opt = apply_zero(model, ZeroConfig(stage=stage, reduce_bucket_mb=BUCKET_MB, timeout_s=30), lr=3.0)
+    load_checkpoint(f"{directory}/fp32", zmodel, opt)
+    loaded = _params(zmodel, model)
+    step = float(opt.step_count)
+    _steps(zmodel, opt, rank, world, 3, 2)
+    return {"loaded": loaded, "step": step, "final": _params(zmodel, model)}
+
+
+def test_save_at_2_round_trip_and_resume_at_3_under_stage_3(tmp_path):
+    saved = run_distributed(_save, 2, (str(tmp_path),), timeout=90)
+    assert all(r["exact"] and r["exact16"] for r in saved)
+    resumed = run_distributed(_resume, 3, (str(tmp_path), 3), timeout=90)
+    ref = saved[0]
+    for r in resumed:
+        assert r["step"] == 3.0
+        assert all(torch.equal(r["loaded"][n], t) for n, t in ref["at_save"].items())
+        for n, t in ref["final"].items():  # continues as the 2-rank run, up to the reduction order
+            assert (r["final"][n] - t).abs().max().item() <= 1e-5 * max(1.0, t.abs().max().item()), n
+    # one safetensors file, read without a process group, loads into a plain model
+    from safetensors.torch import load_file
+
+    from llmkern.cli import main
+
+    assert main(["checkpoint", "consolidate", str(tmp_path / "fp32"), str(tmp_path / "model.safetensors")]) == 0
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    plain = _model(seed=3)
+    plain.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    assert all(torch.equal(p, ref["at_save"][n]) for n, p in plain.named_parameters())
+    assert set(weights) == set(ref["at_save"])
