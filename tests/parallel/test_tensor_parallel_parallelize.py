@@ -1,6 +1,8 @@
 """llmkern.parallel.parallelize: tp x dp (with activation checkpointing) and pp x tp at world 4, and
 2 x 2 x 2 at world 8 (slow), each training a tiny Llama for 3 steps of FusedAdamW with clipping equal to
-single-process training on the same global batch; the degree checks without processes."""
+single-process training on the same global batch; tp2 x ZeRO-1/2/3 (dp 2) likewise, and a checkpoint of
+tp2 x ZeRO-2 resumed at dp 4 under ZeRO-3 continuing as the uninterrupted run; the degree checks and
+the map of a tp slice's flat range to the dense tensor without processes."""
 from __future__ import annotations
 
 import contextlib
@@ -84,9 +86,12 @@ def _world4(rank, world):
                    ("pp2xtp2", {"tp": 2, "pp": 2, "microbatches": 2})])
 
 
-def _world4_zero(rank, world):
-    return _train([("tp2xzero2", {"tp": 2, "zero_stage": 2}), ("tp2xzero3", {"tp": 2, "zero_stage": 3}),
-                   ("tp2xzero1_ckpt", {"tp": 2, "zero_stage": 1, "activation_checkpointing": True})])
+def _world4_zero(rank, world, directory):
+    # one set of processes for both ZeRO tests: starting 4 ranks that import transformers is ~25 s here
+    out = _train([("tp2xzero2", {"tp": 2, "zero_stage": 2}), ("tp2xzero3", {"tp": 2, "zero_stage": 3}),
+                  ("tp2xzero1_ckpt", {"tp": 2, "zero_stage": 1, "activation_checkpointing": True})])
+    out["resumed"] = _save_then_resume(rank, world, directory)
+    return out
 
 
 def _world8(rank, world):
@@ -126,13 +131,22 @@ def test_tp_dp_and_pp_tp_train_like_one_process():
 
 
 @pytest.mark.distributed
-def test_tp_with_zero_trains_like_one_process():
+def test_tp_with_zero_trains_like_one_process_and_resumes_at_another_layout(tmp_path):
+    results = run_distributed(_world4_zero, 4, (str(tmp_path / "ckpt"),), timeout=300)
     # ZeRO over dp = 2 on the tp slices: the clipped norm counts every slice once over dp x tp and each
     # replicated norm weight once (a plain ZeroOptimizer would sum a tp slice's squares on one tp rank)
-    results = run_distributed(_world4_zero, 4, timeout=300)
     for name in ("tp2xzero2", "tp2xzero3", "tp2xzero1_ckpt"):
         _check(results, name, 4)
         assert results[0][name]["dims"] == (2, 2, 1)
+    # saved at tp2 x dp2 (ZeRO-2), resumed at dp4 (ZeRO-3): the uninterrupted single-process run
+    for res in (r["resumed"] for r in results):
+        assert res["dims"] == [(2, 2), (4, 1)]
+        assert res["extra"] == {"step": STEPS}
+        for a, b in zip(res["loss"], res["ref_loss"], strict=True):
+            assert abs(a - b) <= 1e-5 * abs(b), (res["loss"], res["ref_loss"])
+        for a, b in zip(res["norm"], res["ref_norm"], strict=True):
+            assert abs(a - b) <= 1e-5 * b, (res["norm"], res["ref_norm"])
+        assert res["diff"] <= 1e-5 * max(1.0, res["scale"]), res["diff"]
 
 
 @pytest.mark.distributed
@@ -167,3 +181,80 @@ def test_degrees_are_checked_with_the_numbers_before_anything_is_built():
     with pytest.raises(ValueError, match="tp=2 must divide the model's 1 key/value heads"):
         check_degrees(ParallelizeConfig(tp=2), 2, kv)
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+
+
+def _save_then_resume(rank, world, directory):
+    """tp2 x zero2 (dp 2) trains 3 steps and saves; a dp 4 ZeRO-3 run of a different initialization loads
+    it and trains 3 more: its losses, norms and weights are the 6-step single-process run's."""
+    from llmkern.optim import FusedAdamW
+    from llmkern.parallel import ParallelizeConfig, parallelize
+    from llmkern.parallel.tensor_parallel.checkpoint import load_checkpoint, save_checkpoint
+
+    dense = _llama()
+    ref_opt = FusedAdamW(dense.parameters(), lr=1e-2)
+    ref_loss, ref_norm = [], []
+    for step in range(2 * STEPS):
+        ids = _batch(step)
+        loss = dense(input_ids=ids, labels=ids).loss
+        loss.backward()
+        ref_loss.append(loss.item())
+        ref_norm.append(ref_opt.clip_grad_norm_(MAX_NORM).item())
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+    def steps(run, opt, first):
+        losses, norms = [], []
+        for step in range(first, first + STEPS):
+            local = run.local_batch(_batch(step))
+            losses.append(run.train_step(local, local).item())
+            norms.append(opt.clip_grad_norm_(MAX_NORM).item())
+            opt.step()
+            opt.zero_grad()
+        return losses, norms
+
+    first = parallelize(_llama(), ParallelizeConfig(tp=2, zero_stage=2))
+    opt = first.optimizer(FusedAdamW, lr=1e-2)
+    loss_a, norm_a = steps(first, opt, 0)
+    save_checkpoint(directory, first, opt, step=STEPS)
+    first.module.close()
+
+    other = _llama()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    second = parallelize(other, ParallelizeConfig(zero_stage=3))
+    opt = second.optimizer(FusedAdamW, lr=0.5)  # the checkpoint's lr (1e-2) replaces it
+    extra = load_checkpoint(directory, second, opt, step=None)
+    loss_b, norm_b = steps(second, opt, STEPS)
+    with second.module.gather_parameters():
+        ref = dict(dense.named_parameters())
+        diff = max((p.detach() - ref[n]).abs().max().item() for n, p in second.named_parameters())
+    dist.barrier()
+    return {"loss": loss_a + loss_b, "norm": norm_a + norm_b, "ref_loss": ref_loss, "ref_norm": ref_norm,
+            "diff": diff, "scale": max(p.abs().max().item() for p in dense.parameters()), "extra": extra,
+            "dims": [(first.dims.dp, first.dims.tp), (second.dims.dp, second.dims.tp)]}
+
+
+@pytest.mark.parametrize("layout,shape", [
+    (dict(size=45, world=2, rank=1, dim=0), (23, 32)),          # rows, the last block padded
+    (dict(size=45, world=4, rank=3, dim=1), (32, 12)),          # columns, padded: one run per row
+    (dict(size=12, world=2, rank=1, dim=0, parts=(4, 4, 4)), (6, 5)),  # fused q|k|v rows
+    (dict(size=97, world=4, rank=2, dim=0), (25,)),             # a padded vocabulary bias
+])
+def test_dense_runs_map_a_flat_range_of_a_slice_to_the_dense_tensor(layout, shape):
+    from llmkern.parallel.tensor_parallel import ShardLayout
+    from llmkern.parallel.tensor_parallel.checkpoint import dense_runs
+
+    lay = ShardLayout(**layout)
+    dense_shape = list(shape)
+    dense_shape[lay.dim] = lay.size
+    dense = torch.arange(1, 1 + torch.Size(dense_shape).numel(), dtype=torch.float64).reshape(dense_shape)
+    local = lay.shard(dense).reshape(-1)  # padding is 0, every dense element is > 0
+    n = local.numel()
+    for lo, hi in [(0, n), (3, n - 5), (n // 2, n // 2 + 7), (5, 5)]:
+        got = torch.zeros(dense.numel(), dtype=torch.float64)
+        for g, a, m in dense_runs(lay, shape, lo, hi - lo):
+            assert torch.equal(local[lo + a:lo + a + m], dense.reshape(-1)[g:g + m])
+            got[g:g + m] = local[lo + a:lo + a + m]
+        # every non-padding element of the range is in exactly one run
+        assert int((got > 0).sum()) == int((local[lo:hi] > 0).sum())
