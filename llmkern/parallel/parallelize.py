@@ -13,6 +13,7 @@ With ZeRO over dp (zero_stage 1, 2 or 3) the optimizer is the engine's, built by
 
     run = parallelize(model, ParallelizeConfig(tp=2, zero_stage=2))   # dp = world / 2
     opt = run.optimizer(FusedAdamW, lr=1e-4)  # ZeRO: steps this rank's dp shard of its tp slices
+    tensor_parallel.checkpoint.save_checkpoint("ckpt", run, opt)      # loadable at another tp / dp
 
 Order, inside out (torchtitan's): tensor parallelism first (apply_tensor_parallel on the whole
 model: every rank keeps its tp slices of every layer), then activation checkpointing (each decoder

@@ -18,9 +18,11 @@ chunk of a 1-D ShardedTensor over the default group, its local data a view into 
 buffers, so loading writes straight into them and DCP's planner reads, for every chunk, whatever
 chunks of any earlier layout overlap it.
 
-Who writes what: DCP's save refuses overlapping chunks, so every dense element has one writer. A tp
-slice is written by each of its dp owners (the dp ranks partition the flat); a parameter replicated
-over tp (a norm weight, a row-parallel bias) by the ranks of tp coordinate 0 alone. Loading, every
+Who writes what: every dense element has one writer. A tp slice is written by each of its dp owners
+(the dp ranks partition the flat); a parameter replicated over tp (a norm weight, a row-parallel
+bias) by the ranks of tp coordinate 0 alone. (The tp replicas' chunks of such a parameter have the
+same offsets, which DCP's save planner would also deduplicate: a save where every rank writes them
+produced the same checkpoint in the test; the rule keeps the plan free of duplicates by construction.) Loading, every
 rank reads all of its chunks. The chunk list a ShardedTensor is built with is this rank's chunks
 plus the gaps between them (placed on another rank); DCP's planners read only the local chunks, and
 the list only has to satisfy ShardedTensor's own check (no overlap, the whole tensor covered).
