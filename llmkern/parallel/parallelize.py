@@ -21,8 +21,9 @@ layer recomputed in backward, its TP collectives with it), then data parallelism
 (zero_stage 0) or llmkern.parallel.zero's engine, which flattens and partitions the tp slices this
 rank holds across its dp peers (they hold the same slices). The pipeline is outside them: with
 pp > 1, apply_pipeline cuts the tp-converted model into stages, checkpoints layers with
-rematerialize="layer" and wraps each stage in DDP over "dp"; its loss is the vocab-parallel one when
-the logits stay split.
+rematerialize="layer" and wraps each stage in DDP or the ZeRO engine over "dp" (ZeRO: gpipe and
+1f1b, one stage per rank, untied embeddings); its loss is the vocab-parallel one when the logits
+stay split.
 
 Gradient norms: tp slices carry the tp group in their SHARDED_OVER mark, the pipeline adds the pp
 group to every parameter's mark, and DDP leaves gradients replicated over dp, so FusedAdamW's
@@ -37,6 +38,7 @@ leaves the model unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Literal
@@ -70,7 +72,8 @@ class ParallelizeConfig:
     zero_stage: Literal[0, 1, 2, 3] = 0
     """0: DDP over dp (gradients all-reduced in buckets during backward). 1-3: ZeRO over dp
     (llmkern.parallel.zero): optimizer states (1), gradients (2) and parameters (3) partitioned across
-    the dp ranks; the optimizer is then run.optimizer(...). pp == 1 only."""
+    the dp ranks; the optimizer is then run.optimizer(...). With pp > 1: the gpipe and 1f1b schedules
+    and untied embeddings only (check_degrees says why)."""
     zero: ZeroConfig | None = None
     """Buckets, offload, prefetch, communication and timeouts of ZeRO; None: ZeroConfig(stage=zero_stage).
     Given, its stage must equal zero_stage."""
@@ -120,10 +123,16 @@ def check_degrees(config: ParallelizeConfig, world_size: int, model: nn.Module |
         raise ValueError(f"parallelize: zero must be None or a ZeroConfig whose stage equals zero_stage="
                          f"{config.zero_stage}, got {config.zero!r}")
     if config.zero_stage and dims.pp > 1:
-        raise NotImplementedError(f"parallelize: zero_stage={config.zero_stage} with pp={dims.pp} is not supported: "
-                                  f"a pipeline rank may hold several stages (one ZeRO engine and optimizer each) and "
-                                  f"exchanges tied gradients through .grad after backward, which ZeRO has already "
-                                  f"reduce-scattered; use zero_stage=0 (DDP) with pp > 1")
+        if config.schedule not in ("gpipe", "1f1b"):
+            raise NotImplementedError(f"parallelize: zero_stage={config.zero_stage} with pp={dims.pp} runs the gpipe "
+                                      f"and 1f1b schedules, not {config.schedule!r}: interleaved_1f1b puts several "
+                                      f"stages (one ZeRO engine and optimizer each) on a rank, zero_bubble splits "
+                                      f"the weight gradients out of the backward ZeRO reduces in")
+        if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            raise NotImplementedError(f"parallelize: zero_stage={config.zero_stage} with pp={dims.pp} needs untied "
+                                      f"embeddings: the pipeline exchanges a tied weight's gradient between the first "
+                                      f"and last stage through .grad after backward, which ZeRO has already "
+                                      f"reduce-scattered (tie_word_embeddings=True here)")
     if config.sequence_parallel and dims.pp > 1:
         raise NotImplementedError(f"parallelize: sequence_parallel with pp={dims.pp} is not supported: a middle "
                                   f"stage would receive T/tp tokens and build its causal mask for T/tp")
@@ -183,16 +192,31 @@ class Parallelized:
         m = self.module.module if isinstance(self.module, _DP_WRAPPERS) else self.module
         return m.named_parameters()
 
+    def _engine(self):
+        if self.pipeline is not None:
+            (engine,) = self.pipeline.stage_modules.values() if len(self.pipeline.stage_modules) == 1 else (None,)
+            return engine
+        return self.module
+
+    def whole_parameters(self):
+        """A context in which this rank's parameters hold their values (its tp slices, whole over dp):
+        ZeRO-3 gathers its units, stages 1 and 2 wait for the last step's all-gather; DDP needs nothing."""
+        engine = self._engine()
+        if isinstance(engine, (ZeroModel, Zero3Model)):
+            return engine.gather_parameters()
+        return contextlib.nullcontext()
+
     def optimizer(self, optimizer_class=FusedAdamW, **optimizer_kwargs) -> torch.optim.Optimizer:
         """The optimizer of this run: optimizer_class(self.parameters(), **optimizer_kwargs) without ZeRO;
         with ZeRO, a ZeroOptimizer stepping this rank's dp shard of the ZeRO engine's flat buckets with
         optimizer_class's update rule (one of llmkern.optim's fused optimizers), whose global gradient
         norm and overflow flag also reduce over tp (see the module docstring). Build it once."""
-        if isinstance(self.module, (ZeroModel, Zero3Model)):
-            if getattr(self.module, "_optimizer", None) is not None:
+        engine = self._engine()  # with a pipeline under ZeRO: gpipe / 1f1b, one stage per rank
+        if isinstance(engine, (ZeroModel, Zero3Model)):
+            if getattr(engine, "_optimizer", None) is not None:
                 raise RuntimeError("parallelize: run.optimizer() was called twice; the ZeRO engine steps with one "
                                    "optimizer (keep the first)")
-            return _ComposedZeroOptimizer(self.module, optimizer_class, **optimizer_kwargs)
+            return _ComposedZeroOptimizer(engine, optimizer_class, **optimizer_kwargs)
         return optimizer_class(self.parameters(), **optimizer_kwargs)
 
     def local_batch(self, batch: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,6 @@ tp2 x ZeRO-2 resumed at dp 4 under ZeRO-3 continuing as the uninterrupted run; t
 the map of a tp slice's flat range to the dense tensor without processes."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 
@@ -67,9 +66,7 @@ def _train(layouts):
         ref = dict(dense.named_parameters())
         diff, seen = 0.0, []
         tp_group = run.mesh["tp"].get_group()
-        # ZeRO: whole parameters (stage 3 gathers its units; 1 and 2 wait for the last all-gather)
-        whole = run.module.gather_parameters() if hasattr(run.module, "gather_parameters") else contextlib.nullcontext()
-        with whole:
+        with run.whole_parameters():  # ZeRO-3 gathers its units; 1 and 2 wait for the last all-gather
             for n, p in run.named_parameters():
                 full = gather_full(p, getattr(p, TP_LAYOUT), tp_group) if hasattr(p, TP_LAYOUT) else p.detach()
                 diff = max(diff, (full - ref[n]).abs().max().item())
@@ -89,7 +86,8 @@ def _world4(rank, world):
 def _world4_zero(rank, world, directory):
     # one set of processes for both ZeRO tests: starting 4 ranks that import transformers is ~25 s here
     out = _train([("tp2xzero2", {"tp": 2, "zero_stage": 2}), ("tp2xzero3", {"tp": 2, "zero_stage": 3}),
-                  ("tp2xzero1_ckpt", {"tp": 2, "zero_stage": 1, "activation_checkpointing": True})])
+                  ("tp2xzero1_ckpt", {"tp": 2, "zero_stage": 1, "activation_checkpointing": True}),
+                  ("pp2xzero2", {"pp": 2, "zero_stage": 2, "microbatches": 2})])
     out["resumed"] = _save_then_resume(rank, world, directory)
     return out
 
@@ -138,6 +136,8 @@ def test_tp_with_zero_trains_like_one_process_and_resumes_at_another_layout(tmp_
     for name in ("tp2xzero2", "tp2xzero3", "tp2xzero1_ckpt"):
         _check(results, name, 4)
         assert results[0][name]["dims"] == (2, 2, 1)
+    _check(results, "pp2xzero2", 4)  # each stage's ZeRO engine over dp 2; the norm sums over dp and pp
+    assert results[0]["pp2xzero2"]["dims"] == (2, 1, 2)
     # saved at tp2 x dp2 (ZeRO-2), resumed at dp4 (ZeRO-3): the uninterrupted single-process run
     for res in (r["resumed"] for r in results):
         assert res["dims"] == [(2, 2), (4, 1)]
@@ -169,7 +169,8 @@ def test_degrees_are_checked_with_the_numbers_before_anything_is_built():
         (ParallelizeConfig(tp=4, dp=2), 4, ValueError, "dp * tp * pp = 8 ranks, but the world size is 4"),
         (ParallelizeConfig(tp=2, pp=3), 5, ValueError, "tp * pp = 6 does not divide the world size 5"),
         (ParallelizeConfig(pp=4), 4, ValueError, "pp=4 stages need at least 4 decoder layers, the model has 2"),
-        (ParallelizeConfig(zero_stage=1, pp=2), 2, NotImplementedError, "zero_stage=1 with pp=2 is not supported"),
+        (ParallelizeConfig(zero_stage=1, pp=2, schedule="interleaved_1f1b"), 2, NotImplementedError,
+         "runs the gpipe and 1f1b schedules, not 'interleaved_1f1b'"),
         (ParallelizeConfig(zero_stage=2, zero=ZeroConfig(stage=3)), 2, ValueError, "stage equals zero_stage=2"),
         (ParallelizeConfig(pp=2, tp=2, sequence_parallel=True), 4, NotImplementedError, "pp=2"),
         (ParallelizeConfig(pp=2, microbatches=0), 2, ValueError, "microbatches must be a positive integer"),
@@ -177,6 +178,10 @@ def test_degrees_are_checked_with_the_numbers_before_anything_is_built():
     for cfg, world, exc, text in cases:
         with pytest.raises(exc, match=text.replace("*", r"\*")):
             check_degrees(cfg, world, model)
+    tied = _llama(layers=2)
+    tied.config.tie_word_embeddings = True
+    with pytest.raises(NotImplementedError, match="needs untied embeddings"):
+        check_degrees(ParallelizeConfig(pp=2, zero_stage=2), 2, tied)
     kv = _llama(heads=4, kv_heads=1)
     with pytest.raises(ValueError, match="tp=2 must divide the model's 1 key/value heads"):
         check_degrees(ParallelizeConfig(tp=2), 2, kv)
