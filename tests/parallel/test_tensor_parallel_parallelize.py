@@ -138,9 +138,10 @@ def test_tp_with_zero_trains_like_one_process_and_resumes_at_another_layout(tmp_
         assert results[0][name]["dims"] == (2, 2, 1)
     _check(results, "pp2xzero2", 4)  # each stage's ZeRO engine over dp 2; the norm sums over dp and pp
     assert results[0]["pp2xzero2"]["dims"] == (2, 1, 2)
-    # saved at tp2 x dp2 (ZeRO-2), resumed at dp4 (ZeRO-3): the uninterrupted single-process run
+    # saved at tp2 x dp2 (ZeRO-2), resumed at dp4 (ZeRO-3), saved, resumed at pp2 x dp2 (ZeRO-1): the
+    # uninterrupted single-process run
     for res in (r["resumed"] for r in results):
-        assert res["dims"] == [(2, 2), (4, 1)]
+        assert res["dims"] == [(2, 2, 1), (4, 1, 1), (2, 1, 2)]
         assert res["extra"] == {"step": STEPS}
         for a, b in zip(res["loss"], res["ref_loss"], strict=True):
             assert abs(a - b) <= 1e-5 * abs(b), (res["loss"], res["ref_loss"])
@@ -190,7 +191,8 @@ def test_degrees_are_checked_with_the_numbers_before_anything_is_built():
 
 def _save_then_resume(rank, world, directory):
     """tp2 x zero2 (dp 2) trains 3 steps and saves; a dp 4 ZeRO-3 run of a different initialization loads
-    it and trains 3 more: its losses, norms and weights are the 6-step single-process run's."""
+    it, trains 3 more and saves; a pp2 x dp2 ZeRO-1 run loads that and trains 3 more: the losses,
+    norms and final weights are the 9-step single-process run's."""
     from llmkern.optim import FusedAdamW
     from llmkern.parallel import ParallelizeConfig, parallelize
     from llmkern.parallel.tensor_parallel.checkpoint import load_checkpoint, save_checkpoint
@@ -198,7 +200,7 @@ def _save_then_resume(rank, world, directory):
     dense = _llama()
     ref_opt = FusedAdamW(dense.parameters(), lr=1e-2)
     ref_loss, ref_norm = [], []
-    for step in range(2 * STEPS):
+    for step in range(3 * STEPS):
         ids = _batch(step)
         loss = dense(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -231,13 +233,21 @@ def _save_then_resume(rank, world, directory):
     opt = second.optimizer(FusedAdamW, lr=0.5)  # the checkpoint's lr (1e-2) replaces it
     extra = load_checkpoint(directory, second, opt, step=None)
     loss_b, norm_b = steps(second, opt, STEPS)
-    with second.module.gather_parameters():
-        ref = dict(dense.named_parameters())
-        diff = max((p.detach() - ref[n]).abs().max().item() for n, p in second.named_parameters())
+    save_checkpoint(directory + "-2", second, opt)
+    second.module.close()
+
+    # and on to a pipeline: pp2 x dp2 under ZeRO-1, each rank loading its stage's parameters by name
+    third = parallelize(_llama(), ParallelizeConfig(pp=2, zero_stage=1, microbatches=2))
+    opt = third.optimizer(FusedAdamW, lr=0.5)
+    load_checkpoint(directory + "-2", third, opt)
+    loss_c, norm_c = steps(third, opt, 2 * STEPS)
+    ref = dict(dense.named_parameters())
+    with third.whole_parameters():
+        diff = max((p.detach() - ref[n]).abs().max().item() for n, p in third.named_parameters())
     dist.barrier()
-    return {"loss": loss_a + loss_b, "norm": norm_a + norm_b, "ref_loss": ref_loss, "ref_norm": ref_norm,
-            "diff": diff, "scale": max(p.abs().max().item() for p in dense.parameters()), "extra": extra,
-            "dims": [(first.dims.dp, first.dims.tp), (second.dims.dp, second.dims.tp)]}
+    return {"loss": loss_a + loss_b + loss_c, "norm": norm_a + norm_b + norm_c, "ref_loss": ref_loss,
+            "ref_norm": ref_norm, "diff": diff, "scale": max(p.abs().max().item() for p in dense.parameters()),
+            "extra": extra, "dims": [(r.dims.dp, r.dims.tp, r.dims.pp) for r in (first, second, third)]}
 
 
 @pytest.mark.parametrize("layout,shape", [

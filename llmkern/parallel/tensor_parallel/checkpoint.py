@@ -27,6 +27,9 @@ rank reads all of its chunks. The chunk list a ShardedTensor is built with is th
 plus the gaps between them (placed on another rank); DCP's planners read only the local chunks, and
 the list only has to satisfy ShardedTensor's own check (no overlap, the whole tensor covered).
 
+Under a pipeline (gpipe or 1f1b, one stage per rank) each rank saves and loads its stage's
+parameters under their names in the original model, so the stage count may change too.
+
 Frozen parameters that stages 1 and 2 leave outside the flat buckets are saved whole when
 replicated (every rank the same tensor: DCP writes it once) and as runs of their tp slice, written
 by dp coordinate 0, when split. Module buffers are saved whole.
@@ -102,11 +105,20 @@ def _sharded(pieces: list[tuple[int, torch.Tensor]], numel: int, dtype: torch.dt
 def _engine(run):
     from llmkern.parallel.zero import Zero3Model, ZeroModel
 
-    if not isinstance(run.module, (ZeroModel, Zero3Model)):
+    engine = run._engine()
+    if not isinstance(engine, (ZeroModel, Zero3Model)):
         raise TypeError(f"tensor_parallel checkpoints need a parallelize run with zero_stage 1, 2 or 3 (its flat "
-                        f"buckets are what is saved), got module {type(run.module).__name__}; pp > 1 runs are "
-                        f"not supported")
-    return run.module
+                        f"buckets are what is saved), got {type(engine).__name__}")
+    return engine
+
+
+def _named(run, engine):
+    """(name in the original model, parameter) and (name, buffer) of this rank: a pipeline stage's
+    modules name them differently, the checkpoint by the model's names (each rank writes its stages)."""
+    if run.pipeline is None:
+        return list(engine.module.named_parameters()), list(engine.module.named_buffers())
+    return (list(run.pipeline.named_parameters()),
+            [(n, b) for n, b in run.pipeline.model.named_buffers() if b.device.type != "meta"])
 
 
 def _dense_shape(p: torch.Tensor) -> list[int]:
@@ -127,6 +139,8 @@ def _state(run, optimizer, saving: bool) -> tuple[dict, dict]:
     dtypes: dict[str, str] = {}
     masters = optimizer.masters if optimizer is not None else []
     keys = optimizer.fused_update.state_keys if optimizer is not None else ()
+    params, bufs = _named(run, engine)
+    model_name = {id(p): n for n, p in params}
     t = 0
     flats = engine.checkpoint_flats()
     for flat in flats:
@@ -139,7 +153,8 @@ def _state(run, optimizer, saving: bool) -> tuple[dict, dict]:
                 sources[key] = optimizer.state[m][key]
             t += 1
         lo_r, k = engine.rank * flat["k"], flat["k"]
-        for i, (name, p, off) in enumerate(zip(flat["names"], flat["params"], flat["offsets"])):
+        for i, (p, off) in enumerate(zip(flat["params"], flat["offsets"])):
+            name = model_name[id(p)]
             local_shape = list(flat["shapes"][i])  # the tp slice's (stage 3 parameters are empty at rest)
             layout = getattr(p, TP_LAYOUT, None)
             dense = local_shape.copy()
@@ -154,7 +169,7 @@ def _state(run, optimizer, saving: bool) -> tuple[dict, dict]:
                 full_key = f"model.{name}" if key == "model" else f"optim.{name}.{key}"
                 sd[full_key] = _sharded(pieces, math.prod(dense), src.dtype, src.device)
     in_flats = {id(p) for flat in flats for p in flat["params"]}
-    for name, p in engine.module.named_parameters():
+    for name, p in params:
         if id(p) in in_flats:
             continue
         shapes[name], dtypes[name] = _dense_shape(p), str(p.dtype)
@@ -166,7 +181,7 @@ def _state(run, optimizer, saving: bool) -> tuple[dict, dict]:
             runs = dense_runs(layout, p.shape, 0, flat_p.numel()) if (dp0 or not saving) else []
             sd[f"model.{name}"] = _sharded([(g, flat_p[a:a + n]) for g, a, n in runs], math.prod(shapes[name]),
                                            p.dtype, p.device)
-    for name, b in engine.module.named_buffers():
+    for name, b in bufs:
         sd[f"buffer.{name}"] = b
     if optimizer is not None:
         sd["optim.step"] = optimizer.step_count
