@@ -148,6 +148,13 @@ def test_tp_with_zero_trains_like_one_process_and_resumes_at_another_layout(tmp_
         for a, b in zip(res["norm"], res["ref_norm"], strict=True):
             assert abs(a - b) <= 1e-5 * b, (res["norm"], res["ref_norm"])
         assert res["diff"] <= 1e-5 * max(1.0, res["scale"]), res["diff"]
+    # the checkpoint consolidates without a process group into the weights the run held when saving
+    from llmkern.parallel.checkpoint import consolidate
+
+    weights = consolidate(tmp_path / "ckpt-2", tmp_path / "model.safetensors")
+    at_six = results[0]["resumed"]["at_six"]
+    assert weights.keys() == at_six.keys()
+    assert all(torch.equal(weights[n], at_six[n]) for n in weights)
 
 
 @pytest.mark.distributed
@@ -234,6 +241,8 @@ def _save_then_resume(rank, world, directory):
     extra = load_checkpoint(directory, second, opt, step=None)
     loss_b, norm_b = steps(second, opt, STEPS)
     save_checkpoint(directory + "-2", second, opt)
+    with second.whole_parameters():
+        at_six = {n: p.detach().clone() for n, p in second.named_parameters()} if rank == 0 else None
     second.module.close()
 
     # and on to a pipeline: pp2 x dp2 under ZeRO-1, each rank loading its stage's parameters by name
@@ -247,7 +256,8 @@ def _save_then_resume(rank, world, directory):
     dist.barrier()
     return {"loss": loss_a + loss_b + loss_c, "norm": norm_a + norm_b + norm_c, "ref_loss": ref_loss,
             "ref_norm": ref_norm, "diff": diff, "scale": max(p.abs().max().item() for p in dense.parameters()),
-            "extra": extra, "dims": [(r.dims.dp, r.dims.tp, r.dims.pp) for r in (first, second, third)]}
+            "extra": extra, "dims": [(r.dims.dp, r.dims.tp, r.dims.pp) for r in (first, second, third)],
+            "at_six": at_six}
 
 
 @pytest.mark.parametrize("layout,shape", [

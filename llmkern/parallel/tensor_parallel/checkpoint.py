@@ -1,5 +1,6 @@
-"""Checkpoints of a composed run (tensor parallelism x ZeRO over dp) in llmkern.parallel.checkpoint's
-format, so a run saved at one (tp, dp) layout resumes at another, or under plain apply_zero.
+"""Checkpoints of a composed run (tensor parallelism x ZeRO over dp, a pipeline outside) in
+llmkern.parallel.checkpoint's format, so a run saved at one (tp, pp, dp) layout resumes at another,
+and `llmkern checkpoint consolidate` writes its dense weights as one safetensors file.
 
     run = parallelize(model, ParallelizeConfig(tp=2, zero_stage=2))
     opt = run.optimizer(FusedAdamW, lr=1e-4)
