@@ -155,6 +155,12 @@ def test_tp_with_zero_trains_like_one_process_and_resumes_at_another_layout(tmp_
     at_six = results[0]["resumed"]["at_six"]
     assert weights.keys() == at_six.keys()
     assert all(torch.equal(weights[n], at_six[n]) for n in weights)
+    # the tp2 x dp2 one holds the dense weights (tp slices joined, vocabulary padding dropped)
+    weights = consolidate(tmp_path / "ckpt", tmp_path / "model3.safetensors")
+    at_three = results[0]["resumed"]["at_three"]
+    assert weights.keys() == at_three.keys()
+    for n, w in weights.items():
+        assert w.shape == at_three[n].shape and (w - at_three[n]).abs().max() <= 1e-5 * max(1.0, res["scale"]), n
 
 
 @pytest.mark.distributed
@@ -215,6 +221,8 @@ def _save_then_resume(rank, world, directory):
         ref_norm.append(ref_opt.clip_grad_norm_(MAX_NORM).item())
         ref_opt.step()
         ref_opt.zero_grad()
+        if step == STEPS - 1:
+            at_three = {n: p.detach().clone() for n, p in dense.named_parameters()} if rank == 0 else None
 
     def steps(run, opt, first):
         losses, norms = [], []
@@ -257,7 +265,7 @@ def _save_then_resume(rank, world, directory):
     return {"loss": loss_a + loss_b + loss_c, "norm": norm_a + norm_b + norm_c, "ref_loss": ref_loss,
             "ref_norm": ref_norm, "diff": diff, "scale": max(p.abs().max().item() for p in dense.parameters()),
             "extra": extra, "dims": [(r.dims.dp, r.dims.tp, r.dims.pp) for r in (first, second, third)],
-            "at_six": at_six}
+            "at_six": at_six, "at_three": at_three}
 
 
 @pytest.mark.parametrize("layout,shape", [
