@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="run the benchmarks against the peers; llmkern bench --help", add_help=False)
     sub.add_parser("train", help="train from a config file (llmkern train --config FILE --help)",
                    add_help=False)
-    sub.add_parser("plan", help="a pipeline schedule's timeline, bubble and memory (llmkern plan --help)",
-                   add_help=False)
+    sub.add_parser("plan", help="a pipeline schedule's timeline, bubble and memory (llmkern plan --help); "
+                   "--layout: a config's tp x pp x dp plan; --zero: ZeRO's bytes per rank", add_help=False)
     sub.add_parser("checkpoint", help="llmkern checkpoint consolidate DIR OUT: a ZeRO checkpoint as one "
                    "safetensors file", add_help=False)
     args, rest = parser.parse_known_args(argv)

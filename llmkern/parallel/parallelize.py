@@ -9,16 +9,28 @@
         opt.step()
         opt.zero_grad()
 
+With ZeRO over dp (zero_stage 1, 2 or 3) the optimizer is the engine's, built by the run:
+
+    run = parallelize(model, ParallelizeConfig(tp=2, zero_stage=2))   # dp = world / 2
+    opt = run.optimizer(FusedAdamW, lr=1e-4)  # ZeRO: steps this rank's dp shard of its tp slices
+    tensor_parallel.checkpoint.save_checkpoint("ckpt", run, opt)      # loadable at another tp / dp
+
 Order, inside out (torchtitan's): tensor parallelism first (apply_tensor_parallel on the whole
 model: every rank keeps its tp slices of every layer), then activation checkpointing (each decoder
-layer recomputed in backward, its TP collectives with it), then data parallelism over "dp" (DDP
-today; ZeRO is the seam below). The pipeline is outside them: with pp > 1, apply_pipeline cuts the
-tp-converted model into stages, checkpoints layers with rematerialize="layer" and wraps each stage
-in DDP over "dp"; its loss is the vocab-parallel one when the logits stay split.
+layer recomputed in backward, its TP collectives with it), then data parallelism over "dp": DDP
+(zero_stage 0) or llmkern.parallel.zero's engine, which flattens and partitions the tp slices this
+rank holds across its dp peers (they hold the same slices). The pipeline is outside them: with
+pp > 1, apply_pipeline cuts the tp-converted model into stages, checkpoints layers with
+rematerialize="layer" and wraps each stage in DDP or the ZeRO engine over "dp" (ZeRO: gpipe and
+1f1b, one stage per rank, untied embeddings); its loss is the vocab-parallel one when the logits
+stay split.
 
 Gradient norms: tp slices carry the tp group in their SHARDED_OVER mark, the pipeline adds the pp
 group to every parameter's mark, and DDP leaves gradients replicated over dp, so FusedAdamW's
-global norm counts every element of the model once.
+global norm counts every element of the model once. Under ZeRO each gradient shard of a flat bucket
+is cut back into its parameters' pieces, each reduced over dp and its parameter's own marks
+(_ComposedZeroOptimizer), so a tp slice sums over dp x tp and a norm weight (replicated over tp)
+over dp only.
 
 Every check that can fail runs before anything is built (check_degrees: a pure function of the
 config, the world size and the model), so a bad layout raises the same error on every rank and
@@ -26,25 +38,26 @@ leaves the model unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from llmkern.optim import FusedAdamW
+from llmkern.optim.step_scalars import sharded_over
 from llmkern.parallel import collectives
 from llmkern.parallel.ddp import DDPConfig, DistributedDataParallel
 from llmkern.parallel.mesh import ParallelConfig, ParallelDims, init_mesh
+from llmkern.parallel.zero import Zero3Model, ZeroConfig, ZeroModel, ZeroOptimizer
 from llmkern.parallel.pipeline.runtime import CausalLMLoss
 from llmkern.parallel.tensor_parallel import TensorParallelReport, TPComm, apply_tensor_parallel
 from llmkern.parallel.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
 __all__ = ["Parallelized", "ParallelizeConfig", "check_degrees", "parallelize"]
-
-ZERO_ENGINE = "llmkern.parallel.zero"
-"""Where ZeRO stages 1-3 will come from; parallelize refuses zero_stage > 0 until it exists."""
-
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class ParallelizeConfig:
@@ -57,9 +70,13 @@ class ParallelizeConfig:
     pp: int = 1
     """Pipeline stages (the outermost mesh dimension)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
-    """0: DDP over dp (gradients all-reduced in buckets during backward). 1-3: ZeRO's sharding of the
-    optimizer state, gradients and parameters over dp, applied where DDP is now (see _data_parallel);
-    refused until llmkern.parallel.zero is wired in."""
+    """0: DDP over dp (gradients all-reduced in buckets during backward). 1-3: ZeRO over dp
+    (llmkern.parallel.zero): optimizer states (1), gradients (2) and parameters (3) partitioned across
+    the dp ranks; the optimizer is then run.optimizer(...). With pp > 1: the gpipe and 1f1b schedules
+    and untied embeddings only (check_degrees says why)."""
+    zero: ZeroConfig | None = None
+    """Buckets, offload, prefetch, communication and timeouts of ZeRO; None: ZeroConfig(stage=zero_stage).
+    Given, its stage must equal zero_stage."""
     sequence_parallel: bool = False
     """Split activations between tp regions along the sequence (apply_tensor_parallel); pp == 1 only."""
     loss_parallel: bool = True
@@ -102,9 +119,20 @@ def check_degrees(config: ParallelizeConfig, world_size: int, model: nn.Module |
     dims = ParallelDims.from_config(ParallelConfig(dp=config.dp, tp=config.tp, pp=config.pp), world_size)
     if config.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"parallelize: zero_stage must be 0, 1, 2 or 3, got {config.zero_stage!r}")
-    if config.zero_stage:
-        raise NotImplementedError(f"parallelize: zero_stage={config.zero_stage} needs the ZeRO engine "
-                                  f"({ZERO_ENGINE}), which this build does not have yet; use zero_stage=0 (DDP)")
+    if config.zero is not None and (not isinstance(config.zero, ZeroConfig) or config.zero.stage != config.zero_stage):
+        raise ValueError(f"parallelize: zero must be None or a ZeroConfig whose stage equals zero_stage="
+                         f"{config.zero_stage}, got {config.zero!r}")
+    if config.zero_stage and dims.pp > 1:
+        if config.schedule not in ("gpipe", "1f1b"):
+            raise NotImplementedError(f"parallelize: zero_stage={config.zero_stage} with pp={dims.pp} runs the gpipe "
+                                      f"and 1f1b schedules, not {config.schedule!r}: interleaved_1f1b puts several "
+                                      f"stages (one ZeRO engine and optimizer each) on a rank, zero_bubble splits "
+                                      f"the weight gradients out of the backward ZeRO reduces in")
+        if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            raise NotImplementedError(f"parallelize: zero_stage={config.zero_stage} with pp={dims.pp} needs untied "
+                                      f"embeddings: the pipeline exchanges a tied weight's gradient between the first "
+                                      f"and last stage through .grad after backward, which ZeRO has already "
+                                      f"reduce-scattered (tie_word_embeddings=True here)")
     if config.sequence_parallel and dims.pp > 1:
         raise NotImplementedError(f"parallelize: sequence_parallel with pp={dims.pp} is not supported: a middle "
                                   f"stage would receive T/tp tokens and build its causal mask for T/tp")
@@ -161,8 +189,35 @@ class Parallelized:
         """This rank's parameters named as in the original model."""
         if self.pipeline is not None:
             return self.pipeline.named_parameters()
-        m = self.module.module if isinstance(self.module, DistributedDataParallel) else self.module
+        m = self.module.module if isinstance(self.module, _DP_WRAPPERS) else self.module
         return m.named_parameters()
+
+    def _engine(self):
+        if self.pipeline is not None:
+            (engine,) = self.pipeline.stage_modules.values() if len(self.pipeline.stage_modules) == 1 else (None,)
+            return engine
+        return self.module
+
+    def whole_parameters(self):
+        """A context in which this rank's parameters hold their values (its tp slices, whole over dp):
+        ZeRO-3 gathers its units, stages 1 and 2 wait for the last step's all-gather; DDP needs nothing."""
+        engine = self._engine()
+        if isinstance(engine, (ZeroModel, Zero3Model)):
+            return engine.gather_parameters()
+        return contextlib.nullcontext()
+
+    def optimizer(self, optimizer_class=FusedAdamW, **optimizer_kwargs) -> torch.optim.Optimizer:
+        """The optimizer of this run: optimizer_class(self.parameters(), **optimizer_kwargs) without ZeRO;
+        with ZeRO, a ZeroOptimizer stepping this rank's dp shard of the ZeRO engine's flat buckets with
+        optimizer_class's update rule (one of llmkern.optim's fused optimizers), whose global gradient
+        norm and overflow flag also reduce over tp (see the module docstring). Build it once."""
+        engine = self._engine()  # with a pipeline under ZeRO: gpipe / 1f1b, one stage per rank
+        if isinstance(engine, (ZeroModel, Zero3Model)):
+            if getattr(engine, "_optimizer", None) is not None:
+                raise RuntimeError("parallelize: run.optimizer() was called twice; the ZeRO engine steps with one "
+                                   "optimizer (keep the first)")
+            return _ComposedZeroOptimizer(engine, optimizer_class, **optimizer_kwargs)
+        return optimizer_class(self.parameters(), **optimizer_kwargs)
 
     def local_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """This data-parallel replica's rows of a global batch (every rank holds the same global batch;
@@ -226,18 +281,42 @@ def parallelize(model: nn.Module, config: ParallelizeConfig, *, device_type: str
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = model
-    if dims.dp > 1:
-        # 3. data parallelism over dp
+    if dims.dp > 1 or config.zero_stage:
+        # 3. data parallelism over dp (ZeRO even at dp = 1: its optimizer is the run's)
         module = _data_parallel(config)(model, mesh["dp"].get_group())
     return Parallelized(dims=dims, mesh=mesh, module=module, pipeline=None, tensor_parallel=report,
                         coordinates=coords)
 
 
 def _data_parallel(config: ParallelizeConfig):
-    """(module, dp group) -> the data-parallel wrapper. This is where ZeRO stages 1-3 go: a wrapper with
-    the same no_sync() over the same group (apply_pipeline takes the same callable); check_degrees
-    refuses zero_stage > 0 until then."""
+    """(module, dp group) -> the data-parallel wrapper with no_sync() (apply_pipeline takes the same
+    callable): llmkern's DDP for zero_stage 0, else the ZeRO engine of that stage."""
     def wrap(module: nn.Module, group) -> nn.Module:
+        if config.zero_stage:
+            zcfg = config.zero if config.zero is not None else ZeroConfig(stage=config.zero_stage)
+            return Zero3Model(module, zcfg, group) if zcfg.stage == 3 else ZeroModel(module, zcfg, group)
         return DistributedDataParallel(module, config.ddp, group)
 
     return wrap
+
+
+_DP_WRAPPERS = (DistributedDataParallel, ZeroModel, Zero3Model)
+
+
+class _ComposedZeroOptimizer(ZeroOptimizer):
+    """ZeroOptimizer whose gradient items are cut at parameter boundaries: each parameter's piece of
+    this rank's gradient shard is reduced over the dp group and the groups its parameter is marked
+    sharded over (SHARDED_OVER: tp for tp slices). The plain ZeroOptimizer reduces whole shards over
+    dp only, which counts a tp slice's squares on one tp rank alone. Every rank lists every trainable
+    parameter (None where its shard holds none of it), so all ranks issue the same collectives."""
+
+    def _items(self):
+        e = self.engine
+        items = []
+        flats = [f for f in e.checkpoint_flats() if f["trainable"]]
+        for flat, g in zip(flats, e.gradient_shards()):
+            lo_r = e.rank * flat["k"]
+            for p, shape, off in zip(flat["params"], flat["shapes"], flat["offsets"]):
+                lo, hi = max(off, lo_r), min(off + math.prod(shape), lo_r + flat["k"])
+                items.append((g[lo - lo_r:hi - lo_r] if lo < hi else None, (e.group, *sharded_over(p))))
+        return items

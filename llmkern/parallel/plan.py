@@ -1,5 +1,6 @@
 """`llmkern plan --pipeline`: a pipeline schedule's timeline, predicted bubble and activation memory,
-without running anything.
+without running anything; `llmkern plan --layout --config ...`: the tp x pp x dp layout of a Hugging
+Face config with the schedule's plan joined (llmkern.parallel.tensor_parallel.plan).
 
     llmkern plan --pipeline --stages 4 --microbatches 8 --schedule 1f1b
     llmkern plan --pipeline --stages 4 --microbatches 8 --schedule interleaved_1f1b --virtual-stages 2
@@ -42,6 +43,11 @@ def pipeline_report(name: str, stages: int, microbatches: int, virtual_stages: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--layout" in argv:
+        from llmkern.parallel.tensor_parallel import plan as layout
+
+        return layout.main([a for a in argv if a != "--layout"])
     ap = argparse.ArgumentParser(prog="llmkern plan", description=__doc__.splitlines()[0])
     ap.add_argument("--pipeline", action="store_true", required=True, help="plan a pipeline schedule")
     ap.add_argument("--stages", type=int, required=True, help="pipeline ranks p")

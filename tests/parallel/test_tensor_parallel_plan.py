@@ -94,3 +94,44 @@ def test_llama70b_tp8_pp8_dp16_plan(fake_world, capsys):
         per_layer = 4 * sent  # 2 all-reduces forward + 2 backward
         print(f"  tp traffic per layer per micro-batch (B={B}, T={T}): {per_layer / 2**20:.0f} MiB sent per rank "
               f"(4 all-reduces of {act * BF16 / 2**20:.0f} MiB)")
+
+
+def test_layout_plan_of_a_config_at_tp2_pp2_dp2(tmp_path, capsys):
+    """`llmkern plan --layout` on a small Llama config (vocabulary 97, padded to 98 by tp 2) against the
+    numbers computed by hand: per-rank parameters of the first and last stage, ZeRO-2 bytes over dp,
+    4 tp all-reduces of (B, T, H) per layer per micro-batch, one activation per micro-batch to each
+    pipeline neighbour; then the joined pipeline schedule and a refused layout."""
+    from transformers import LlamaConfig
+
+    from llmkern import cli
+    from llmkern.parallel import ring
+    from llmkern.parallel.tensor_parallel.plan import layout_plan
+
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    h, heads, kv, mlp, vocab, layers, b, t, m = 64, 4, 2, 96, 97, 4, 2, 16, 4
+    LlamaConfig(hidden_size=h, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=t).save_pretrained(tmp_path)
+    plan = layout_plan(tmp_path, tp=2, pp=2, dp=2, zero_stage=2, seq=t, micro_batch=b, microbatches=m,
+                       dtype=torch.float32)
+    hd = h // heads
+    layer = (h * (heads + 2 * kv) * hd + heads * hd * h + 3 * h * mlp) // 2 + 2 * h
+    embed = 49 * h  # ceil(97 / 2) rows
+    first, last = plan.stages
+    assert (first.layers, last.layers) == (2, 2)
+    assert first.parameters == embed + 2 * layer
+    assert last.parameters == 2 * layer + h + embed
+    assert plan.padded == {"model.embed_tokens": (97, 98), "lm_head": (97, 98)}
+    shard = -(-first.parameters // 2)  # ZeRO-2 over dp 2, one fp32 bucket padded to a multiple of 2
+    assert (first.parameter_bytes, first.gradient_bytes, first.optimizer_bytes) == (
+        first.parameters * 4, shard * 4, shard * 8)
+    act = b * t * h
+    assert plan.per_layer_tp == (4, 4 * ring.elements_sent(act, 0, 2) * 4)
+    assert first.tp_calls == m * (2 * 4 + 1)  # + the embedding's all-reduce
+    assert (first.pp_bytes, last.pp_bytes) == (m * act * 4, m * act * 4)
+    assert cli.main(["plan", "--layout", "--config", str(tmp_path), "--tp", "2", "--pp", "2", "--dp", "2",
+                     "--seq", str(t), "--microbatches", str(m)]) == 0
+    out = capsys.readouterr().out
+    assert "tp2 x pp2 x dp2 (8 ranks), DDP over dp" in out and "pipeline plan: 1f1b, p=2 ranks" in out
+    assert cli.main(["plan", "--layout", "--config", str(tmp_path), "--tp", "4"]) == 2
+    assert "tp=4 must divide the model's 2 key/value heads" in capsys.readouterr().err

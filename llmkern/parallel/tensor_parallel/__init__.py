@@ -7,6 +7,7 @@ cross-entropy, LoRA on tp layers, and apply_tensor_parallel for transformers Lla
     cross_entropy.py  vocab_parallel_cross_entropy (never gathers the (T, V) logits)
     lora.py           ColumnParallelLoRALinear, RowParallelLoRALinear (llmkern.nn.LoRALinear on tp shards)
     apply.py          apply_tensor_parallel(model, mesh_or_group, sequence_parallel, loss_parallel) -> report
+    checkpoint.py     save_checkpoint / load_checkpoint of a parallelize run (tp x ZeRO), reshardable
 """
 from llmkern.parallel.tensor_parallel.apply import (
     SUPPORTED,
