@@ -89,7 +89,7 @@ def default_bench_dir() -> Path:
 
 
 def declarations(script: Path) -> tuple[tuple[int, ...] | None, bool]:
-    """(TORCHRUN_NPROC or None, whether the script has a --quick option), read from the source."""
+    """(TORCHRUN_NPROC or None, whether the script takes --quick), read from the source."""
     tree = ast.parse(script.read_text(), filename=str(script))
     nproc = None
     for node in tree.body:
@@ -104,7 +104,12 @@ def declarations(script: Path) -> tuple[tuple[int, ...] | None, bool]:
                 raise ValueError(f"{script}: TORCHRUN_NPROC must be a literal tuple of rank counts >= 1, "
                                  f"e.g. (2, 4); got {ast.unparse(node.value)}")
             nproc = value
-    takes_quick = any(isinstance(n, ast.Constant) and n.value == "--quick" for n in ast.walk(tree))
+    # A script takes --quick when it defines the option itself, or declares TAKES_QUICK = True because
+    # a shared module defines it (bench/ops/_fused.py): the fused-op benches ran at their full shapes
+    # under `--quick` (the linear cross-entropy at V = 128256 for minutes) before they declared it.
+    takes_quick = any(isinstance(n, ast.Constant) and n.value == "--quick" for n in ast.walk(tree)) or any(
+        isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TAKES_QUICK" for t in node.targets)
+        and isinstance(node.value, ast.Constant) and node.value.value is True for node in tree.body)
     return nproc, takes_quick
 
 

@@ -179,3 +179,10 @@ def test_compare_refuses_a_file_that_is_not_a_results_file(tmp_path):
     bad.write_text('{"a": 1}')
     with pytest.raises(SystemExit, match="neither a bench.json"):
         bench.load_previous(bad)
+
+
+def test_every_real_benchmark_takes_quick():
+    """`llmkern bench --quick` (make test's smoke run) must reach every script's --quick: the fused-op
+    benches define it in bench/ops/_fused.py and ran at full size until they declared TAKES_QUICK."""
+    missing = [j.script.name for j in bench.discover(ROOT / "bench", bench.SUITES) if not j.takes_quick]
+    assert not missing, f"these benchmarks would run at full size under --quick: {missing}"

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fused import Bench, Case, compile_eager, dispatch_bytes, fwd, fwd_bwd, main, peak_bytes, rel_err  # noqa: E402
 
+TAKES_QUICK = True  # --quick is defined by _fused.main; llmkern bench reads this line
+
 
 def make_case(*, dtype: torch.dtype, compiled: bool, T: int, V: int) -> Case:
     from llmkern.ops import cross_entropy

@@ -17,6 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fused import Bench, Case, compile_eager, dispatch_bytes, fwd, fwd_bwd, main, rel_err  # noqa: E402
 
+TAKES_QUICK = True  # --quick is defined by _fused.main; llmkern bench reads this line
+
 
 def make_case(*, dtype: torch.dtype, compiled: bool, T: int, F: int) -> Case:
     from transformers.activations import ACT2FN
