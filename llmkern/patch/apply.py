@@ -31,8 +31,17 @@ __all__ = ["apply_llmkern_kernels", "revert", "PatchReport", "KERNELS"]
 
 KERNELS = ("rms_norm", "layer_norm", "swiglu", "rope", "cross_entropy", "fused_linear_cross_entropy")
 
-# Patched attention modules per modeling module: the RoPE dispatcher is removed when none is left.
+# Patched attention modules per modeling module: the RoPE dispatcher is removed when none is left,
+# by revert or when the last one is garbage-collected (a weakref.finalize per module): a model that
+# died unreverted in a reference cycle used to keep the dispatcher installed after the next revert.
 _rope_users: dict[str, weakref.WeakSet] = {}
+
+
+def _drop_rope_dispatch_if_unused(modeling) -> None:
+    users = _rope_users.get(modeling.__name__)
+    # Iterating yields only live modules; len() may still count one whose weakref callbacks are running.
+    if users is not None and not any(True for _ in users):
+        forwards.uninstall_rope_dispatch(modeling)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -179,7 +188,9 @@ def apply_llmkern_kernels(model: nn.Module, *, rms_norm: bool = True, layer_norm
                           forwards.attention_forward, lambda m: {"modeling": modeling})
             users = _rope_users.setdefault(arch.modeling, weakref.WeakSet())
             for name in report.patched.get("rope", []):
-                users.add(model.get_submodule(name))
+                m = model.get_submodule(name)
+                users.add(m)
+                weakref.finalize(m, _drop_rope_dispatch_if_unused, modeling)
             if users:
                 forwards.install_rope_dispatch(modeling)
     if want["cross_entropy"]:
@@ -240,8 +251,7 @@ def revert(model: nn.Module) -> list[str]:
                 users = _rope_users.get(info["modeling"].__name__)
                 if users is not None:
                     users.discard(m)
-                    if not users:
-                        forwards.uninstall_rope_dispatch(info["modeling"])
+                    _drop_rope_dispatch_if_unused(info["modeling"])
             reverted.append(name)
         if "_llmkern_loss" in m.__dict__:
             previous = m.__dict__.pop("_llmkern_loss")

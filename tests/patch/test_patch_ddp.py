@@ -6,6 +6,22 @@ import torch
 
 from llmkern.testing import run_distributed
 
+
+def _make_model(arch):
+    """tests/patch/conftest.py's make_model, loaded by path: `from conftest import ...` inside a test or
+    a rank gets whichever conftest.py was imported last under that name (in the whole suite,
+    tests/peft's, whose make_model builds another model: the ranks then indexed past its vocabulary)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    name = "_llmkern_tests_patch_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conftest.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].make_model(arch)
+
 pytest.importorskip("transformers")
 
 STEPS = 2
@@ -25,16 +41,10 @@ def _train(model, ids, labels, steps):
 
 
 def _rank(rank, world, ids, labels):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import make_model
-
     from llmkern.parallel import DistributedDataParallel
     from llmkern.patch import apply_llmkern_kernels
 
-    ddp = DistributedDataParallel(make_model("llama"))
+    ddp = DistributedDataParallel(_make_model("llama"))
     report = apply_llmkern_kernels(ddp)  # patched through the wrapper
     assert "fused_linear_cross_entropy" in report.patched
     half = ids.shape[0] // world
@@ -45,15 +55,13 @@ def _rank(rank, world, ids, labels):
 
 @pytest.mark.distributed
 def test_patched_model_under_ddp():
-    from conftest import make_model
-
     from llmkern.patch import apply_llmkern_kernels
 
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(1, 97, (4, 12), generator=g)
     labels = ids.clone()  # every row has T - 1 predicted tokens: the per-rank means average to the global mean
     results = run_distributed(_rank, 2, (ids, labels), timeout=300)
-    single = make_model("llama")
+    single = _make_model("llama")
     apply_llmkern_kernels(single)
     want_losses = _train(single, ids, labels, STEPS)
     rank_losses = torch.stack([r[0] for r in results])  # (ranks, steps): each rank's half-batch loss
