@@ -24,7 +24,7 @@ import torch.distributed as dist
 from llmkern.parallel import DDPConfig, DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _harness import ContentionMeter, environment, format_table, write_results
+from _harness import ContentionMeter, Ratio, environment, format_table, write_results
 
 TORCHRUN_NPROC = (2, 4)
 
@@ -96,12 +96,16 @@ def main() -> None:
                      "overlap_fraction": st.overlap_fraction if st else None,
                      "comm_ms_per_step": st.comm_seconds / st.steps * 1e3 if st else None,
                      "mb_sent_per_step": st.last_step_bytes / 2**20 if st else None})
+    # Per step (variants interleaved step by step): llmkern's step time over torch DDP's, goal <= 1.0 at 2 ranks.
+    ratios = [Ratio.from_rounds(f"{world} ranks, {name}: step time / torch DDP's", [t / b for t, b in zip(ts, times[base_name])],
+                                peer=base_name, goal=1.0 if world == 2 else None, higher_is_better=False)
+              for name, ts in times.items() if name != base_name and name.startswith("llmkern")]
     if rank == 0:
         print(f"world {world}, load average {os.getloadavg()[0]:.1f}; ratio_vs_baseline = step time / torch DDP's "
               f"(goal <= 1.0)")
         print(format_table(rows, ["candidate", "median_ms", "ratio_vs_baseline", "tokens_per_s", "buckets",
                                   "overlap_fraction", "comm_ms_per_step", "mb_sent_per_step"]))
-        write_results(f"ddp_w{world}", rows, environment(contention, world_size=world, loadavg=os.getloadavg()))
+        write_results(f"ddp_w{world}", rows, environment(contention, world_size=world, loadavg=os.getloadavg()), ratios)
     dist.barrier()
     dist.destroy_process_group()
 
