@@ -106,41 +106,41 @@ def _state(model, optimizer) -> tuple[dict, dict]:
         sd[f"buffer.{name}"] = b
     if optimizer is not None:
         sd["optim.step"] = optimizer.step_count
-    meta = {"format": _FORMAT, "shapes": shapes, "dtypes": dtypes,
+    return sd, state_meta(shapes, dtypes, optimizer)
+
+
+def state_meta(shapes: dict, dtypes: dict, optimizer) -> dict:
+    """The pickled "meta" entry: the format, every parameter's shape and dtype, the param group
+    hyperparameters."""
+    return {"format": _FORMAT, "shapes": shapes, "dtypes": dtypes,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             if optimizer is not None else []}
-    return sd, meta
 
 
-def save_checkpoint(directory, model, optimizer=None, **extra) -> None:
-    """Saves model (a ZeroModel or Zero3Model), optimizer (its ZeroOptimizer) and `extra` (objects with a
-    state_dict(), such as DynamicLossScaler, or picklable values) to `directory` with DCP. A collective
-    call: every rank of the model's group makes it."""
-    model.wait_for_parameters()
-    sd, meta = _state(model, optimizer)
+def write_state(directory, sd: dict, meta: dict, extra: dict, process_group=None) -> None:
+    """Adds "meta" and the "extra.<key>" entries to `sd` and saves it with DCP (a collective call)."""
     sd["meta"] = pickle.dumps(meta)
     for key, value in extra.items():
         sd[f"extra.{key}"] = pickle.dumps(value.state_dict() if hasattr(value, "state_dict") else value)
-    dcp.save(sd, checkpoint_id=str(directory), process_group=model.group)
+    dcp.save(sd, checkpoint_id=str(directory), process_group=process_group)
 
 
-def load_checkpoint(directory, model, optimizer=None, **extra) -> dict:
-    """Loads a checkpoint of save_checkpoint, written at any world size and ZeRO stage, into model and
-    optimizer (built with apply_zero at this run's world size); `extra` names the keywords to restore:
-    an object with load_state_dict() is loaded in place. Returns {key: the saved value} of `extra`."""
-    model.wait_for_parameters()
-    sd, meta = _state(model, optimizer)
+def read_state(directory, sd: dict, meta: dict, optimizer, extra: dict, process_group=None,
+               shapes: str = "shapes") -> dict:
+    """Loads `sd` (this run's layout) with DCP, checks the saved parameter shapes against `meta`'s
+    (`shapes` names them in the error), restores the param group hyperparameters and the extras (an
+    object with load_state_dict() in place). Returns {key: the saved value} of `extra`."""
     sd["meta"] = b""
     for key in extra:
         sd[f"extra.{key}"] = b""
     try:
-        dcp.load(sd, checkpoint_id=str(directory), process_group=model.group)
+        dcp.load(sd, checkpoint_id=str(directory), process_group=process_group)
     except Exception as e:  # noqa: BLE001 - DCP wraps missing keys and shape mismatches in CheckpointException
         raise RuntimeError(f"load_checkpoint({directory}): {type(e).__name__}: {e}") from e
     saved = pickle.loads(sd["meta"])
     mismatched = [n for n, s in meta["shapes"].items() if saved["shapes"].get(n) != s]
     if mismatched:
-        raise ValueError(f"load_checkpoint({directory}): parameters {mismatched[:5]} have shapes "
+        raise ValueError(f"load_checkpoint({directory}): parameters {mismatched[:5]} have {shapes} "
                          f"{[saved['shapes'].get(n) for n in mismatched[:5]]} in the checkpoint, "
                          f"{[meta['shapes'][n] for n in mismatched[:5]]} in the model")
     if optimizer is not None:
@@ -151,6 +151,23 @@ def load_checkpoint(directory, model, optimizer=None, **extra) -> dict:
         out[key] = pickle.loads(sd[f"extra.{key}"])
         if hasattr(target, "load_state_dict"):
             target.load_state_dict(out[key])
+    return out
+
+
+def save_checkpoint(directory, model, optimizer=None, **extra) -> None:
+    """Saves model (a ZeroModel or Zero3Model), optimizer (its ZeroOptimizer) and `extra` (objects with a
+    state_dict(), such as DynamicLossScaler, or picklable values) to `directory` with DCP. A collective
+    call: every rank of the model's group makes it."""
+    model.wait_for_parameters()
+    write_state(directory, *_state(model, optimizer), extra, process_group=model.group)
+
+
+def load_checkpoint(directory, model, optimizer=None, **extra) -> dict:
+    """Loads a checkpoint of save_checkpoint, written at any world size and ZeRO stage, into model and
+    optimizer (built with apply_zero at this run's world size); `extra` names the keywords to restore:
+    an object with load_state_dict() is loaded in place. Returns {key: the saved value} of `extra`."""
+    model.wait_for_parameters()
+    out = read_state(directory, *_state(model, optimizer), optimizer, extra, process_group=model.group)
     model.after_load()
     return out
 

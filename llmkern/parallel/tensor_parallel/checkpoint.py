@@ -38,16 +38,14 @@ by dp coordinate 0, when split. Module buffers are saved whole.
 from __future__ import annotations
 
 import math
-import pickle
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
-from llmkern.parallel.checkpoint import _FORMAT
+from llmkern.parallel.checkpoint import read_state, state_meta, write_state
 from llmkern.parallel.tensor_parallel.layout import TP_LAYOUT, ShardLayout
 
 __all__ = ["dense_runs", "load_checkpoint", "save_checkpoint"]
@@ -186,10 +184,7 @@ def _state(run, optimizer, saving: bool) -> tuple[dict, dict]:
         sd[f"buffer.{name}"] = b
     if optimizer is not None:
         sd["optim.step"] = optimizer.step_count
-    meta = {"format": _FORMAT, "shapes": shapes, "dtypes": dtypes,
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-            if optimizer is not None else []}
-    return sd, meta
+    return sd, state_meta(shapes, dtypes, optimizer)
 
 
 def save_checkpoint(directory, run, optimizer=None, **extra) -> None:
@@ -198,11 +193,7 @@ def save_checkpoint(directory, run, optimizer=None, **extra) -> None:
     llmkern.parallel.checkpoint's format. A collective call over the default group."""
     engine = _engine(run)
     engine.wait_for_parameters()
-    sd, meta = _state(run, optimizer, saving=True)
-    sd["meta"] = pickle.dumps(meta)
-    for key, value in extra.items():
-        sd[f"extra.{key}"] = pickle.dumps(value.state_dict() if hasattr(value, "state_dict") else value)
-    dcp.save(sd, checkpoint_id=str(directory))
+    write_state(directory, *_state(run, optimizer, saving=True), extra)
 
 
 def load_checkpoint(directory, run, optimizer=None, **extra) -> dict:
@@ -212,27 +203,6 @@ def load_checkpoint(directory, run, optimizer=None, **extra) -> dict:
     A collective call over the default group."""
     engine = _engine(run)
     engine.wait_for_parameters()
-    sd, meta = _state(run, optimizer, saving=False)
-    sd["meta"] = b""
-    for key in extra:
-        sd[f"extra.{key}"] = b""
-    try:
-        dcp.load(sd, checkpoint_id=str(directory))
-    except Exception as e:  # noqa: BLE001 - DCP wraps missing keys and shape mismatches in CheckpointException
-        raise RuntimeError(f"load_checkpoint({directory}): {type(e).__name__}: {e}") from e
-    saved = pickle.loads(sd["meta"])
-    mismatched = [n for n, s in meta["shapes"].items() if saved["shapes"].get(n) != s]
-    if mismatched:
-        raise ValueError(f"load_checkpoint({directory}): parameters {mismatched[:5]} have dense shapes "
-                         f"{[saved['shapes'].get(n) for n in mismatched[:5]]} in the checkpoint, "
-                         f"{[meta['shapes'][n] for n in mismatched[:5]]} in the model")
-    if optimizer is not None:
-        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-            group.update({k: v for k, v in saved_group.items() if k in group})
-    out = {}
-    for key, target in extra.items():
-        out[key] = pickle.loads(sd[f"extra.{key}"])
-        if hasattr(target, "load_state_dict"):
-            target.load_state_dict(out[key])
+    out = read_state(directory, *_state(run, optimizer, saving=False), optimizer, extra, shapes="dense shapes")
     engine.after_load()
     return out
