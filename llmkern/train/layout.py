@@ -12,8 +12,9 @@ saves, and the traffic counters the summary reports.
     zero_stage 1-3   llmkern.parallel.apply_zero over the world (dp only), offload: ZeRO-Offload;
                      the optimizer is the engine's ZeroOptimizer (sharded state)
 
-ZeRO with tp or pp needs parallelize() to take zero_stage (it refuses it in this tree):
-missing_engines says so before launch.
+ZeRO with tp or pp: llmkern.parallel.parallelize composes them, but this runner's evaluation and
+checkpoint paths do not take such a run yet (its checkpoint is llmkern.parallel.tensor_parallel.
+checkpoint's); missing_engines refuses it before launch, naming why.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def missing_engines(layout) -> list[str]:
     """Errors, naming the field, for the engines `layout` needs that llmkern.parallel lacks."""
     out = []
     if layout.zero_stage > 0 and (layout.tp > 1 or layout.pp > 1):
-        try:  # parallelize() composes ZeRO with TP and the pipeline once it takes zero_stage
+        try:  # parallelize's own refusals (e.g. ZeRO under interleaved_1f1b) are the more specific reason
             lpar.check_degrees(lpar.ParallelizeConfig(dp=layout.dp, tp=layout.tp, pp=layout.pp,
                                                       zero_stage=layout.zero_stage), layout.nproc)
         except NotImplementedError as e:
