@@ -72,6 +72,16 @@ def variant(kernel, config: dict, *, dtype: str, pointee: str | None = None, typ
                      divisible_by_16=pointers + (aligned_row,) if aligned_row else ())
 
 
+def aligned_and_any(kernel, signature: dict, constexprs: dict, *, num_warps: int, dtype: str,
+                    row: str | None = None, num_stages: int = 1) -> list[AotConfig]:
+    """The two variants the JIT compiles for one launch configuration: "aligned" (every pointer of
+    `signature`, and the row-length argument `row` if given, marked divisible by 16) and "any"."""
+    pointers = tuple(n for n, t in signature.items() if t.startswith("*"))
+    return [AotConfig(kernel=kernel, signature=signature, constexprs=constexprs, num_warps=num_warps,
+                      num_stages=num_stages, dtype=dtype, divisible_by_16=div)
+            for div in (pointers + ((row,) if row else ()), ())]
+
+
 def distinct(make: Callable[..., AotConfig], *axes: Iterable) -> list[AotConfig]:
     """make(*choice) for every choice in the product of the axes, each distinct (kernel, name) once, in
     first-seen order: many choices (e.g. R = 1..128) map onto one compiled variant."""

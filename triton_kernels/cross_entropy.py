@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig
+from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, aligned_and_any
 
 __all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_rows", "AOT_CONFIGS"]
 
@@ -104,10 +104,7 @@ def _aot_configs() -> list[AotConfig]:
                "V": "i32", "stride_x": "i32", "ignore_index": "i32", "smoothing": "fp32", "z_loss": "fp32",
                "BLOCK_V": "constexpr"}
         for fn, sig in ((_cross_entropy_fwd_kernel, fwd), (_cross_entropy_bwd_kernel, bwd)):
-            ptrs = tuple(a for a in sig if sig[a].startswith("*"))
-            for aligned in (True, False):
-                out.append(AotConfig(kernel=fn, signature=sig, constexprs={"BLOCK_V": BLOCK_V}, num_warps=_WARPS,
-                                     num_stages=1, dtype=t, divisible_by_16=ptrs if aligned else ()))
+            out += aligned_and_any(fn, sig, {"BLOCK_V": BLOCK_V}, num_warps=_WARPS, dtype=t)
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig
+from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, aligned_and_any
 from llmkern.triton_kernels.cross_entropy import check_labels, cross_entropy_rows
 
 __all__ = ["fused_linear_cross_entropy_fwd", "fused_linear_cross_entropy_bwd", "fused_linear_cross_entropy_scale",
@@ -33,11 +33,10 @@ def _fused_linear_cross_entropy_scale_kernel(x_ptr, g_ptr, out_ptr, n, BLOCK: tl
 
 
 AOT_CONFIGS: list[AotConfig] = [
-    AotConfig(kernel=_fused_linear_cross_entropy_scale_kernel,
-              signature={"x_ptr": f"*{t}", "g_ptr": "*fp32", "out_ptr": f"*{t}", "n": "i32", "BLOCK": "constexpr"},
-              constexprs={"BLOCK": _SCALE_BLOCK}, num_warps=4, num_stages=1, dtype=t,
-              divisible_by_16=("x_ptr", "g_ptr", "out_ptr", "n") if aligned else ())
-    for t in _TL_DTYPE.values() for aligned in (True, False)]
+    c for t in _TL_DTYPE.values() for c in aligned_and_any(
+        _fused_linear_cross_entropy_scale_kernel,
+        {"x_ptr": f"*{t}", "g_ptr": "*fp32", "out_ptr": f"*{t}", "n": "i32", "BLOCK": "constexpr"},
+        {"BLOCK": _SCALE_BLOCK}, num_warps=4, dtype=t, row="n")]
 
 
 def _fail(msg: str):

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig
+from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, aligned_and_any
 from llmkern.triton_kernels.rms_norm import BWD_PROGRAMS, MAX_C, _block_c, _config
 
 __all__ = ["layer_norm_fwd", "layer_norm_bwd", "AOT_CONFIGS"]
@@ -93,11 +93,8 @@ def _aot_configs() -> list[AotConfig]:
             block = _block_c(1)
             while block <= MAX_C:
                 fn, sig = _signature(kernel, t)
-                for aligned in (True, False):
-                    div = tuple(a for a in sig if sig[a].startswith("*")) + ("C",) if aligned else ()
-                    out.append(AotConfig(kernel=fn, signature={**sig, "BLOCK_C": "constexpr"},
-                                         constexprs={"BLOCK_C": block}, num_warps=_config(block)["num_warps"],
-                                         num_stages=1, dtype=t, divisible_by_16=div))
+                out += aligned_and_any(fn, {**sig, "BLOCK_C": "constexpr"}, {"BLOCK_C": block},
+                                       num_warps=_config(block)["num_warps"], dtype=t, row="C")
                 block *= 2
     return out
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig
+from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, aligned_and_any
 
 __all__ = ["rms_norm_fwd", "rms_norm_bwd", "AOT_CONFIGS", "MAX_C"]
 
@@ -122,11 +122,8 @@ def _aot_configs() -> list[AotConfig]:
             while block <= MAX_C:
                 fn, sig = _signature(kernel, t)
                 cfg = _config(block)
-                for aligned in (True, False):
-                    div = tuple(a for a in sig if sig[a].startswith("*")) + ("C",) if aligned else ()
-                    out.append(AotConfig(kernel=fn, signature={**sig, "BLOCK_C": "constexpr"},
-                                         constexprs={"BLOCK_C": block}, num_warps=cfg["num_warps"], num_stages=1,
-                                         dtype=t, divisible_by_16=div))
+                out += aligned_and_any(fn, {**sig, "BLOCK_C": "constexpr"}, {"BLOCK_C": block},
+                                       num_warps=cfg["num_warps"], dtype=t, row="C")
                 block *= 2
     return out
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig
+from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, aligned_and_any
 
 __all__ = ["rope_fwd", "rope_bwd", "rope_inplace", "AOT_CONFIGS", "MAX_HALF"]
 
@@ -78,11 +78,8 @@ def _aot_configs() -> list[AotConfig]:
         block = 16
         while block <= MAX_HALF:
             sig = _signature(t)
-            ptrs = tuple(a for a in sig if sig[a].startswith("*"))
-            for aligned in (True, False):
-                out.append(AotConfig(kernel=_rope_kernel, signature=sig, constexprs={"BLOCK_H": block},
-                                     num_warps=_warps(block), num_stages=1, dtype=t,
-                                     divisible_by_16=(ptrs + ("half",)) if aligned else ()))
+            out += aligned_and_any(_rope_kernel, sig, {"BLOCK_H": block}, num_warps=_warps(block), dtype=t,
+                                   row="half")
             block *= 2
     return out
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig
+from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, aligned_and_any
 
 __all__ = ["swiglu_fwd", "swiglu_bwd", "geglu_fwd", "geglu_bwd", "AOT_CONFIGS"]
 
@@ -73,10 +73,7 @@ def _aot_configs() -> list[AotConfig]:
             for fn, ptrs in ((_swiglu_fwd_kernel, ("gate_ptr", "up_ptr", "out_ptr")),
                              (_swiglu_bwd_kernel, ("grad_ptr", "gate_ptr", "up_ptr", "dgate_ptr", "dup_ptr"))):
                 sig = {**{p: f"*{t}" for p in ptrs}, "n": "i32", "ACT": "constexpr", "BLOCK": "constexpr"}
-                for aligned in (True, False):
-                    out.append(AotConfig(kernel=fn, signature=sig, constexprs={"ACT": act, "BLOCK": BLOCK},
-                                         num_warps=4, num_stages=1, dtype=t,
-                                         divisible_by_16=(ptrs + ("n",)) if aligned else ()))
+                out += aligned_and_any(fn, sig, {"ACT": act, "BLOCK": BLOCK}, num_warps=4, dtype=t, row="n")
     return out
 
 
