@@ -7,27 +7,10 @@ import torch.nn.functional as F
 from llmkern.ops.cross_entropy import UNAVAILABLE, cross_entropy, cross_entropy_ref
 from llmkern.testing import assert_close_to_ref
 
+from fused_cases import backend_params, one_thread  # noqa: F401 (one_thread: autouse)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IGNORE = -100
-
-
-def backend_params(only=None):
-    out = [pytest.param("cpu", id="cpu"),
-           pytest.param("triton", id="triton", marks=pytest.mark.skipif("triton" in UNAVAILABLE,
-                                                                        reason=UNAVAILABLE.get("triton", ""))),
-           pytest.param("ref", id="ref"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
-    return [p for p in out if only is None or p.id in only]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads cost more than they give on the shared 2-core machines (the
-    partial sums of several threads run in test_two_threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_inputs(lead, v, dtype, device="cpu", ignore_every=5, seed=0):
@@ -79,7 +62,7 @@ def test_cpu_smoothing_and_z_loss(dtype, smoothing, z):
 
 
 # Triton under the interpreter: a row is a loop over V in 2048-wide chunks, so keep the rows few.
-@pytest.mark.parametrize("backend", backend_params(("triton", "ref", "cuda")))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("triton", "ref", "cuda")))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backends(backend, dtype):
     check(backend, (2, 3), 32003, dtype, "mean", 0.1, 1e-4)
@@ -87,13 +70,13 @@ def test_backends(backend, dtype):
     check(backend, (1,), 1, dtype, "sum")
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_noncontiguous(backend):
     check(backend, (4, 9), 300, torch.float32, noncontig=True)
     check(backend, (4, 9), 300, torch.bfloat16, "none", noncontig=True)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_every_label_ignored(backend):
     """As torch: mean over no valid label is NaN with a zero gradient; sum is 0."""
     logits, labels = make_inputs((6,), 40, torch.float32, ignore_every=1)
@@ -107,7 +90,7 @@ def test_every_label_ignored(backend):
     torch.testing.assert_close(cross_entropy(logits, labels, reduction="none", backend=b), torch.zeros(6))
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_empty_batch(backend):
     x = torch.zeros(0, 7, requires_grad=True)
     y = torch.zeros(0, dtype=torch.long)
@@ -152,7 +135,7 @@ def test_bad_input():
         cross_entropy(logits, labels, reduction="avg")
 
 
-@pytest.mark.parametrize("backend", backend_params(("triton",)))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("triton",)))
 def test_bad_label_triton(backend):
     logits, _ = make_inputs((4,), 10, torch.float32, ignore_every=0)
     with pytest.raises(ValueError, match=r"labels\[0\] = -1 is outside"):

@@ -7,27 +7,10 @@ from llmkern.ops.fused_linear_cross_entropy import (UNAVAILABLE, chunk_size_for,
                                                     fused_linear_cross_entropy_ref)
 from llmkern.testing import assert_close_to_ref
 
+from fused_cases import backend_params, one_thread  # noqa: F401 (one_thread: autouse)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IGNORE = -100
-
-
-def backend_params(only=None):
-    out = [pytest.param("cpu", id="cpu"),
-           pytest.param("triton", id="triton", marks=pytest.mark.skipif("triton" in UNAVAILABLE,
-                                                                        reason=UNAVAILABLE.get("triton", ""))),
-           pytest.param("ref", id="ref"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
-    return [p for p in out if only is None or p.id in only]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads cost more than they give on the shared 2-core machines (the
-    partial sums of several threads run in test_two_threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_inputs(lead, c, v, dtype, device="cpu", ignore_every=4, seed=0):
@@ -86,19 +69,19 @@ def test_cpu_frozen_head_smoothing_z_loss(dtype):
     check("cpu", (5, 7), 100, 300, dtype, "none", 8, smoothing=0.1, z=1e-4)
 
 
-@pytest.mark.parametrize("backend", backend_params(("triton", "ref", "cuda")))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("triton", "ref", "cuda")))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backends(backend, dtype):
     check(backend, (2, 3), 40, 32003, dtype, "mean", 4)
     check(backend, (33,), 100, 97, dtype, "none", 8, smoothing=0.1, z=1e-4)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_noncontiguous(backend):
     check(backend, (4, 9), 48, 300, torch.float32, "mean", 16, noncontig=True)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_every_label_ignored_and_empty(backend):
     b = None if backend == "cuda" else backend
     hidden, weight, labels = make_inputs((6,), 16, 20, torch.float32)
@@ -136,7 +119,7 @@ def _peak_extra_bytes(fn) -> int:
     return peak
 
 
-@pytest.mark.parametrize("backend", backend_params(("cpu", "triton")))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("cpu", "triton")))
 def test_peak_memory_is_chunk_times_v(backend):
     """T = 256, V = 2048, C = 32, fp32, head frozen: the (T, V) logits are 2 MiB. The fused op holds one
     (chunk, V) buffer (chunk = 32: 256 KiB) plus O(T·C): its peak stays near chunk·V, and doubling T

@@ -6,27 +6,10 @@ import torch
 from llmkern.ops.layer_norm import UNAVAILABLE, layer_norm, layer_norm_ref
 from llmkern.testing import assert_close_to_ref
 
+from fused_cases import backend_params, one_thread  # noqa: F401 (one_thread: autouse)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 AFFINE = {"affine": (True, True), "nobias": (True, False), "none": (False, False)}
-
-
-def backend_params(only=None):
-    out = [pytest.param("cpu", id="cpu"),
-           pytest.param("triton", id="triton", marks=pytest.mark.skipif("triton" in UNAVAILABLE,
-                                                                        reason=UNAVAILABLE.get("triton", ""))),
-           pytest.param("ref", id="ref"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
-    return [p for p in out if only is None or p.id in only]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads cost more than they give on the shared 2-core machines (the
-    partial sums of several threads run in test_two_threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_inputs(lead, c, dtype, affine, device="cpu", seed=0):
@@ -69,7 +52,7 @@ def test_cpu_grid(dtype, affine, t, c):
     check("cpu", (t,), c, dtype, affine)
 
 
-@pytest.mark.parametrize("backend", backend_params(("ref", "cuda")))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("ref", "cuda")))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("affine", list(AFFINE))
 def test_backends(backend, dtype, affine):
@@ -83,13 +66,13 @@ TRITON_CASES = [(torch.float32, "affine"), (torch.float16, "affine"), (torch.bfl
                 (torch.bfloat16, "nobias"), (torch.bfloat16, "none")]
 
 
-@pytest.mark.parametrize("backend", backend_params(("triton",)))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("triton",)))
 @pytest.mark.parametrize("dtype,affine", TRITON_CASES, ids=[f"{d}-{a}" for d, a in TRITON_CASES])
 def test_triton(backend, dtype, affine):
     check(backend, (3, 33), 100, dtype, affine)
 
 
-@pytest.mark.parametrize("backend", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("cpu", "triton", "cuda")))
 def test_long_and_odd_rows(backend):
     """T = 1025 rows and C = 1031 (a 2048 block). The interpreter runs one program per row at a few ms
     each, so Triton gets T = 300 (the backward's programs then take 2 rows each) and C = 1031 apart."""
@@ -100,13 +83,13 @@ def test_long_and_odd_rows(backend):
         check(backend, (5,), 1031, torch.bfloat16, "affine")
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_noncontiguous(backend):
     check(backend, (5, 7), 48, torch.float32, "affine", noncontig=True)
     check(backend, (5, 7), 48, torch.float16, "nobias", noncontig=True)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_empty_batch(backend):
     x, w, b = (t.requires_grad_() for t in make_inputs((0,), 16, torch.float32, "affine"))
     y = layer_norm(x, w, b, backend=None if backend == "cuda" else backend)

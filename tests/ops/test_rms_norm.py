@@ -6,31 +6,14 @@ import torch
 from llmkern.ops.rms_norm import UNAVAILABLE, rms_norm, rms_norm_ref
 from llmkern.testing import assert_close_to_ref
 
+from fused_cases import backend_params, one_thread  # noqa: F401 (one_thread: autouse)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def backend_params(only=None):
-    out = [pytest.param("cpu", id="cpu"),
-           pytest.param("triton", id="triton", marks=pytest.mark.skipif("triton" in UNAVAILABLE,
-                                                                        reason=UNAVAILABLE.get("triton", ""))),
-           pytest.param("ref", id="ref"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
-    return [p for p in out if only is None or p.id in only]
 
 
 def op_backend(backend):
     """The backend= argument (the cuda case runs the automatic choice, Triton, on CUDA tensors)."""
     return None if backend == "cuda" else backend
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads cost more than they give on the shared 2-core machines (the
-    partial sums of several threads run in test_two_threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_inputs(lead, c, dtype, convention, residual, device="cpu", seed=0):
@@ -81,7 +64,7 @@ def test_cpu_grid(dtype, convention, residual, t, c):
 
 
 # ref and cuda: every dtype, convention and residual on fewer rows.
-@pytest.mark.parametrize("backend", backend_params(("ref", "cuda")))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("ref", "cuda")))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("convention", ["llama", "gemma"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
@@ -96,14 +79,14 @@ PAIRWISE = [(torch.float32, "llama", False), (torch.float32, "gemma", True), (to
             (torch.float16, "gemma", False), (torch.bfloat16, "llama", True), (torch.bfloat16, "gemma", False)]
 
 
-@pytest.mark.parametrize("backend", backend_params(("triton",)))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("triton",)))
 @pytest.mark.parametrize("dtype,convention,residual", PAIRWISE,
                          ids=[f"{d}-{c}-{'residual' if r else 'plain'}" for d, c, r in PAIRWISE])
 def test_triton(backend, dtype, convention, residual):
     check(backend, (3, 33), 100, dtype, convention, residual)
 
 
-@pytest.mark.parametrize("backend", backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("cpu", "triton", "cuda")))
 def test_long_and_odd_rows(backend):
     """T = 1025 rows and C = 1031 (a 2048 block). The interpreter runs one program per row at a few ms
     each, so Triton gets T = 300 (the backward's programs then take 2 rows each) and C = 1031 apart."""
@@ -114,13 +97,13 @@ def test_long_and_odd_rows(backend):
         check(backend, (5,), 1031, torch.bfloat16, "llama", True)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_noncontiguous(backend):
     check(backend, (5, 7), 48, torch.float32, "llama", True, noncontig=True)
     check(backend, (5, 7), 48, torch.bfloat16, "gemma", False, noncontig=True)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_empty_batch(backend):
     x, w, r = (t.requires_grad_() for t in make_inputs((0,), 16, torch.float32, "llama", True))
     y, s = rms_norm(x, w, residual=r, backend=op_backend(backend))
@@ -129,7 +112,7 @@ def test_empty_batch(backend):
     assert x.grad.shape == (0, 16) and torch.equal(w.grad, torch.zeros_like(w))
 
 
-@pytest.mark.parametrize("backend", backend_params(("cpu", "triton")))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("cpu", "triton")))
 def test_matches_transformers_modules(backend):
     """The HF modules themselves, in bf16: LlamaRMSNorm (cast before the weight) and GemmaRMSNorm ((1 + w)
     in fp32); the llama convention reproduces LlamaRMSNorm bit for bit but for the last bit of rstd."""

@@ -6,26 +6,9 @@ import torch
 from llmkern.ops.rope import UNAVAILABLE, rope, rope_ref
 from llmkern.testing import assert_close_to_ref
 
+from fused_cases import backend_params, one_thread  # noqa: F401 (one_thread: autouse)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def backend_params(only=None):
-    out = [pytest.param("cpu", id="cpu"),
-           pytest.param("triton", id="triton", marks=pytest.mark.skipif("triton" in UNAVAILABLE,
-                                                                        reason=UNAVAILABLE.get("triton", ""))),
-           pytest.param("ref", id="ref"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
-    return [p for p in out if only is None or p.id in only]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads cost more than they give on the shared 2-core machines (the
-    partial sums of several threads run in test_two_threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def cos_sin(b, t, d, dtype, device="cpu", base=10000.0):
@@ -75,13 +58,13 @@ def test_cpu_grid(dtype, b, hq, hk, t, d):
     check("cpu", b, hq, hk, t, d, dtype)
 
 
-@pytest.mark.parametrize("backend", backend_params(("triton", "ref", "cuda")))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("triton", "ref", "cuda")))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backends(backend, dtype):
     check(backend, 2, 4, 2, 33, 100, dtype)  # the interpreter runs one program per position: few positions
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_layouts(backend):
     """(B, T, H, D) with unsqueeze_dim=2, contiguous q/k, and cos/sin shared over the batch (1, T, D)."""
     check(backend, 2, 4, 2, 9, 64, torch.float32, layout="bthd")
@@ -92,7 +75,7 @@ def test_layouts(backend):
     assert_close_to_ref(ours, ref, rope_ref(q, k, cos, sin))
 
 
-@pytest.mark.parametrize("backend", backend_params(("cpu", "triton")))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("cpu", "triton")))
 def test_inplace(backend):
     q, k = make_qk(2, 4, 2, 9, 64, torch.bfloat16)
     cos, sin = cos_sin(2, 9, 64, torch.bfloat16)
@@ -105,7 +88,7 @@ def test_inplace(backend):
         rope(q.requires_grad_(), k, cos, sin, inplace=True)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_empty(backend):
     q, k = (x.requires_grad_() for x in make_qk(1, 4, 2, 0, 16, torch.float32))
     cos, sin = cos_sin(1, 0, 16, torch.float32)

@@ -5,29 +5,12 @@ import torch
 from llmkern.ops.swiglu import UNAVAILABLE, geglu, geglu_ref, swiglu, swiglu_ref
 from llmkern.testing import assert_close_to_ref
 
+from fused_cases import backend_params, one_thread  # noqa: F401 (one_thread: autouse)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (name, op, ref, extra args)
 ACTS = {"swiglu": (swiglu, swiglu_ref, ()), "geglu_tanh": (geglu, geglu_ref, ("tanh",)),
         "geglu_erf": (geglu, geglu_ref, ("none",))}
-
-
-def backend_params(only=None):
-    out = [pytest.param("cpu", id="cpu"),
-           pytest.param("triton", id="triton", marks=pytest.mark.skipif("triton" in UNAVAILABLE,
-                                                                        reason=UNAVAILABLE.get("triton", ""))),
-           pytest.param("ref", id="ref"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
-    return [p for p in out if only is None or p.id in only]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads cost more than they give on the shared 2-core machines (the
-    partial sums of several threads run in test_two_threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_inputs(shape, dtype, device="cpu", seed=0):
@@ -70,20 +53,20 @@ def test_cpu_grid(dtype, act, shape):
 
 # The interpreter's numpy exp overflows to inf (and warns) in sigmoid's tail, which is then exactly 0.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-@pytest.mark.parametrize("backend", backend_params(("triton", "ref", "cuda")))
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("triton", "ref", "cuda")))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", list(ACTS))
 def test_backends(backend, dtype, act):
     check(backend, act, (3, 33, 100), dtype)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_noncontiguous(backend):
     check(backend, "swiglu", (5, 7, 48), torch.float32, noncontig=True)
     check(backend, "geglu_tanh", (5, 7, 48), torch.bfloat16, noncontig=True)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))
 def test_empty(backend):
     gate, up = torch.zeros(0, 8, requires_grad=True), torch.zeros(0, 8, requires_grad=True)
     out = swiglu(gate, up, backend=None if backend == "cuda" else backend)
