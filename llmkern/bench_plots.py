@@ -18,7 +18,7 @@ writing ``zero_w2.json`` with rows ``{"stage", "bytes_per_rank", ...}``::
         ...
         return save(fig, out / "zero_bytes_per_stage.png")
 
-The pipeline's step time vs micro-batches (against the bubble prediction) goes the same way.
+The pipeline's step time vs micro-batches against the bubble prediction is ``pipeline_step_time``.
 """
 from __future__ import annotations
 
@@ -59,9 +59,11 @@ def new_figure(title: str, width: float = 9.0, height: float = 5.0):
     return fig, ax
 
 
-def save(fig, path: Path) -> Path:
+def save(fig, path: Path, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Writes `fig` to `path` and closes it; `rect` (left, bottom, right, top as figure fractions) is
+    the area the axes are laid out in, leaving the rest for a figure legend or notes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
     return path
@@ -162,6 +164,67 @@ def zero_bytes_per_stage(docs: list[dict], out: Path) -> Path | None:
     ax.set_xlabel("MiB per rank\n" + _cpu_text(docs), fontsize=9)
     ax.legend(fontsize=8)
     return save(fig, out / "zero_bytes_per_stage.png")
+
+
+@scaling_plot("pipeline")
+def pipeline_step_time(docs: list[dict], out: Path) -> Path | None:
+    """Step time against micro-batches m of bench/parallel/bench_pipeline.py's calibrated stages, one
+    panel per pipeline size p: per schedule, llmkern's measured median (solid, markers) and the
+    timing model's prediction of that schedule (dashed: schedules.simulate, which is (m + p - 1)(t_f
+    + t_b) for gpipe and 1f1b), with torch.distributed.pipelining's measured time (dotted, faint)
+    where it ran, and the bubble-free m(t_f + t_b) (grey). Reads the rows with ``op`` ==
+    "pipeline_calibrated" and ``candidate``, ``schedule``, ``world``, ``microbatches``,
+    ``median_ms``, ``predicted_ms`` and ``no_bubble_ms``."""
+    need = ("candidate", "schedule", "world", "microbatches", "median_ms", "predicted_ms", "no_bubble_ms")
+    rows = [r for d in docs for r in d.get("rows", [])
+            if r.get("op") == "pipeline_calibrated" and all(r.get(k) is not None for k in need)]
+    if not rows:
+        return None
+    worlds = sorted({int(r["world"]) for r in rows})
+    schedules = list(dict.fromkeys(r["schedule"] for r in rows))
+    costs = sorted({(r.get("t_f_ms"), r.get("t_b_ms")) for r in rows}, key=str)
+    cost_text = "; ".join(f"t_f = {f:g} ms, t_b = {b:g} ms" for f, b in costs if f is not None and b is not None)
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, len(worlds), figsize=(max(11.0, 5.5 * len(worlds)), 6.0), squeeze=False)
+    fig.suptitle("Pipeline step time vs micro-batches m against the bubble prediction, per schedule, "
+                 f"{' and '.join(f'p = {w}' for w in worlds)} stages\n"
+                 f"calibrated stages: {cost_text or 't_f, t_b'} per stage (sleeps: the timing model's costs)",
+                 fontsize=10)
+    styles = {"llmkern": dict(linestyle="-", marker="o"), "torch": dict(linestyle=":", marker="x", alpha=0.6),
+              "predicted": dict(linestyle="--", marker="_", markersize=12, linewidth=1.0)}
+    for ax, world in zip(axes[0], worlds):
+        ax.grid(True, alpha=0.3)
+        mine = [r for r in rows if int(r["world"]) == world]
+        ideal = sorted({(int(r["microbatches"]), float(r["no_bubble_ms"])) for r in mine})
+        ax.plot([x for x, _ in ideal], [y for _, y in ideal], color="#aaaaaa", linewidth=1.0, marker="_",
+                markersize=12)
+        for i, schedule in enumerate(schedules):
+            picked = [r for r in mine if r["schedule"] == schedule]
+            lines = {"llmkern": sorted((int(r["microbatches"]), float(r["median_ms"])) for r in picked
+                                       if r["candidate"].startswith("llmkern")),
+                     "torch": sorted((int(r["microbatches"]), float(r["median_ms"])) for r in picked
+                                     if r["candidate"].startswith("torch")),
+                     "predicted": sorted({(int(r["microbatches"]), float(r["predicted_ms"])) for r in picked})}
+            for who, pts in lines.items():
+                if pts:
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], color=f"C{i}", **styles[who])
+        ax.set_title(f"p = {world} stages", fontsize=10)
+        ax.set_xticks(sorted({x for x, _ in ideal}))
+        ax.set_xlabel("micro-batches m per step", fontsize=9)
+        ax.set_ylabel("step time (ms): slowest rank, median over steps", fontsize=9)
+        ax.set_ylim(bottom=0)
+    handles = [Line2D([], [], color=f"C{i}", linewidth=3) for i in range(len(schedules))]
+    handles += [Line2D([], [], color="black", **styles[k]) for k in styles]
+    handles.append(Line2D([], [], color="#aaaaaa", linewidth=1.0))
+    labels = list(schedules) + ["llmkern, measured", "torch.distributed.pipelining, measured",
+                                "predicted: schedules.simulate ((m + p - 1)(t_f + t_b) for gpipe, 1f1b)",
+                                "no bubble: m(t_f + t_b)"]
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.025), ncol=3, fontsize=8, frameon=False,
+               handlelength=3.5)
+    fig.text(0.01, 0.005, _cpu_text(docs), fontsize=7, color="#555555")
+    return save(fig, out / "pipeline_step_time.png", rect=(0, 0.12, 1, 1))
 
 
 def make_plots(docs: list[dict], out: Path) -> list[Path]:

@@ -8,16 +8,19 @@ the input gradient and t_b/2 for the weight gradient, as two autograd nodes, so 
 split really separates them; the first stage, whose input needs no gradient, spends all of t_b on
 weights). Sleeping uses no CPU, so 4 ranks on 2 cores time like 4 machines. The measured step time
 of every llmkern schedule is compared with the model's prediction (`schedules.simulate` of the
-same checked schedule with those costs; for gpipe and 1f1b that is (m + p - 1)(t_f + t_b)).
-Goal: within 10 %.
+same checked schedule with those costs; for gpipe and 1f1b that is (m + p - 1)(t_f + t_b)), for
+m = 4, 8 and 16 (sleeping is cheap; three points make the scaling plot's trend). Goal: within 10 %,
+recorded as the Ratio 1 + |measured / predicted - 1| <= 1.1 (a Ratio's goal is one-sided).
 
 Part 2, a tiny Llama (8 layers, hidden 128), cut into p stages (2 per rank for the interleaved
 schedules), m = 4 and 8: step time and peak bytes of saved activations per rank of each llmkern
 schedule against torch.distributed.pipelining's ScheduleGPipe, Schedule1F1B and
 ScheduleInterleaved1F1B running the same stage modules. Candidates are interleaved step by step.
-Step time is the maximum over ranks, median over steps. Goal: llmkern / torch <= 1.0.
+Step time is the maximum over ranks, median over steps. Goal: llmkern / torch <= 1.0, recorded as
+one Ratio per schedule and m (the median of per-round ratios; zero-bubble against torch's 1F1B).
 
-Rank 0 prints the tables and writes bench/results/pipeline_w<p>.{csv,json}. The machine is shared:
+Rank 0 prints the tables and the ratios and writes bench/results/pipeline_w<p>.{csv,json,ratios.csv};
+llmkern/bench_plots.py draws pipeline_step_time.png from the calibrated rows. The machine is shared:
 the results carry `uptime` and the CPU share other processes took (`contention`).
 """
 from __future__ import annotations
@@ -41,7 +44,7 @@ from llmkern.parallel.pipeline.partition import build_stage, layer_counts, model
 from llmkern.parallel.pipeline.runtime import CausalLMLoss, _Meter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _harness import ContentionMeter, environment, format_table, write_results  # noqa: E402
+from _harness import ContentionMeter, Ratio, environment, format_ratios, format_table, write_results  # noqa: E402
 
 TORCHRUN_NPROC = (2, 4)
 """The bench runner starts this script under torchrun with each of these process counts."""
@@ -100,11 +103,20 @@ def _time_steps(run, steps: int, warmup: bool = True) -> list[float]:
     return out
 
 
-def calibrated(world: int, rank: int, steps: int, t_f: float, t_b: float, ms: list[int]) -> list[dict]:
+def off_prediction(measured_over_predicted: float) -> float:
+    """1 + |measured / predicted - 1|: how far a step time lies from the timing model's prediction,
+    either way, as a lower-is-better ratio whose goal "within 10 %" is <= 1.1 (a Ratio's goal is
+    one-sided; this keeps the summary's met / MISSED honest for a step that ran 10 % too fast)."""
+    return 1.0 + abs(measured_over_predicted - 1.0)
+
+
+def calibrated(world: int, rank: int, steps: int, t_f: float, t_b: float,
+               ms: list[int]) -> tuple[list[dict], list[Ratio]]:
     """Each llmkern schedule against the model's prediction, and torch's same schedule (GPipe, 1F1B,
     interleaved) on the same calibrated stages, interleaved step by step: what both lose to the
-    machine (wake-ups, message latency) shows in torch's row too."""
-    rows = []
+    machine (wake-ups, message latency) shows in torch's row too. One Ratio per (schedule, m):
+    llmkern's step time off the prediction, 1 + |measured / predicted - 1| per round, goal <= 1.1."""
+    rows, ratios = [], []
     for schedule in sch.SCHEDULES:
         v = 2 if schedule == "interleaved_1f1b" else 1
         # the same work per rank: an interleaved rank runs v chunks of 1/v of a stage each
@@ -125,19 +137,41 @@ def calibrated(world: int, rank: int, steps: int, t_f: float, t_b: float, ms: li
             if schedule != "zero_bubble":
                 twin = [CalibratedStage(cf, cb / 2, cb / 2, 8) for _ in range(world * v)]
                 runs[f"torch {schedule}"] = _torch_runner(twin, world, rank, m, schedule, loss_fn, x, y)
+            meter = ContentionMeter().start()
             times = _time_alternating(runs, steps)
+            contention = meter.stop()
             costs = sch.Costs(forward=cf, backward=cb, input_grad=cb / 2, weight_grad=cb / 2)
-            predicted = sch.simulate(pipe.schedule, costs).step_time
-            closed = sch.predicted_step_time(schedule, world, m, v, costs)
-            for name, ts in times.items():
-                med = statistics.median(ts)
-                rows.append({"op": "pipeline_calibrated", "candidate": name, "dtype": "fp32",
-                             "shape": f"p{world} m{m} v{v}", "mode": "train_step", "median_ms": med * 1e3,
-                             "ratio_vs_baseline": med / predicted, "baseline": "simulated schedule",
-                             "predicted_ms": predicted * 1e3, "closed_form_ms": closed * 1e3,
-                             "min_ms": min(ts) * 1e3, "t_f_ms": t_f * 1e3, "t_b_ms": t_b * 1e3,
-                             "within_10pct": abs(med / predicted - 1) <= 0.10})
-    return rows
+            new_rows, ratio = calibrated_results(pipe.schedule, costs, times, t_f=t_f, t_b=t_b,
+                                                 contention=contention)
+            rows += new_rows
+            ratios.append(ratio)
+    return rows, ratios
+
+
+def calibrated_results(schedule: sch.Schedule, costs: sch.Costs, times: dict[str, list[float]], *, t_f: float,
+                       t_b: float, contention: float | None = None) -> tuple[list[dict], Ratio]:
+    """The rows (one per candidate: "llmkern <schedule>", "torch <schedule>") and llmkern's Ratio of
+    one calibrated measurement: `times` in seconds per round, `costs` per stage chunk, `t_f`/`t_b`
+    per rank. The rows carry what llmkern/bench_plots.pipeline_step_time reads."""
+    world, m, name = schedule.ranks, schedule.microbatches, schedule.name
+    v = schedule.stages // world
+    predicted = sch.simulate(schedule, costs).step_time
+    closed = sch.predicted_step_time(name, world, m, v, costs)
+    ratio = Ratio.from_rounds(f"{name} m{m}: 1 + |step time / predicted - 1|",
+                              [off_prediction(t / predicted) for t in times[f"llmkern {name}"]],
+                              peer="timing model (schedules.simulate)", goal=1.10, higher_is_better=False)
+    rows = []
+    for candidate, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"op": "pipeline_calibrated", "candidate": candidate, "dtype": "fp32",
+                     "shape": f"p{world} m{m} v{v}", "mode": "train_step", "median_ms": med * 1e3,
+                     "ratio_vs_baseline": med / predicted, "baseline": "simulated schedule",
+                     "schedule": name, "world": world, "microbatches": m, "virtual_stages": v,
+                     "predicted_ms": predicted * 1e3, "closed_form_ms": closed * 1e3,
+                     "no_bubble_ms": m * (t_f + t_b) * 1e3,
+                     "min_ms": min(ts) * 1e3, "t_f_ms": t_f * 1e3, "t_b_ms": t_b * 1e3,
+                     "within_10pct": abs(med / predicted - 1) <= 0.10, "contention": contention})
+    return rows, ratio
 
 
 def _time_alternating(runs: dict, steps: int) -> dict[str, list[float]]:
@@ -162,6 +196,11 @@ def _tiny_llama(layers: int):
                       num_key_value_heads=4, vocab_size=1024, max_position_embeddings=128,
                       attn_implementation="sdpa", tie_word_embeddings=False)
     return LlamaForCausalLM(cfg)
+
+
+_TORCH_CLASS = {"torch gpipe": "ScheduleGPipe", "torch 1f1b": "Schedule1F1B",
+                "torch interleaved_1f1b": "ScheduleInterleaved1F1B"}
+"""The torch.distributed.pipelining class behind each torch candidate (see _torch_schedule)."""
 
 
 def _torch_schedule(stage_modules: list[nn.Module], world: int, rank: int, m: int, name: str, loss_fn):
@@ -202,8 +241,11 @@ def _llama_stages(model, world: int, v: int) -> list[nn.Module]:
     return [build_stage(parts, *bounds[s], s == 0, s == S - 1, False) for s in range(S)]
 
 
-def llama(world: int, rank: int, steps: int, ms: list[int], batch: int, seq: int) -> list[dict]:
-    rows = []
+def llama(world: int, rank: int, steps: int, ms: list[int], batch: int,
+          seq: int) -> tuple[list[dict], list[Ratio]]:
+    """One Ratio per (llmkern schedule, m): step time / torch's same schedule's (zero-bubble against
+    torch's 1F1B), the median of per-round ratios, goal <= 1.0."""
+    rows, ratios = [], []
     base = _tiny_llama(8)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1024, (batch, seq), generator=g)
@@ -243,17 +285,23 @@ def llama(world: int, rank: int, steps: int, ms: list[int], batch: int, seq: int
             name = kinds[k]
             torch_key = f"torch {name}" if name != "zero_bubble" else "torch 1f1b"
             ours = k.startswith("llmkern")
-            ratios = [a / b for a, b in zip(ts, times[torch_key])] if ours and torch_key in times else None
+            per_round = [a / b for a, b in zip(ts, times[torch_key])] if ours and torch_key in times else None
             med = statistics.median(ts)
             rows.append({"op": "pipeline_llama", "candidate": k, "dtype": "fp32",
                          "shape": f"p{world} m{m} B{batch} T{seq}", "mode": "train_step", "median_ms": med * 1e3,
                          # the median of per-round ratios (both ran in the same round), as bench/_harness
-                         "ratio_vs_baseline": statistics.median(ratios) if ratios else None,
-                         "ratio_min": min(ratios) if ratios else None, "ratio_max": max(ratios) if ratios else None,
+                         "ratio_vs_baseline": statistics.median(per_round) if per_round else None,
+                         "ratio_min": min(per_round) if per_round else None,
+                         "ratio_max": max(per_round) if per_round else None,
                          "baseline": torch_key if ours else None, "min_ms": min(ts) * 1e3,
                          "peak_saved_mib_per_rank": peaks[k] / 2**20,
-                         "tokens_per_s": batch * seq / med, "contention": contention})
-    return rows
+                         "tokens_per_s": batch * seq / med, "contention": contention,
+                         "schedule": name, "world": world, "microbatches": m})
+            if per_round:
+                ratios.append(Ratio.from_rounds(f"tiny Llama {name} m{m}: step time / {torch_key}'s", per_round,
+                                                peer=f"torch.distributed.pipelining {_TORCH_CLASS[torch_key]}",
+                                                goal=1.0, higher_is_better=False))
+    return rows, ratios
 
 
 def main() -> None:
@@ -271,10 +319,15 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     steps = 2 if args.quick else args.steps
     ms = [2 * world] if args.quick else [4, 8]
+    # the calibrated stages only sleep, so a third m is cheap (~1 min more at 4 ranks) and gives the
+    # scaling plot (llmkern/bench_plots.py, pipeline_step_time) a trend rather than two points
+    ms_calibrated = ms if args.quick else [4, 8, 16]
     scale = 0.25 if args.quick else 1.0
     t_f, t_b = args.t_forward_ms / 1e3 * scale, args.t_backward_ms / 1e3 * scale
-    rows = calibrated(world, rank, steps, t_f, t_b, ms)
-    rows += llama(world, rank, steps, ms, batch=16 if not args.quick else 8, seq=128 if not args.quick else 32)
+    rows, ratios = calibrated(world, rank, steps, t_f, t_b, ms_calibrated)
+    llama_rows, llama_ratios = llama(world, rank, steps, ms, batch=16 if not args.quick else 8,
+                                     seq=128 if not args.quick else 32)
+    rows, ratios = rows + llama_rows, ratios + llama_ratios
     if rank == 0:
         print(f"\npipeline, {world} ranks (calibrated stages: t_f = {t_f * 1e3:g} ms, t_b = {t_b * 1e3:g} ms per "
               f"stage)")
@@ -285,10 +338,13 @@ def main() -> None:
         print(format_table([r for r in rows if r["op"] == "pipeline_llama"],
                            ["candidate", "shape", "median_ms", "ratio_vs_baseline", "ratio_min", "ratio_max",
                             "baseline", "peak_saved_mib_per_rank"]))
+        print()
+        print(format_ratios(ratios))
         up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         print(f"\nuptime: {up}")
         write_results(f"pipeline_w{world}" + ("_quick" if args.quick else ""), rows,
-                      environment(max((r.get("contention") or 0.0) for r in rows), world_size=world, uptime=up))
+                      environment(max((r.get("contention") or 0.0) for r in rows), world_size=world, uptime=up),
+                      ratios)
     dist.barrier()
     dist.destroy_process_group()
 
