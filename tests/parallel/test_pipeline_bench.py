@@ -29,9 +29,9 @@ def bench_pipeline():
     return module
 
 
-def _measurement(bench_pipeline, name: str, p: int, m: int, off: list[float], t_f=0.04, t_b=0.08):
-    """The rows and Ratio of `name` at p ranks and m micro-batches whose llmkern rounds took
-    predicted x each of `off` (torch's 5 % slower than predicted)."""
+def _measurement(bench_pipeline, name: str, p: int, m: int, off: list[float], t_f=0.04, t_b=0.08, overshoot=0.0):
+    """The rows and Ratio of `name` at p ranks and m micro-batches whose llmkern rounds took the
+    nominal prediction x each of `off` (torch's 5 % slower than predicted)."""
     v = 2 if name == "interleaved_1f1b" else 1
     costs = sch.Costs(forward=t_f / v, backward=t_b / v, input_grad=t_b / v / 2, weight_grad=t_b / v / 2)
     schedule = sch.make_schedule(name, p, m, v)
@@ -39,7 +39,8 @@ def _measurement(bench_pipeline, name: str, p: int, m: int, off: list[float], t_
     times = {f"llmkern {name}": [predicted * f for f in off]}
     if name != "zero_bubble":
         times[f"torch {name}"] = [predicted * 1.05] * len(off)
-    return bench_pipeline.calibrated_results(schedule, costs, times, t_f=t_f, t_b=t_b, contention=0.5), predicted
+    return bench_pipeline.calibrated_results(schedule, costs, times, t_f=t_f, t_b=t_b, overshoot=overshoot,
+                                             contention=0.5), predicted
 
 
 def test_calibrated_ratio_is_two_sided_and_rows_hold_the_prediction(bench_pipeline):
@@ -57,6 +58,12 @@ def test_calibrated_ratio_is_two_sided_and_rows_hold_the_prediction(bench_pipeli
     assert ours["no_bubble_ms"] == pytest.approx(4 * 120.0)
     assert ours["ratio_vs_baseline"] == pytest.approx(1.04) and ours["within_10pct"]
     assert [r["candidate"] for r in rows] == ["llmkern 1f1b", "torch 1f1b"]
+    # sleeps 1 ms late: F 41 ms, B 82 ms, so (m + p - 1) x 123 ms is the prediction the Ratio is taken
+    # against; the nominal one stays in the rows for the plot
+    (rows, late), _ = _measurement(bench_pipeline, "1f1b", 2, 4, [1.025] * 3, overshoot=0.001)
+    assert rows[0]["realized_predicted_ms"] == pytest.approx(5 * 123.0)
+    assert rows[0]["predicted_ms"] == pytest.approx(5 * 120.0)
+    assert late.value == pytest.approx(1.0) and rows[0]["ratio_vs_nominal"] == pytest.approx(1.025)
 
 
 def test_plot_reads_what_the_bench_writes(bench_pipeline, tmp_path, monkeypatch):
