@@ -20,6 +20,10 @@ schedule against torch.distributed.pipelining's ScheduleGPipe, Schedule1F1B and
 ScheduleInterleaved1F1B running the same stage modules. Candidates are interleaved step by step.
 Step time is the maximum over ranks, median over steps. Goal: llmkern / torch <= 1.0, recorded as
 one Ratio per schedule and m (the median of per-round ratios; zero-bubble against torch's 1F1B).
+Zero-bubble pays for its split backward here: on the last stage (4 layers, norm, LM head) with 2
+sequences per micro-batch, I took 38.7 ms and W 30.7 ms (one autograd call per parameter, 38 of
+them) against 46.9 ms for the whole backward in one call (one process, load ~14 on 2 cores), and
+with every core shared there is no idle bubble time for W to fill.
 
 Rank 0 prints the tables and the ratios and writes bench/results/pipeline_w<p>.{csv,json,ratios.csv};
 llmkern/bench_plots.py draws pipeline_step_time.png from the calibrated rows. The machine is shared:
