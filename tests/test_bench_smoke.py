@@ -83,6 +83,7 @@ def test_summary_table_csv_and_plots(quick_run):
     n = sum(len(d["ratios"]) for d in json.loads((out / "bench.json").read_text())["results"])
     assert f"{n} ratios:" in proc.stdout
     assert len(list(csv.DictReader(open(out / "ratios.csv")))) == n
-    for png in ("ratios_ops.png", "ratios_optim.png", "ratios_peft.png", "ring_bandwidth.png"):
+    for png in ("ratios_ops.png", "ratios_optim.png", "ratios_peft.png", "ratios_parallel.png", "ring_bandwidth.png",
+                "zero_bytes_per_stage.png", "pipeline_step_time.png"):
         data = (out / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
