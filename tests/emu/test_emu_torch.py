@@ -1,37 +1,14 @@
 """An emulated .cu built into a torch extension with g++ (as llmkern._C_emu is): results on CPU tensors,
 and a kernel error reaching Python as a RuntimeError that names the kernel."""
-import os
-
 import pytest
 import torch
 
-from emu_build import BASE_FLAGS, CACHE, INCLUDES, KERNELS, _digest
+from emu_build import torch_ops_extension
 
 
 @pytest.fixture(scope="module")
 def ops(program):  # `program` skips the module where g++ or the CUDA headers are missing
-    from torch.utils.cpp_extension import load
-
-    source = KERNELS / "torch_ops.cu"
-    build_dir = CACHE / f"torch_ops-{_digest(source, BASE_FLAGS)}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    # A .cu source would be handed to nvcc: compile it as C++ through a one-line wrapper, as setup.py does.
-    wrapper = build_dir / "torch_ops_emu.cpp"
-    text = f'#include "{source}"\n'
-    if not wrapper.exists() or wrapper.read_text() != text:  # a new mtime would make ninja rebuild
-        wrapper.write_text(text)
-    os.environ.setdefault("MAX_JOBS", "1")
-    load(
-        name="cuemu_torch_ops",
-        sources=[str(wrapper)],
-        extra_include_paths=[str(p) for p in INCLUDES[:4]],  # torch's own come from load()
-        extra_cflags=["-O2", "-DLLMKERN_EMU=1", *BASE_FLAGS[1:]],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
-    return torch.ops.cuemu_test
+    return torch_ops_extension()
 
 
 def reference(x, a):
