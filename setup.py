@@ -147,23 +147,27 @@ def torch_key() -> str:
 
 
 class Build(BuildExtension):
-    """Objects go to build/temp/<extension> for in-tree builds (`pip install -e .`, whose default is a fresh
-    temporary folder every time) and to build/temp-wheel/<torch>/<extension> for `pip install .`, so ninja
-    recompiles only the sources that changed and neither kind of build, nor a build against another
-    torch (an isolated build's temporary one), overwrites another's objects: one shared folder made a
-    non-editable install of the clone and the next `make build` recompile everything (685 s, then
-    597 s on 2 cores). One folder per extension: _C and _C_emu compile the same module.cpp and schema
-    files with different -DLLMKERN_NS."""
+    """Objects go to build/temp/<torch>/<extension> for every build, editable (`pip install -e .`, whose
+    default is a fresh temporary folder every time) or not (`pip install --no-build-isolation .`), so
+    ninja recompiles only the sources that changed. The torch key keeps a build against another torch
+    (an isolated build's temporary one, whose include paths differ) from overwriting these objects: one
+    unkeyed folder made a non-editable install of the clone and the next `make build` recompile
+    everything (685 s, then 597 s on 2 cores). An editable and a non-editable build against the same
+    torch run the same compile commands (the venv's empty include/ folder is dropped, it was the only
+    difference), so tests/test_install.py links the objects `make build` compiled instead of compiling
+    _C again (4.3 min of the suite on 2 cores). One folder per extension: _C and _C_emu compile the same
+    module.cpp and schema files with different -DLLMKERN_NS."""
 
-    def run(self):
-        # build_ext.run clears `inplace` while it builds; editable_mode is setuptools' editable install.
-        self._in_tree = bool(getattr(self, "editable_mode", False) or self.inplace)
-        super().run()
+    def finalize_options(self):
+        super().finalize_options()
+        # setuptools adds <venv>/include in a virtualenv; it holds no file unless a package put headers there
+        venv_include = Path(sys.exec_prefix) / "include"
+        if sys.exec_prefix != sys.base_exec_prefix and not any(f.is_file() for f in venv_include.rglob("*")):
+            self.include_dirs = [d for d in self.include_dirs if Path(d) != venv_include]
 
     def build_extension(self, ext):
         shared = self.build_temp
-        folder = ROOT / "build" / "temp" if self._in_tree else ROOT / "build" / "temp-wheel" / torch_key()
-        self.build_temp = str(folder / ext.name.rsplit(".", 1)[-1])
+        self.build_temp = str(ROOT / "build" / "temp" / torch_key() / ext.name.rsplit(".", 1)[-1])
         try:
             super().build_extension(ext)
         finally:

@@ -3,9 +3,9 @@ that already has torch gives a package that works from outside the source tree.
 
 The venv sees this environment's torch (and the rest of requirements.txt) through a .pth file, as a
 user's environment would already hold them, so nothing is downloaded. The wheel is built with
-LLMKERN_CUDA=0, i.e. llmkern._C alone (11 compile units; the CUDA builds are checked by tests/static and
-tests/emu), into build/temp-wheel/ (setup.py), where the next run finds its objects. Minutes, the first
-time on a machine: marked slow."""
+LLMKERN_CUDA=0, i.e. llmkern._C alone (the CUDA builds are checked by tests/static and tests/emu), from
+the objects in build/temp/<torch>/_C that `make build` compiled with the same commands (setup.py), so
+it links without compiling; alone on a fresh clone it compiles 11 units (minutes): marked slow."""
 from __future__ import annotations
 
 import os
