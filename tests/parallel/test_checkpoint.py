@@ -1,11 +1,12 @@
 """save_checkpoint / load_checkpoint through DCP: a bit-exact round trip at the same world size (weights,
-fp32 masters, moments, step, loss scaler), a checkpoint of stage 2 on 2 ranks resumed by stage 3 on 3
-ranks continuing as the 2-rank run does, and consolidation to one safetensors file without a process
-group."""
+fp32 masters, moments, step, loss scaler), a checkpoint of stage 2 on 4 ranks resumed by stage 1 on 2
+ranks and by stage 3 on 3 ranks, each continuing as the uninterrupted 4-rank run does, and
+consolidation to one safetensors file without a process group."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from llmkern.optim import DynamicLossScaler
@@ -14,7 +15,7 @@ from llmkern.testing import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-GLOBAL = 12      # rows per step: splits over 2 and 3 ranks
+GLOBAL = 12      # rows per step: splits over 4, 3 and 2 ranks
 BUCKET_MB = 0.004
 
 
@@ -95,26 +96,43 @@ def _save(rank, world, directory):
     return {"exact": exact, "exact16": exact16, "at_save": at_save, "final": _params(zmodel, model)}
 
 
-def _resume(rank, world, directory, stage):
+def _resume(rank, world, directory, stage, group):
     model = _model(seed=9)
-    zmodel, opt = apply_zero(model, ZeroConfig(stage=stage, reduce_bucket_mb=BUCKET_MB, timeout_s=30), lr=3.0)
+    zmodel, opt = apply_zero(model, ZeroConfig(stage=stage, reduce_bucket_mb=BUCKET_MB, timeout_s=30), mesh=group,
+                             lr=3.0)
     load_checkpoint(f"{directory}/fp32", zmodel, opt)
     loaded = _params(zmodel, model)
     step = float(opt.step_count)
     _steps(zmodel, opt, rank, world, 3, 2)
-    return {"loaded": loaded, "step": step, "final": _params(zmodel, model)}
+    final = _params(zmodel, model)
+    zmodel.close()
+    return {"loaded": loaded, "step": step, "final": final}
 
 
-def test_save_at_2_round_trip_and_resume_at_3_under_stage_3(tmp_path):
-    saved = run_distributed(_save, 2, (str(tmp_path),), timeout=90)
+def _save_and_resume(rank, world, directory):
+    """Saves on the 4 ranks, then resumes on the first 2 (stage 1) and on the first 3 (stage 3): subgroups
+    of one set of processes, as starting three sets would cost more than the training."""
+    out = _save(rank, world, directory)
+    for size, stage in ((2, 1), (3, 3)):
+        group = dist.new_group(list(range(size)))
+        if rank < size:
+            out[f"resumed_{size}"] = _resume(rank, size, directory, stage, group)
+        dist.barrier()
+    return out
+
+
+def test_save_at_4_round_trip_and_resume_at_2_and_3(tmp_path):
+    saved = run_distributed(_save_and_resume, 4, (str(tmp_path),), timeout=150)
     assert all(r["exact"] and r["exact16"] for r in saved)
-    resumed = run_distributed(_resume, 3, (str(tmp_path), 3), timeout=90)
     ref = saved[0]
-    for r in resumed:
-        assert r["step"] == 3.0
-        assert all(torch.equal(r["loaded"][n], t) for n, t in ref["at_save"].items())
-        for n, t in ref["final"].items():  # continues as the 2-rank run, up to the reduction order
-            assert (r["final"][n] - t).abs().max().item() <= 1e-5 * max(1.0, t.abs().max().item()), n
+    # 4 -> 2 ranks under stage 1 and 4 -> 3 ranks under stage 3: both reshard every parameter's chunks
+    for world, stage in ((2, 1), (3, 3)):
+        for r in [r[f"resumed_{world}"] for r in saved[:world]]:
+            assert r["step"] == 3.0
+            assert all(torch.equal(r["loaded"][n], t) for n, t in ref["at_save"].items())
+            for n, t in ref["final"].items():  # continues as the 4-rank run, up to the reduction order
+                err = (r["final"][n] - t).abs().max().item()
+                assert err <= 1e-5 * max(1.0, t.abs().max().item()), (world, stage, n, err)
     # one safetensors file, read without a process group, loads into a plain model
     from safetensors.torch import load_file
 
