@@ -398,6 +398,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                              f"({sorted({str(s.dtype) for s in shards})}); give them one dtype")
         self._host_grads = [torch.zeros(m.numel(), dtype=torch.float32, device=host) for m in masters] if offload else []
         super().__init__(masters, dict(probe.defaults))
+        # each param group's parameter names, as torch's get_state_dict names them in a checkpoint
+        self.group_names = [[n for n, p in engine.module.named_parameters() if p.requires_grad]]
         self.step_count = torch.zeros(1, dtype=torch.float32, device=host)
         for m in masters:
             st = self.state[m]

@@ -4,6 +4,8 @@ ranks and by stage 3 on 3 ranks, each continuing as the uninterrupted 4-rank run
 consolidation to one safetensors file without a process group."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -144,3 +146,77 @@ def test_save_at_4_round_trip_and_resume_at_2_and_3(tmp_path):
     plain.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
     assert all(torch.equal(p, ref["at_save"][n]) for n, p in plain.named_parameters())
     assert set(weights) == set(ref["at_save"])
+
+
+def _fsdp2(seed, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(seed)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def _whole(model, opt):
+    """FSDP2's parameters and optimizer state as whole tensors (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    return {**{f"model.{n}": t.clone() for n, t in msd.items()},
+            **{f"optim.{n}.{k}": t.clone() for n, st in osd["state"].items() for k, t in st.items()}}
+
+
+def _fsdp2_round_trip(rank, world, directory):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    model, opt = _fsdp2(0, mesh)
+    per = GLOBAL // world
+    for step in range(2):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(GLOBAL, 24, generator=g), torch.randn(GLOBAL, 8, generator=g)
+        nn.functional.mse_loss(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
+        opt.step()
+        opt.zero_grad()
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{directory}/fsdp2")
+    ref = _whole(model, opt)
+    # FSDP2 -> llmkern ZeRO-3 (other weights, another lr: both come from the checkpoint)
+    zm = _model(seed=7)
+    zmodel, zopt = apply_zero(zm, ZeroConfig(stage=3, timeout_s=30), lr=5.0, weight_decay=0.1)
+    load_checkpoint(f"{directory}/fsdp2", zmodel, zopt)
+    with zmodel.gather_parameters():
+        into_zero = all(torch.equal(p, ref[f"model.{n}"]) for n, p in zm.named_parameters())
+    into_zero &= zopt.param_groups[0]["lr"] == 1e-2 and float(zopt.step_count) == 2.0
+    save_checkpoint(f"{directory}/zero3", zmodel, zopt)
+    zmodel.close()
+    # llmkern ZeRO-3 -> FSDP2 (a fresh model and optimizer), as torch users load: get_state_dict, dcp.load
+    # (the optimizer keeps its own param groups), set_state_dict
+    model2, opt2 = _fsdp2(9, mesh)
+    msd2, osd2 = get_state_dict(model2, opt2)
+    dcp.load({"model": msd2, "optim": {"state": osd2["state"]}}, checkpoint_id=f"{directory}/zero3")
+    set_state_dict(model2, opt2, model_state_dict=msd2, optim_state_dict=osd2)
+    back = _whole(model2, opt2)
+    return {"into_zero": into_zero, "keys": sorted(ref) == sorted(back),
+            "back": all(torch.equal(back[k], t) for k, t in ref.items())}
+
+
+def test_fsdp2_checkpoint_loads_into_zero3_and_back(tmp_path):
+    for r in run_distributed(_fsdp2_round_trip, 2, (str(tmp_path),), timeout=90):
+        assert r["into_zero"] and r["keys"] and r["back"], r
+
+
+def test_boxes_cover_a_flat_range_in_order():
+    from llmkern.parallel.checkpoint import _boxes
+
+    for shape in [(7,), (5, 3), (4, 3, 5), (2, 1, 3, 2)]:
+        ref = torch.arange(math.prod(shape)).reshape(shape)
+        for lo in range(ref.numel()):
+            for hi in range(lo + 1, ref.numel() + 1):
+                got = [ref[tuple(slice(o, o + s) for o, s in zip(off, size))].reshape(-1)
+                       for off, size in _boxes(shape, lo, hi)]
+                assert torch.equal(torch.cat(got), torch.arange(lo, hi)), (shape, lo, hi)
+                assert len(got) <= 2 * len(shape) - 1
