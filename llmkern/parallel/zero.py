@@ -87,6 +87,13 @@ class ZeroConfig:
     """Stage 3: free a unit's gathered parameters after its forward (gathered again for backward); False
     keeps them until the unit's backward, trading memory for one all-gather per unit."""
 
+    param_persistence_threshold: int = 0
+    """Stage 3: parameters of at most this many elements (biases, norm weights) stay whole on every rank,
+    as DeepSpeed's stage3_param_persistence_threshold: never gathered or freed around a unit, all-gathered
+    once after each optimizer step; their gradients and optimizer states are still sharded. Gathering a
+    33-element bias costs a collective's latency for 132 bytes; keeping it whole costs (N-1)/N of those
+    bytes. 0: every parameter sharded."""
+
     reduce_dtype: torch.dtype | None = None
     """Dtype of the partial sums of the gradient reduction, e.g. torch.float32 for bf16 gradients;
     None reduces in the gradients' own dtype."""
@@ -106,6 +113,10 @@ class ZeroConfig:
             raise ValueError(f"ZeroConfig.reduce_bucket_mb must be > 0, got {self.reduce_bucket_mb!r}")
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ValueError(f"ZeroConfig.prefetch must be an int >= 0, got {self.prefetch!r}")
+        if (isinstance(self.param_persistence_threshold, bool) or not isinstance(self.param_persistence_threshold, int)
+                or self.param_persistence_threshold < 0):
+            raise ValueError(f"ZeroConfig.param_persistence_threshold must be an int >= 0, got "
+                             f"{self.param_persistence_threshold!r}")
         if self.reduce_dtype is not None and not (isinstance(self.reduce_dtype, torch.dtype)
                                                   and self.reduce_dtype.is_floating_point):
             raise ValueError(f"ZeroConfig.reduce_dtype must be a floating-point torch.dtype or None, got "
@@ -566,19 +577,22 @@ def _unit_params(model: nn.Module, units) -> list[list[tuple[str, nn.Parameter]]
     return out
 
 
-def _flat_groups(named: list[tuple[str, nn.Parameter]]):
-    """A unit's parameters split by (dtype, trainable), each group one flat buffer, in registration order."""
-    keyed: dict[tuple[torch.dtype, bool], list[tuple[str, nn.Parameter]]] = {}
+def _flat_groups(named: list[tuple[str, nn.Parameter]], persistence_threshold: int = 0):
+    """A unit's parameters split by (dtype, trainable, persistent: at most `persistence_threshold` elements),
+    each group one flat buffer, in registration order."""
+    keyed: dict[tuple[torch.dtype, bool, bool], list[tuple[str, nn.Parameter]]] = {}
     for n, p in named:
-        keyed.setdefault((p.dtype, p.requires_grad), []).append((n, p))
-    return sorted(keyed.items(), key=lambda kv: (not kv[0][1], str(kv[0][0])))
+        keyed.setdefault((p.dtype, p.requires_grad, p.numel() <= persistence_threshold), []).append((n, p))
+    return sorted(keyed.items(), key=lambda kv: (not kv[0][1], kv[0][2], str(kv[0][0])))
 
 
 class _Flat:
     """One unit's parameters of one dtype, trainable or frozen: a full buffer (storage freed at rest), this
     rank's shard of it, and for trainable ones the full gradient (during backward) and its reduced shard."""
 
-    def __init__(self, named, world: int, rank: int, device):
+    def __init__(self, named, world: int, rank: int, device, persistent: bool = False):
+        self.persistent = persistent  # the full buffer stays allocated; `stale` after a step until gathered
+        self.stale = False
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.shapes = [p.shape for p in self.params]
@@ -662,13 +676,16 @@ class Zero3Model(nn.Module):
         with torch.no_grad():
             for u, ((uname, m), params) in enumerate(zip(units, per_unit)):
                 flats = []
-                for _, group_named in _flat_groups(params):
-                    f = _Flat(group_named, self.world, self.rank, self.device)
+                for (_, _, persistent), group_named in _flat_groups(params, config.param_persistence_threshold):
+                    f = _Flat(group_named, self.world, self.rank, self.device, persistent)
                     for i, p in enumerate(f.params):
                         f.view(f.full, i).copy_(p.detach())
                     f.shard = f.own(f.full).clone()
-                    _free(f.full)
-                    f.detach_params()
+                    if persistent:
+                        f.attach()
+                    else:
+                        _free(f.full)
+                        f.detach_params()
                     flats.append(f)
                 self.units.append(_Unit(u, uname, m, flats))
         self._unit_of_module = {id(u.module): u for u in self.units[:-1]}
@@ -696,8 +713,13 @@ class Zero3Model(nn.Module):
         if not unit.gathered:
             cfg = self.config
             for f in unit.flats:
-                f.full.untyped_storage().resize_(f.padded * f.full.element_size())
-                f.attach()
+                if f.persistent:
+                    if not f.stale:
+                        continue
+                    f.stale = False
+                else:
+                    f.full.untyped_storage().resize_(f.padded * f.full.element_size())
+                    f.attach()
                 unit.pending.append(collectives.all_gather(f.shard, f.full, self.group, backend=cfg.comm,
                                                            async_op=True, check=unit is self.units[-1],
                                                            timeout=cfg.timeout_s))
@@ -712,8 +734,9 @@ class Zero3Model(nn.Module):
         if unit.gathered:
             self._gather(unit, wait=True)  # an all-gather still writing must finish first
             for f in unit.flats:
-                f.detach_params()
-                _free(f.full)
+                if not f.persistent:
+                    f.detach_params()
+                    _free(f.full)
             unit.gathered = False
 
     def _prefetch_after(self, unit: _Unit, backward: bool) -> None:
@@ -871,7 +894,10 @@ class Zero3Model(nn.Module):
         return [f.grad_shard for f in self.trainable_flats]
 
     def gather_parameters_async(self) -> None:
-        pass  # stage 3 gathers each unit when it runs
+        """After a step: the persistent flats' shards changed; their units gather them when next used."""
+        for u in self.units:
+            for f in u.flats:
+                f.stale |= f.persistent and f.trainable
 
     def checkpoint_flats(self) -> list[dict]:
         """Each unit's flats as llmkern.parallel.checkpoint reads them (see ZeroModel.checkpoint_flats)."""
@@ -883,6 +909,8 @@ class Zero3Model(nn.Module):
         """A checkpoint wrote this rank's shards; units gathered before it are stale and released."""
         for u in self.units:
             self._release(u)
+            for f in u.flats:
+                f.stale |= f.persistent
 
     def zero_grad(self) -> None:
         for f in self.trainable_flats:
@@ -892,21 +920,22 @@ class Zero3Model(nn.Module):
 
     def memory(self) -> ZeroMemory:
         flats = [f for u in self.units for f in u.flats]
-        params = sum(f.k * f.shard.element_size() for f in flats)
+        params = sum((f.padded if f.persistent else f.k) * f.shard.element_size() for f in flats)
         grads = sum(f.k * f.shard.element_size() for f in self.trainable_flats)
         opt = self._optimizer.state_bytes() if self._optimizer is not None else 0
         host = 0
         if self.config.offload_optimizer and self._optimizer is not None:
             host = opt + sum(t.numel() * t.element_size() for t in self._optimizer._host_grads + self._optimizer._copies)
             opt = 0
-        full = [sum(f.padded * f.full.element_size() for f in u.flats) for u in self.units]
+        full = [sum(f.padded * f.full.element_size() for f in u.flats if not f.persistent) for u in self.units]
         gathered = full[-1] + sum(sorted(full[:-1], reverse=True)[:1 + self.config.prefetch])
         sent = 0
         for u in self.units:
             times = 1 if (u is self.units[-1] or not self.config.reshard_after_forward) else 2
             for f in u.flats:
                 e = f.shard.element_size()
-                sent += (self.world - 1) * f.k * e * (times + (1 if f.trainable else 0))
+                gathers = (1 if f.trainable else 0) if f.persistent else times  # persistent: once after a step
+                sent += (self.world - 1) * f.k * e * (gathers + (1 if f.trainable else 0))
         return ZeroMemory(parameters=params, gradients=grads, optimizer_states=opt, gathered=gathered,
                           communicated=sent, host_optimizer_states=host)
 

@@ -62,7 +62,7 @@ def _loss(model, x, y):
     return nn.functional.mse_loss(out.to(wide), y.to(wide))
 
 
-def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
+def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1, persist=0):
     if device == "cuda":
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
@@ -75,7 +75,7 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
     start = {k: v.clone() for k, v in model.state_dict().items()} if rank == 0 else None
     # 16-bit gradients are averaged in fp32 partial sums (reduce_dtype), as DDP users set it
     cfg = ZeroConfig(stage=stage, offload_optimizer=offload, reduce_bucket_mb=BUCKET_MB, timeout_s=30,
-                     reduce_dtype=torch.float32 if dtype != torch.float32 else None)
+                     reduce_dtype=torch.float32 if dtype != torch.float32 else None, param_persistence_threshold=persist)
     zmodel, opt = apply_zero(model, cfg, lr=1e-2, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
     fp16 = dtype == torch.float16
@@ -109,9 +109,10 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
             with zmodel.gather_parameters():
                 skipped_equal = (bool(opt.last_step_skipped)
                                  and all(torch.equal(a, b) for a, b in zip(before, model.parameters())))
+    at_rest = [p.numel() for p in model.parameters()]  # stage 3: persistent parameters stay whole
     with zmodel.gather_parameters():
         params = [p.detach().cpu().clone() for p in model.parameters()]
-    out = {"params": params, "memory": mem,
+    out = {"params": params, "memory": mem, "at_rest": at_rest,
            "skipped_equal": skipped_equal,
            "masters_on_host": all(m.data_ptr() != s.data_ptr() for m, s in zip(opt.masters,
                                                                                  zmodel.parameter_shards()))}
@@ -172,34 +173,47 @@ def _check_equal_to_single_process(results, dtype):
         assert_close_to_ref(r0["params"], r0["ref64"], r0["ref"], name="parameters after 10 steps")
 
 
-# (stage, dtype, offload, step with an overflow planted on rank 1 or -1). All run in one pair of
-# processes: starting two ranks and importing torch costs more than the 10 steps of a case.
+# (stage, dtype, offload, step with an overflow planted on rank 1 or -1, param_persistence_threshold).
+# All run in one pair of processes: starting two ranks and importing torch costs more than the 10
+# steps of a case.
 CASES = [
-    (1, torch.float32, False, -1),
-    (2, torch.float32, False, -1),
-    (3, torch.float32, False, -1),
-    (2, torch.float16, False, 3),
-    (3, torch.float16, False, 3),
-    (1, torch.float16, True, -1),
-    (2, torch.float16, True, -1),
-    (3, torch.float16, True, -1),
+    (1, torch.float32, False, -1, 0),
+    (2, torch.float32, False, -1, 0),
+    (3, torch.float32, False, -1, 0),
+    (2, torch.float16, False, 3, 0),
+    (3, torch.float16, False, 3, 0),
+    (1, torch.float16, True, -1, 0),
+    (2, torch.float16, True, -1, 0),
+    (3, torch.float16, True, -1, 0),
+    (3, torch.float32, False, -1, 40),  # biases (8 to 33 elements) whole, weights sharded
 ]
 
 
 def _train_cases(rank, world, cases, device="cpu"):
-    return [_train(rank, world, stage, dtype, offload, device, overflow) for stage, dtype, offload, overflow in cases]
+    return [_train(rank, world, stage, dtype, offload, device, overflow, persist)
+            for stage, dtype, offload, overflow, persist in cases]
 
 
 def _check_case(case, results):
-    stage, dtype, offload, overflow_step = case
+    stage, dtype, offload, overflow_step, persist = case
     _check_equal_to_single_process(results, dtype)
     if offload:
         assert all(r["masters_on_host"] for r in results)
     if overflow_step >= 0:  # every rank skipped that step and changed nothing, bit for bit
         assert all(r["skipped_equal"] for r in results)
     # the engine's allocations are what estimate_memory predicts
-    cfg = ZeroConfig(stage=stage, offload_optimizer=offload, reduce_bucket_mb=BUCKET_MB)
+    cfg = ZeroConfig(stage=stage, offload_optimizer=offload, reduce_bucket_mb=BUCKET_MB,
+                     param_persistence_threshold=persist)
     assert all(r["memory"] == estimate_memory(_mlp(dtype, blocks=stage == 3), cfg, 2) for r in results)
+    if stage == 3:
+        numels = [p.numel() for p in _mlp(dtype, blocks=True).parameters()]
+        assert all(r["at_rest"] == [n if n <= persist else 0 for n in numels] for r in results)
+    if persist:
+        # per rank, 2 ranks: each block's weights (32*33 + 33*32) halved and its biases (33 + 32, padded to
+        # 66) whole; the root's weights (24*32 + 32*8) halved and its biases (32 + 8) whole
+        m = results[0]["memory"]
+        assert m.parameters == 4 * (3 * (2112 // 2 + 66) + 1024 // 2 + 40), m
+        assert m.gathered == 4 * (1024 + 2 * 2112), m  # the root and two blocks, biases not included
 
 
 def test_every_stage_matches_single_process():
