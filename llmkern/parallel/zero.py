@@ -366,7 +366,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     bucket shards (schedulers and `lr` work as with any torch optimizer). Implements
     llmkern.optim.ScaledStepOptimizer, so DynamicLossScaler drives it without a host sync."""
 
-    def __init__(self, engine: ZeroModel | Zero3Model, optimizer_class=FusedAdamW, **optimizer_kwargs):
+    def __init__(self, engine: ZeroModel | Zero3Model, optimizer_class=FusedAdamW, param_groups=None,
+                 **optimizer_kwargs):
         offload = engine.config.offload_optimizer
         if offload:
             from llmkern.optim import CPUAdam
@@ -408,9 +409,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"apply_zero: the trainable parameters mix 16-bit and fp32 dtypes "
                              f"({sorted({str(s.dtype) for s in shards})}); give them one dtype")
         self._host_grads = [torch.zeros(m.numel(), dtype=torch.float32, device=host) for m in masters] if offload else []
-        super().__init__(masters, dict(probe.defaults))
-        # each param group's parameter names, as torch's get_state_dict names them in a checkpoint
-        self.group_names = [[n for n, p in engine.module.named_parameters() if p.requires_grad]]
+        self._masters = masters
+        # each param group's parameter names (registration order), as torch's get_state_dict names them
+        self.group_names, overrides = _param_groups(engine.module, param_groups, probe.defaults)
+        collectives.agree(engine.group, "apply_zero: ranks differ", timeout=engine.config.timeout_s,
+                          param_groups=[(names, sorted((k, str(v)) for k, v in o.items()))
+                                        for names, o in zip(self.group_names, overrides)])
+        # Several groups: group g steps the runs of its parameters' elements in every shard (views, so
+        # torch's schedulers and param_groups[g]["lr"] work as usual); one group steps whole shards.
+        self._runs = self._group_runs() if len(self.group_names) > 1 else [[(t, 0, m.numel()) for t, m in
+                                                                            enumerate(masters)]]
+        super().__init__([{**o, "params": list(masters) if len(self._runs) == 1 else
+                           [masters[t][lo:lo + n] for t, lo, n in runs]}
+                          for o, runs in zip(overrides, self._runs)], dict(probe.defaults))
         self.step_count = torch.zeros(1, dtype=torch.float32, device=host)
         for m in masters:
             st = self.state[m]
@@ -421,7 +432,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @property
     def masters(self) -> list[torch.Tensor]:
-        return self.param_groups[0]["params"]
+        """The fp32 master of every trainable shard (the shard itself for fp32 parameters), in shard order."""
+        return self._masters
+
+    def _group_runs(self) -> list[list[tuple[int, int, int]]]:
+        """Per param group: (shard index, offset, length) of the runs of its parameters' elements in this
+        rank's shards (adjacent parameters of one group merged; padding in none)."""
+        from llmkern.parallel.checkpoint import _pieces
+
+        group_of = {n: g for g, names in enumerate(self.group_names) for n in names}
+        runs: list[list[tuple[int, int, int]]] = [[] for _ in self.group_names]
+        flats = [f for f in self.engine.checkpoint_flats() if f["trainable"]]
+        for t, flat in enumerate(flats):
+            for i, _, lo, n in _pieces(flat["names"], flat["shapes"], flat["offsets"], flat["k"], self.engine.rank):
+                g = runs[group_of[flat["names"][i]]]
+                if g and g[-1][0] == t and g[-1][1] + g[-1][2] == lo:
+                    g[-1] = (t, g[-1][1], g[-1][2] + n)
+                else:
+                    g.append((t, lo, n))
+        return runs
 
     def state_bytes(self) -> int:
         """Bytes of fp32 masters (separate ones only) and moments this rank holds."""
@@ -470,25 +499,33 @@ class ZeroOptimizer(torch.optim.Optimizer):
             scalars = dataclasses.replace(scalars, found_inf=scalars.found_inf.to(self.host),
                                           grad_coef=scalars.grad_coef.to(self.host))
         advance_step_(self.step_count, scalars)
-        group = self.param_groups[0]
         keys = self.fused_update.state_keys
         masters = self.masters
-        seed = launch_seed(self.rounding_seed, 0, bool(self._copies))
         if getattr(self.fused_update, "state_rounding", "nearest") == "stochastic":
-            # Stochastic rounding draws bits keyed by each element's index in the unsharded launch (the
-            # trainable parameters concatenated in registration order): one launch per contiguous piece
-            # of a parameter in a shard, with element_offset = that piece's unsharded index.
+            # Stochastic rounding draws bits keyed by each element's index in the unsharded launch of its
+            # group (the group's parameters concatenated in registration order): one launch per contiguous
+            # piece of a parameter in a shard, with element_offset = that piece's unsharded index.
             for t, pieces in enumerate(self._unsharded_pieces()):
-                for lo, n, index in pieces:
+                for lo, n, index, g in pieces:
                     def cut(x, lo=lo, n=n):
                         return x[lo:lo + n]
                     m = masters[t]
-                    self.fused_update(group, [cut(m)], [cut(grads[t])], [[cut(self.state[m][k])] for k in keys],
+                    self.fused_update(self.param_groups[g], [cut(m)], [cut(grads[t])],
+                                      [[cut(self.state[m][k])] for k in keys],
                                       [cut(self._copies[t])] if self._copies else [], self.step_count, scalars,
-                                      rounding_seed=seed, element_offset=index)
+                                      rounding_seed=launch_seed(self.rounding_seed, g, bool(self._copies)),
+                                      element_offset=index)
         else:
-            self.fused_update(group, masters, grads, [[self.state[m][k] for m in masters] for k in keys],
-                              self._copies, self.step_count, scalars, rounding_seed=seed)
+            for g, (group, runs) in enumerate(zip(self.param_groups, self._runs)):
+                if not runs:
+                    continue
+
+                def cut(x, runs=runs):
+                    return [x[t][lo:lo + n] for t, lo, n in runs]
+                self.fused_update(group, cut(masters), cut(grads),
+                                  [cut([self.state[m][k] for m in masters]) for k in keys],
+                                  cut(self._copies) if self._copies else [], self.step_count, scalars,
+                                  rounding_seed=launch_seed(self.rounding_seed, g, bool(self._copies)))
         if self.offload:
             targets = e.parameter_shards()
             sources = self._copies if self._copies else masters
@@ -498,23 +535,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = device_scalars.found_inf.bool().reshape(())
         return loss
 
-    def _unsharded_pieces(self) -> list[list[tuple[int, int, int]]]:
-        """Per trainable shard: (offset in the shard, length, index in the unsharded concatenation of the
-        trainable parameters in registration order) of every piece of a parameter it holds."""
+    def _unsharded_pieces(self) -> list[list[tuple[int, int, int, int]]]:
+        """Per trainable shard: (offset in the shard, length, index in the unsharded concatenation of its
+        param group's parameters in registration order, the group) of every piece of a parameter it holds."""
         if self._pieces is None:
             from llmkern.parallel.checkpoint import _pieces
 
             e = self.engine
-            base, n = {}, 0
-            for name, p in e.module.named_parameters():
-                if p.requires_grad:
-                    base[name] = n
-                    n += math.prod(p.shape) if p.numel() else math.prod(_shape_of(e, name))
+            base, group_of = {}, {}
+            for g, names in enumerate(self.group_names):
+                n = 0
+                for name in names:
+                    base[name], group_of[name] = n, g
+                    n += math.prod(_shape_of(e, name))
             self._pieces = []
             for flat in e.checkpoint_flats():
                 if flat["trainable"]:
                     got = _pieces(flat["names"], flat["shapes"], flat["offsets"], flat["k"], e.rank)
-                    self._pieces.append([(slo, n, base[flat["names"][i]] + plo) for i, plo, slo, n in got])
+                    self._pieces.append([(slo, n, base[flat["names"][i]] + plo, group_of[flat["names"][i]])
+                                         for i, plo, slo, n in got])
         return self._pieces
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -536,16 +575,59 @@ def _shape_of(engine, name: str) -> tuple[int, ...]:
 
 
 def apply_zero(model: nn.Module, config: ZeroConfig | None = None, optimizer_class=FusedAdamW, mesh=None,
-               **optimizer_kwargs) -> tuple[ZeroModel, ZeroOptimizer]:
+               param_groups=None, **optimizer_kwargs) -> tuple[ZeroModel, ZeroOptimizer]:
     """Partitions `model`'s training state across the data-parallel group (`mesh`: a ProcessGroup, a 1-D
     DeviceMesh, a mesh axis name such as "dp", or None for the default group) as `config` says; returns
     (model, optimizer) as deepspeed.initialize does. optimizer_kwargs go to `optimizer_class` (lr,
-    betas, weight_decay, state_dtype, ...). A collective call: every rank of the group must make it."""
+    betas, weight_decay, state_dtype, ...). param_groups, as torch optimizers take them, e.g.
+    [{"params": weights}, {"params": norms_and_biases, "weight_decay": 0.0}]: every trainable parameter
+    in exactly one group, each group's keys overriding optimizer_kwargs (None: one group). A collective
+    call: every rank of the group must make it."""
     config = config if config is not None else ZeroConfig()
     if not isinstance(config, ZeroConfig):
         raise TypeError(f"apply_zero: config must be a ZeroConfig, got {type(config).__name__}")
+    if param_groups is not None:  # checked before anything is built (the optimizer checks the keys)
+        _param_groups(model, param_groups, None)
     engine = Zero3Model(model, config, mesh) if config.stage == 3 else ZeroModel(model, config, mesh)
-    return engine, ZeroOptimizer(engine, optimizer_class, **optimizer_kwargs)
+    return engine, ZeroOptimizer(engine, optimizer_class, param_groups, **optimizer_kwargs)
+
+
+def _param_groups(model: nn.Module, param_groups, defaults) -> tuple[list[list[str]], list[dict]]:
+    """(parameter names of each group in registration order, each group's hyperparameter overrides) of
+    torch-style `param_groups` over `model`'s trainable parameters; None: one group of all of them.
+    `defaults` (the optimizer's), when given, are the keys a group may set."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if param_groups is None:
+        return [[n for n, _ in trainable]], [{}]
+    if isinstance(param_groups, dict) or not all(isinstance(g, dict) and "params" in g for g in param_groups):
+        raise TypeError("apply_zero: param_groups must be a list of dicts, each with a 'params' entry (as torch "
+                        "optimizers take them)")
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    group_of: dict[str, int] = {}
+    overrides = []
+    for g, group in enumerate(param_groups):
+        params = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+        for p in params:
+            name = name_of.get(id(p))
+            if name is None:
+                raise ValueError(f"apply_zero: param_groups[{g}] holds a tensor of shape {tuple(p.shape)} that is "
+                                 f"not a parameter of the model")
+            if not p.requires_grad:
+                raise ValueError(f"apply_zero: param_groups[{g}] holds {name}, which is frozen (requires_grad=False)")
+            if name in group_of:
+                raise ValueError(f"apply_zero: {name} is in param_groups[{group_of[name]}] and param_groups[{g}]")
+            group_of[name] = g
+        extra = {k: v for k, v in group.items() if k != "params"}
+        unknown = sorted(set(extra) - set(defaults)) if defaults is not None else []
+        if unknown:
+            raise ValueError(f"apply_zero: param_groups[{g}] sets {unknown}, which the optimizer does not take "
+                             f"(it takes {sorted(defaults)})")
+        overrides.append(extra)
+    left = [n for n, _ in trainable if n not in group_of]
+    if left:
+        raise ValueError(f"apply_zero: trainable parameters {left[:5]}{' ...' if len(left) > 5 else ''} are in no "
+                         f"param group (every trainable parameter must be in exactly one)")
+    return [[n for n, _ in trainable if group_of[n] == g] for g in range(len(param_groups))], overrides
 
 
 # --- stage 3 -------------------------------------------------------------------------------------------

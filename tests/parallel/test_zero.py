@@ -62,7 +62,22 @@ def _loss(model, x, y):
     return nn.functional.mse_loss(out.to(wide), y.to(wide))
 
 
-def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1, persist=0):
+def _groups(model, groups):
+    """Two param groups as fine-tuning recipes set them (no weight decay and another lr on biases), or
+    one (optimizer keywords only)."""
+    if not groups:
+        return {}
+    params = list(model.parameters())
+    return {"param_groups": [{"params": [p for p in params if p.dim() > 1]},
+                             {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0, "lr": 3e-2}]}
+
+
+def _optimizer(cls, model, groups):
+    g = _groups(model, groups)
+    return cls(g["param_groups"] if g else model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1, persist=0, groups=False):
     if device == "cuda":
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
@@ -76,7 +91,7 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1, p
     # 16-bit gradients are averaged in fp32 partial sums (reduce_dtype), as DDP users set it
     cfg = ZeroConfig(stage=stage, offload_optimizer=offload, reduce_bucket_mb=BUCKET_MB, timeout_s=30,
                      reduce_dtype=torch.float32 if dtype != torch.float32 else None, param_persistence_threshold=persist)
-    zmodel, opt = apply_zero(model, cfg, lr=1e-2, weight_decay=0.1)
+    zmodel, opt = apply_zero(model, cfg, lr=1e-2, weight_decay=0.1, **_groups(model, groups))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
     fp16 = dtype == torch.float16
     scaler = DynamicLossScaler(init_scale=2.0 ** 10) if fp16 else None
@@ -117,7 +132,7 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1, p
            "masters_on_host": all(m.data_ptr() != s.data_ptr() for m, s in zip(opt.masters,
                                                                                  zmodel.parameter_shards()))}
     if rank == 0:
-        ref_opt = FusedAdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+        ref_opt = _optimizer(FusedAdamW, ref, groups)
         ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: 1.0 / (1 + 0.1 * s))
         ref_scaler = DynamicLossScaler(init_scale=2.0 ** 10) if fp16 else None
         for step in range(STEPS):
@@ -143,7 +158,7 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1, p
         out["ref"] = [p.detach().cpu() for p in ref.parameters()]
         if fp16:  # the oracle: the same training in fp64 (torch.optim.AdamW, torch's clip)
             ref64 = _mlp(torch.float64, blocks=stage == 3)
-            opt64 = torch.optim.AdamW(ref64.parameters(), lr=1e-2, weight_decay=0.1)
+            opt64 = _optimizer(torch.optim.AdamW, ref64, groups)
             sched64 = torch.optim.lr_scheduler.LambdaLR(opt64, lambda s: 1.0 / (1 + 0.1 * s))
             ref64.load_state_dict({k: v.double() for k, v in start.items()})
             for step in range(STEPS):
@@ -173,29 +188,33 @@ def _check_equal_to_single_process(results, dtype):
         assert_close_to_ref(r0["params"], r0["ref64"], r0["ref"], name="parameters after 10 steps")
 
 
-# (stage, dtype, offload, step with an overflow planted on rank 1 or -1, param_persistence_threshold).
+# (stage, dtype, offload, step with an overflow planted on rank 1 or -1, param_persistence_threshold,
+# two param groups).
 # All run in one pair of processes: starting two ranks and importing torch costs more than the 10
 # steps of a case.
 CASES = [
-    (1, torch.float32, False, -1, 0),
-    (2, torch.float32, False, -1, 0),
-    (3, torch.float32, False, -1, 0),
-    (2, torch.float16, False, 3, 0),
-    (3, torch.float16, False, 3, 0),
-    (1, torch.float16, True, -1, 0),
-    (2, torch.float16, True, -1, 0),
-    (3, torch.float16, True, -1, 0),
-    (3, torch.float32, False, -1, 40),  # biases (8 to 33 elements) whole, weights sharded
+    (1, torch.float32, False, -1, 0, False),
+    (2, torch.float32, False, -1, 0, False),
+    (3, torch.float32, False, -1, 0, False),
+    (2, torch.float16, False, 3, 0, False),
+    (3, torch.float16, False, 3, 0, False),
+    (1, torch.float16, True, -1, 0, False),
+    (2, torch.float16, True, -1, 0, False),
+    (3, torch.float16, True, -1, 0, False),
+    (3, torch.float32, False, -1, 40, False),  # biases (8 to 33 elements) whole, weights sharded
+    (2, torch.float32, False, -1, 0, True),
+    (3, torch.float32, False, -1, 0, True),
+    (1, torch.float16, True, -1, 0, True),
 ]
 
 
 def _train_cases(rank, world, cases, device="cpu"):
-    return [_train(rank, world, stage, dtype, offload, device, overflow, persist)
-            for stage, dtype, offload, overflow, persist in cases]
+    return [_train(rank, world, stage, dtype, offload, device, overflow, persist, groups)
+            for stage, dtype, offload, overflow, persist, groups in cases]
 
 
 def _check_case(case, results):
-    stage, dtype, offload, overflow_step, persist = case
+    stage, dtype, offload, overflow_step, persist, _ = case
     _check_equal_to_single_process(results, dtype)
     if offload:
         assert all(r["masters_on_host"] for r in results)
@@ -222,7 +241,7 @@ def test_every_stage_matches_single_process():
         try:
             _check_case(case, [r[i] for r in per_rank])
         except AssertionError as e:
-            raise AssertionError(f"stage {case[0]}, {case[1]}, offload={case[2]}: {e}") from e
+            raise AssertionError(f"case {case}: {e}") from e
 
 
 @pytest.mark.cuda
@@ -306,6 +325,13 @@ def _bad_input(rank, world):
     except ValueError as e:
         errors["config"] = str(e)
     model = _mlp(torch.float32)
+    for key, groups in (("ungrouped", [{"params": [model[0].weight]}]),
+                        ("twice", [{"params": [model[0].weight]}, {"params": list(model.parameters())}]),
+                        ("group key", [{"params": list(model.parameters()), "momentum": 0.9}])):
+        try:
+            apply_zero(model, ZeroConfig(stage=2, timeout_s=20), param_groups=groups)
+        except ValueError as e:
+            errors[key] = str(e)
     zmodel, opt = apply_zero(model, ZeroConfig(stage=2, timeout_s=20))
     model[0].weight.data = torch.zeros_like(model[0].weight)
     zmodel(torch.randn(2, 24)).sum().backward()
@@ -338,6 +364,9 @@ def test_bad_input_is_an_error_on_every_rank():
     for errors in run_distributed(_bad_input, 2, timeout=60):
         assert "rank 1 has config" in errors["config"] and "stage" in errors["config"]
         assert "parameter 0.weight was replaced" in errors["replaced"]
+        assert "['0.bias', '2.weight', '2.bias'] are in no param group" in errors["ungrouped"]
+        assert "0.weight is in param_groups[0] and param_groups[1]" in errors["twice"]
+        assert "param_groups[0] sets ['momentum']" in errors["group key"]
         assert "gather_parameters" in errors["unit"] and "layers.0" in errors["unit"]
         assert "disagree on call" in errors["skipped"] and "reduce_scatter (rank 0: all_gather)" in errors["skipped"]
 
