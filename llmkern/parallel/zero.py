@@ -462,8 +462,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
                          for k in self.fused_update.state_keys)
         return total
 
-    def _items(self):
-        return [(g, (self.engine.group,)) for g in self.engine.gradient_shards()]
+    def _local_items(self):
+        return [(g, ()) for g in self.engine.gradient_shards()]
+
+    def _global_sumsq(self) -> torch.Tensor:
+        """The sum of squares of every gradient element across the group: the local shards' sum, then one
+        all-reduce under the group's timeout that also exchanges its signature, so a rank that skipped
+        a step (and is at its next backward's reduce-scatter) makes every rank raise a ValueError naming
+        both calls instead of pairing this all-reduce with another collective or waiting forever."""
+        e = self.engine
+        sumsq = global_sumsq(self._local_items(), device=e.device, backend=self.fused_update.backend)
+        return collectives.all_reduce_(sumsq, e.group, op="sum", backend="torch" if sumsq.is_cuda else "ring",
+                                       check=True, timeout=e.config.timeout_s)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, *, grad_scale: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -471,7 +481,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         clip max_norm / (norm + 1e-6), when below 1, applies inside the next step()."""
         if not (isinstance(max_norm, (int, float)) and max_norm > 0):
             raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
-        sumsq = global_sumsq(self._items(), device=self.engine.device, backend=self.fused_update.backend)
+        sumsq = self._global_sumsq()
         self._pending_clip = (sumsq, float(max_norm))
         return grad_norm(sumsq, grad_scale)
 
@@ -488,9 +498,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         e.check_parameters()
         pending, self._pending_clip = self._pending_clip, None
         grads = e.gradient_shards()
-        scalars = step_scalars(self._items(), grad_scale=grad_scale, max_norm=pending[1] if pending else None,
-                               sumsq=pending[0] if pending else None, overflow_groups=overflow_groups,
-                               device=e.device, backend=self.fused_update.backend)
+        # The overflow flag is read from the global sum of squares (inf/nan on any rank makes it inf on
+        # every rank), reduced by _global_sumsq under the timeout: step_scalars gets the shards as local
+        # items and reduces the flag only over the caller's other groups (a loss scaler's) besides ours.
+        sumsq = pending[0] if pending else (self._global_sumsq() if grad_scale is not None else None)
+        mine = set(dist.get_process_group_ranks(e.group))
+        others = [g for g in overflow_groups
+                  if set(dist.get_process_group_ranks(g if g is not None else dist.group.WORLD)) != mine]
+        scalars = step_scalars(self._local_items(), grad_scale=grad_scale, max_norm=pending[1] if pending else None,
+                               sumsq=sumsq, overflow_groups=others, device=e.device,
+                               backend=self.fused_update.backend)
         device_scalars = scalars
         if self.offload:
             for h, g in zip(self._host_grads, grads):

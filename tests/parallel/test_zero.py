@@ -357,6 +357,17 @@ def _bad_input(rank, world):
             opt.zero_grad()
     except (RuntimeError, ValueError) as e:
         errors["skipped"] = str(e)
+    # the same with clipping: the first call that differs is the step scalars' all-reduce of the norm
+    zmodel, opt = apply_zero(_mlp(torch.float32), ZeroConfig(stage=2, reduce_bucket_mb=BUCKET_MB, timeout_s=10))
+    try:
+        for step in range(3):
+            zmodel(torch.randn(4, 24)).sum().backward()
+            if not (rank == 1 and step == 1):
+                opt.clip_grad_norm_(1.0)
+                opt.step()
+            opt.zero_grad()
+    except (RuntimeError, ValueError) as e:
+        errors["skipped_clip"] = str(e)
     return errors
 
 
@@ -369,6 +380,8 @@ def test_bad_input_is_an_error_on_every_rank():
         assert "param_groups[0] sets ['momentum']" in errors["group key"]
         assert "gather_parameters" in errors["unit"] and "layers.0" in errors["unit"]
         assert "disagree on call" in errors["skipped"] and "reduce_scatter (rank 0: all_gather)" in errors["skipped"]
+        assert "disagree on call" in errors["skipped_clip"]
+        assert "reduce_scatter (rank 0: all_reduce)" in errors["skipped_clip"]
 
 
 def _stochastic(rank, world, stage):
