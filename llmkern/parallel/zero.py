@@ -462,8 +462,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
                          for k in self.fused_update.state_keys)
         return total
 
-    def _local_items(self):
-        return [(g, ()) for g in self.engine.gradient_shards()]
+    def _items(self):
+        """(gradient shard, the groups it is sharded over) pairs for llmkern.optim.step_scalars."""
+        return [(g, (self.engine.group,)) for g in self.engine.gradient_shards()]
+
+    def _timed(self) -> bool:
+        """Whether the step scalars reduce over this engine's group alone (then under its timeout, see
+        _global_sumsq); a subclass whose _items name more groups (tp x dp) reduces them through
+        step_scalars."""
+        return type(self)._items is ZeroOptimizer._items
 
     def _global_sumsq(self) -> torch.Tensor:
         """The sum of squares of every gradient element across the group: the local shards' sum, then one
@@ -471,7 +478,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         a step (and is at its next backward's reduce-scatter) makes every rank raise a ValueError naming
         both calls instead of pairing this all-reduce with another collective or waiting forever."""
         e = self.engine
-        sumsq = global_sumsq(self._local_items(), device=e.device, backend=self.fused_update.backend)
+        if not self._timed():
+            return global_sumsq(self._items(), device=e.device, backend=self.fused_update.backend)
+        sumsq = global_sumsq([(g, ()) for g, _ in self._items()], device=e.device, backend=self.fused_update.backend)
         return collectives.all_reduce_(sumsq, e.group, op="sum", backend="torch" if sumsq.is_cuda else "ring",
                                        check=True, timeout=e.config.timeout_s)
 
@@ -501,13 +510,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # The overflow flag is read from the global sum of squares (inf/nan on any rank makes it inf on
         # every rank), reduced by _global_sumsq under the timeout: step_scalars gets the shards as local
         # items and reduces the flag only over the caller's other groups (a loss scaler's) besides ours.
-        sumsq = pending[0] if pending else (self._global_sumsq() if grad_scale is not None else None)
-        mine = set(dist.get_process_group_ranks(e.group))
-        others = [g for g in overflow_groups
-                  if set(dist.get_process_group_ranks(g if g is not None else dist.group.WORLD)) != mine]
-        scalars = step_scalars(self._local_items(), grad_scale=grad_scale, max_norm=pending[1] if pending else None,
-                               sumsq=sumsq, overflow_groups=others, device=e.device,
-                               backend=self.fused_update.backend)
+        if self._timed():
+            sumsq = pending[0] if pending else (self._global_sumsq() if grad_scale is not None else None)
+            mine = set(dist.get_process_group_ranks(e.group))
+            others = [g for g in overflow_groups
+                      if set(dist.get_process_group_ranks(g if g is not None else dist.group.WORLD)) != mine]
+            scalars = step_scalars([(g, ()) for g, _ in self._items()], grad_scale=grad_scale,
+                                   max_norm=pending[1] if pending else None, sumsq=sumsq, overflow_groups=others,
+                                   device=e.device, backend=self.fused_update.backend)
+        else:
+            scalars = step_scalars(self._items(), grad_scale=grad_scale, max_norm=pending[1] if pending else None,
+                                   sumsq=pending[0] if pending else None, overflow_groups=overflow_groups,
+                                   device=e.device, backend=self.fused_update.backend)
         device_scalars = scalars
         if self.offload:
             for h, g in zip(self._host_grads, grads):
@@ -797,6 +811,14 @@ class Zero3Model(nn.Module):
             for f in u.flats:
                 if f.trainable:
                     self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for p in f.params]
+        # state_dict() of the module (or of this wrapper) is whole tensors inside gather_parameters() and an
+        # error outside it, where parameters have 0 elements. FSDP2's state_dict() hands back sharded DTensors
+        # without communicating; llmkern's shards are 1-D pieces of flat buffers, not a tensor's rows, so
+        # the sharded form is save_checkpoint's. Gathering inside state_dict() would make it a collective
+        # that hangs when one rank calls it alone (the "save on rank 0" habit).
+        # (functions, not bound methods: torch marks the hooks it is given with an attribute)
+        self._hooks.append(module.register_state_dict_pre_hook(lambda *args: self._before_state_dict(*args)))
+        self._hooks.append(module.register_state_dict_post_hook(lambda *args: self._after_state_dict(*args)))
         self.trainable_flats = [f for u in self.units for f in u.flats if f.trainable]
         self.names = [n for f in self.trainable_flats for n in f.names]
         self.sync = True
@@ -805,6 +827,22 @@ class Zero3Model(nn.Module):
         self._backward_queued = False
         self.gathers = 0                      # all-gathers issued (one per flat), for tests and the bench
         self._optimizer = None
+
+    # --- state_dict -----------------------------------------------------------------------------------
+
+    def _before_state_dict(self, module, prefix, keep_vars) -> None:
+        sharded = [u.name or "<root>" for u in self.units
+                   if (not u.gathered and any(not f.persistent for f in u.flats)) or any(f.stale for f in u.flats)]
+        if sharded:
+            raise RuntimeError(f"ZeRO-3: state_dict() outside gather_parameters(): units {sharded} hold only this "
+                               f"rank's shards (their parameters have 0 elements at rest). On every rank, "
+                               f"`with model.gather_parameters(): sd = model.state_dict()` gives whole tensors "
+                               f"(copies); llmkern.parallel.save_checkpoint writes the sharded state")
+
+    def _after_state_dict(self, module, state_dict, prefix, local_metadata) -> None:
+        for key, value in state_dict.items():  # copies: the gathered buffers are freed on leaving the context
+            if key.startswith(prefix) and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                state_dict[key] = value.clone()
 
     # --- gathering -----------------------------------------------------------------------------------
 

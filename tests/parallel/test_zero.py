@@ -346,6 +346,16 @@ def _bad_input(rank, world):
         zmodel(torch.randn(2, 24))
     except IndexError as e:
         errors["unit"] = str(e)
+    for what, m in (("wrapper", zmodel), ("module", zmodel.module)):
+        try:
+            m.state_dict()
+        except RuntimeError as e:
+            errors[f"state_dict {what}"] = str(e)
+    with zmodel.gather_parameters():
+        whole = zmodel.module.state_dict()
+        errors["whole"] = {n: (tuple(t.shape), bool(torch.equal(t, p))) for n, p in zmodel.module.named_parameters()
+                           for t in [whole[n]]}
+    errors["kept"] = {n: tuple(t.shape) for n, t in whole.items()}  # copies, valid after the context
     zmodel.close()
     # rank 1 skips the optimizer step of step 1: its next reduce-scatter meets rank 0's all-gather
     zmodel, opt = apply_zero(_mlp(torch.float32), ZeroConfig(stage=2, reduce_bucket_mb=BUCKET_MB, timeout_s=10))
@@ -379,6 +389,11 @@ def test_bad_input_is_an_error_on_every_rank():
         assert "0.weight is in param_groups[0] and param_groups[1]" in errors["twice"]
         assert "param_groups[0] sets ['momentum']" in errors["group key"]
         assert "gather_parameters" in errors["unit"] and "layers.0" in errors["unit"]
+        for what in ("wrapper", "module"):  # stage 3's state_dict outside gather_parameters(): an error
+            assert "state_dict() outside gather_parameters()" in errors[f"state_dict {what}"]
+            assert "units ['layers.0', 'layers.1', 'layers.2']" in errors[f"state_dict {what}"]
+        shapes = {n: tuple(p.shape) for n, p in _Peek().named_parameters()}
+        assert errors["whole"] == {n: (sh, True) for n, sh in shapes.items()} and errors["kept"] == shapes
         assert "disagree on call" in errors["skipped"] and "reduce_scatter (rank 0: all_gather)" in errors["skipped"]
         assert "disagree on call" in errors["skipped_clip"]
         assert "reduce_scatter (rank 0: all_reduce)" in errors["skipped_clip"]
