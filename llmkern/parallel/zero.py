@@ -32,9 +32,10 @@ clips, updates masters and moments and writes the 16-bit parameter shard in one 
 bucket's parameter buffer is all-gathered in place, asynchronously: the next forward waits for it.
 
 Offload (`offload_optimizer=True`): masters and moments live in host memory and the update runs
-llmkern.optim.CPUAdam's C++ kernel there; reduced gradient shards are copied down to host fp32
-buffers and the updated 16-bit shards come back through host copy buffers (pinned when CUDA is
-usable). On a CPU-only machine the "device" is the CPU too; the host store is still separate
+llmkern.optim.CPUAdam's C++ kernel there; each reduced gradient shard is copied down to its host
+fp32 buffer as soon as its reduce-scatter ends (on the collective thread, while backward goes on;
+on CUDA at step()), and the updated 16-bit shards come back through host copy buffers (pinned when
+CUDA is usable). On a CPU-only machine the "device" is the CPU too; the host store is still separate
 memory (tests check the masters do not alias the parameters).
 
 Stage 3 (Zero3Model): every parameter, trainable or frozen, lives as this rank's shard of a flat
@@ -51,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 from typing import Literal
 
 import torch
@@ -171,6 +173,10 @@ class _ShardReducer:
         handle = collectives.reduce_scatter(bucket.data, out, e.group, op="avg",
                                             accumulate_dtype=e.config.reduce_dtype, backend=e.config.comm,
                                             async_op=True, check=bucket.spec.index == 0, timeout=e.config.timeout_s)
+        if e._optimizer is not None:
+            shard = out if out is not None else bucket.data[e.rank * e.shard_numel[bucket.spec.index]:
+                                                            (e.rank + 1) * e.shard_numel[bucket.spec.index]]
+            e._optimizer.stream_down(bucket.spec.index, shard, handle)
         if e.config.stage >= 2 and not bucket.data.is_cuda:
             handle.add_done_callback(lambda ok, data=bucket.data: ok and _free(data))
         return handle
@@ -409,6 +415,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"apply_zero: the trainable parameters mix 16-bit and fp32 dtypes "
                              f"({sorted({str(s.dtype) for s in shards})}); give them one dtype")
         self._host_grads = [torch.zeros(m.numel(), dtype=torch.float32, device=host) for m in masters] if offload else []
+        # Offload: each shard's host gradient copy, as the reduce-scatter that fills it finishes during
+        # backward (threading.Event set when copied; None: not streamed since the last step)
+        self._down: list[threading.Event | None] = [None] * len(self._host_grads)
+        self.streamed_down = 0  # gradient shards copied to the host during backward (tests, the bench)
         self._masters = masters
         # each param group's parameter names (registration order), as torch's get_state_dict names them
         self.group_names, overrides = _param_groups(engine.module, param_groups, probe.defaults)
@@ -461,6 +471,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
             total += sum(self.state[m][k].numel() * self.state[m][k].element_size()
                          for k in self.fused_update.state_keys)
         return total
+
+    def stream_down(self, t: int, shard: torch.Tensor, handle: collectives.Handle) -> None:
+        """Offload on the CPU: copies gradient shard t to its host fp32 buffer on the collective thread as soon
+        as the reduce-scatter `handle` is done, overlapped with the rest of backward; step() waits for it.
+        (A CUDA collective's callback runs at launch, before the data is there: step() copies those.)"""
+        if not self.offload or shard.is_cuda:
+            return
+        done = threading.Event()
+        self._down[t] = done
+
+        def down(ok: bool, t=t, shard=shard, done=done) -> None:
+            try:
+                if ok:
+                    self._host_grads[t].copy_(shard)
+                    self.streamed_down += 1
+            finally:
+                done.set()
+        handle.add_done_callback(down)
 
     def _items(self):
         """(gradient shard, the groups it is sharded over) pairs for llmkern.optim.step_scalars."""
@@ -524,8 +552,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                    device=e.device, backend=self.fused_update.backend)
         device_scalars = scalars
         if self.offload:
-            for h, g in zip(self._host_grads, grads):
-                h.copy_(g, non_blocking=True)
+            for t, (h, g) in enumerate(zip(self._host_grads, grads)):
+                done, self._down[t] = self._down[t], None
+                if done is None:
+                    h.copy_(g, non_blocking=True)
+                elif not done.wait(e.config.timeout_s + 60.0):
+                    raise RuntimeError(f"ZeRO offload: gradient shard {t} was not copied to the host within "
+                                       f"{e.config.timeout_s + 60.0:g} s of its reduce-scatter")
             grads = self._host_grads
             scalars = dataclasses.replace(scalars, found_inf=scalars.found_inf.to(self.host),
                                           grad_coef=scalars.grad_coef.to(self.host))
@@ -820,6 +853,7 @@ class Zero3Model(nn.Module):
         self._hooks.append(module.register_state_dict_pre_hook(lambda *args: self._before_state_dict(*args)))
         self._hooks.append(module.register_state_dict_post_hook(lambda *args: self._after_state_dict(*args)))
         self.trainable_flats = [f for u in self.units for f in u.flats if f.trainable]
+        self._trainable_index = {id(f): t for t, f in enumerate(self.trainable_flats)}
         self.names = [n for f in self.trainable_flats for n in f.names]
         self.sync = True
         self._order: list[int] = []          # unit indices in the order of the last forward
@@ -943,6 +977,8 @@ class Zero3Model(nn.Module):
                 h = collectives.reduce_scatter(f.grad_full, f.grad_shard, self.group, op="avg",
                                                accumulate_dtype=cfg.reduce_dtype, backend=cfg.comm, async_op=True,
                                                check=False, timeout=cfg.timeout_s)
+                if self._optimizer is not None:
+                    self._optimizer.stream_down(self._trainable_index[id(f)], f.grad_shard, h)
                 unit.reduced.append(h)
 
     def _queue_end_of_backward(self) -> None:

@@ -128,6 +128,9 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1, p
     with zmodel.gather_parameters():
         params = [p.detach().cpu().clone() for p in model.parameters()]
     out = {"params": params, "memory": mem, "at_rest": at_rest,
+           # offload: every gradient shard of every step went to the host store as its reduce-scatter ended,
+           # during backward (step() copies only what was not streamed, and does not count it)
+           "streamed": (opt.streamed_down, STEPS * len(opt.masters)) if offload and device == "cpu" else (0, 0),
            "skipped_equal": skipped_equal,
            "masters_on_host": all(m.data_ptr() != s.data_ptr() for m, s in zip(opt.masters,
                                                                                  zmodel.parameter_shards()))}
@@ -218,6 +221,7 @@ def _check_case(case, results):
     _check_equal_to_single_process(results, dtype)
     if offload:
         assert all(r["masters_on_host"] for r in results)
+        assert all(r["streamed"][0] == r["streamed"][1] > 0 for r in results), [r["streamed"] for r in results]
     if overflow_step >= 0:  # every rank skipped that step and changed nothing, bit for bit
         assert all(r["skipped_equal"] for r in results)
     # the engine's allocations are what estimate_memory predicts
