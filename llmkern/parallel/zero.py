@@ -650,8 +650,14 @@ def apply_zero(model: nn.Module, config: ZeroConfig | None = None, optimizer_cla
     config = config if config is not None else ZeroConfig()
     if not isinstance(config, ZeroConfig):
         raise TypeError(f"apply_zero: config must be a ZeroConfig, got {type(config).__name__}")
-    if param_groups is not None:  # checked before anything is built (the optimizer checks the keys)
-        _param_groups(model, param_groups, None)
+    if param_groups is not None:  # checked before anything is built
+        cls = optimizer_class
+        if config.offload_optimizer:
+            from llmkern.optim import CPUAdam
+            cls = CPUAdam if optimizer_class in (FusedAdamW, CPUAdam) else optimizer_class
+        keys = (cls([nn.Parameter(torch.zeros(1))], **optimizer_kwargs).defaults
+                if isinstance(cls, type) and issubclass(cls, MixedPrecisionOptimizer) else None)
+        _param_groups(model, param_groups, keys)
     engine = Zero3Model(model, config, mesh) if config.stage == 3 else ZeroModel(model, config, mesh)
     return engine, ZeroOptimizer(engine, optimizer_class, param_groups, **optimizer_kwargs)
 
@@ -852,6 +858,7 @@ class Zero3Model(nn.Module):
         # (functions, not bound methods: torch marks the hooks it is given with an attribute)
         self._hooks.append(module.register_state_dict_pre_hook(lambda *args: self._before_state_dict(*args)))
         self._hooks.append(module.register_state_dict_post_hook(lambda *args: self._after_state_dict(*args)))
+        self._hooks.append(module.register_load_state_dict_pre_hook(lambda *args: self._before_load_state_dict()))
         self.trainable_flats = [f for u in self.units for f in u.flats if f.trainable]
         self._trainable_index = {id(f): t for t, f in enumerate(self.trainable_flats)}
         self.names = [n for f in self.trainable_flats for n in f.names]
@@ -872,6 +879,11 @@ class Zero3Model(nn.Module):
                                f"rank's shards (their parameters have 0 elements at rest). On every rank, "
                                f"`with model.gather_parameters(): sd = model.state_dict()` gives whole tensors "
                                f"(copies); llmkern.parallel.save_checkpoint writes the sharded state")
+
+    def _before_load_state_dict(self) -> None:
+        raise RuntimeError("ZeRO-3: load_state_dict() would write the whole copies gather_parameters() frees on "
+                           "exit, not the shards (and fp32 masters) the optimizer steps; load the weights before "
+                           "apply_zero, or a checkpoint with llmkern.parallel.load_checkpoint")
 
     def _after_state_dict(self, module, state_dict, prefix, local_metadata) -> None:
         for key, value in state_dict.items():  # copies: the gathered buffers are freed on leaving the context
