@@ -260,6 +260,8 @@ def load_checkpoint(directory, model, optimizer=None, **extra) -> dict:
         want[key] = value
     if optimizer is not None and step_key is None:
         missing.append("optim.state.<name>.step")
+    # a parameter of another shape has optimizer states of that shape too: name the parameters alone
+    mismatched = [m for m in mismatched if m.startswith("model.")] or mismatched
     if missing or mismatched:
         raise ValueError(f"load_checkpoint({directory}): the checkpoint does not fit this model: "
                          + (f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "")

@@ -193,6 +193,16 @@ def _fsdp2_round_trip(rank, world, directory):
     into_zero &= zopt.param_groups[0]["lr"] == 1e-2 and float(zopt.step_count) == 2.0
     save_checkpoint(f"{directory}/zero3", zmodel, zopt)
     zmodel.close()
+    # another model (a wider head) is refused before anything is read, naming the parameter and both shapes
+    other = _model(seed=7)
+    other.head = nn.Linear(32, 9)
+    zother, oother = apply_zero(other, ZeroConfig(stage=3, timeout_s=30), lr=1e-2)
+    try:
+        load_checkpoint(f"{directory}/fsdp2", zother, oother)
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    zother.close()
     # llmkern ZeRO-3 -> FSDP2 (a fresh model and optimizer), as torch users load: get_state_dict, dcp.load
     # (the optimizer keeps its own param groups), set_state_dict
     model2, opt2 = _fsdp2(9, mesh)
@@ -200,13 +210,15 @@ def _fsdp2_round_trip(rank, world, directory):
     dcp.load({"model": msd2, "optim": {"state": osd2["state"]}}, checkpoint_id=f"{directory}/zero3")
     set_state_dict(model2, opt2, model_state_dict=msd2, optim_state_dict=osd2)
     back = _whole(model2, opt2)
-    return {"into_zero": into_zero, "keys": sorted(ref) == sorted(back),
+    return {"into_zero": into_zero, "keys": sorted(ref) == sorted(back), "refused": refused,
             "back": all(torch.equal(back[k], t) for k, t in ref.items())}
 
 
 def test_fsdp2_checkpoint_loads_into_zero3_and_back(tmp_path):
     for r in run_distributed(_fsdp2_round_trip, 2, (str(tmp_path),), timeout=90):
         assert r["into_zero"] and r["keys"] and r["back"], r
+        assert "shapes differ: ['model.head.weight: [8, 32] saved, [9, 32] here', 'model.head.bias: [8] saved, " \
+               "[9] here'" in r["refused"], r["refused"]
 
 
 def test_boxes_cover_a_flat_range_in_order():
