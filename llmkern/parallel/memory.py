@@ -103,8 +103,9 @@ def _state_bytes(e: int, state_dtype: torch.dtype) -> int:
 
 def _estimate_stage3(model: nn.Module, config: ZeroConfig, n: int, param_dtype, state_dtype) -> ZeroMemory:
     """Stage 3 of a module: the engine's units (zero.stage3_units), each holding one flat buffer per
-    (dtype, trainable) padded to a multiple of n; the root unit is gathered once per step, the others
-    twice (forward, backward) unless reshard_after_forward is off."""
+    (dtype, trainable, persistent) padded to a multiple of n; the root unit is gathered once per step, the
+    others twice (forward, backward) unless reshard_after_forward is off; persistent flats (parameters of
+    at most param_persistence_threshold elements) are held whole and gathered once after a step."""
     units = zero.stage3_units(model)
     params = grads = states = sent = 0
     full = []
@@ -112,12 +113,17 @@ def _estimate_stage3(model: nn.Module, config: ZeroConfig, n: int, param_dtype, 
         unit_full = 0
         root = u == len(units) - 1
         times = 1 if root or not config.reshard_after_forward else 2
-        for (dtype, trainable), group in zero._flat_groups(named):
+        for (dtype, trainable, persistent), group in zero._flat_groups(named, config.param_persistence_threshold):
             e = torch.empty((), dtype=param_dtype or dtype).element_size()
             k = -(-sum(p.numel() for _, p in group) // n)
-            unit_full += k * n * e
-            params += k * e
-            sent += (n - 1) * k * e * (times + int(trainable))
+            if persistent:  # whole on every rank, gathered once after a step when trainable
+                params += k * n * e
+                gathers = int(trainable)
+            else:
+                unit_full += k * n * e
+                params += k * e
+                gathers = times
+            sent += (n - 1) * k * e * (gathers + int(trainable))
             if trainable:
                 grads += k * e
                 states += k * _state_bytes(e, state_dtype)
@@ -126,7 +132,7 @@ def _estimate_stage3(model: nn.Module, config: ZeroConfig, n: int, param_dtype, 
     host = 0
     if config.offload_optimizer:  # as for stages 1 and 2 (estimate_memory), on the trainable shards
         for named in zero._unit_params(model, units):
-            for (dtype, trainable), group in zero._flat_groups(named):
+            for (dtype, trainable, _), group in zero._flat_groups(named, config.param_persistence_threshold):
                 if trainable:
                     e = torch.empty((), dtype=param_dtype or dtype).element_size()
                     k = -(-sum(p.numel() for _, p in group) // n)

@@ -32,9 +32,10 @@ clips, updates masters and moments and writes the 16-bit parameter shard in one 
 bucket's parameter buffer is all-gathered in place, asynchronously: the next forward waits for it.
 
 Offload (`offload_optimizer=True`): masters and moments live in host memory and the update runs
-llmkern.optim.CPUAdam's C++ kernel there; reduced gradient shards are copied down to host fp32
-buffers and the updated 16-bit shards come back through host copy buffers (pinned when CUDA is
-usable). On a CPU-only machine the "device" is the CPU too; the host store is still separate
+llmkern.optim.CPUAdam's C++ kernel there; each reduced gradient shard is copied down to its host
+fp32 buffer as soon as its reduce-scatter ends (on the collective thread, while backward goes on;
+on CUDA at step()), and the updated 16-bit shards come back through host copy buffers (pinned when
+CUDA is usable). On a CPU-only machine the "device" is the CPU too; the host store is still separate
 memory (tests check the masters do not alias the parameters).
 
 Stage 3 (Zero3Model): every parameter, trainable or frozen, lives as this rank's shard of a flat
@@ -51,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 from typing import Literal
 
 import torch
@@ -87,6 +89,13 @@ class ZeroConfig:
     """Stage 3: free a unit's gathered parameters after its forward (gathered again for backward); False
     keeps them until the unit's backward, trading memory for one all-gather per unit."""
 
+    param_persistence_threshold: int = 0
+    """Stage 3: parameters of at most this many elements (biases, norm weights) stay whole on every rank,
+    as DeepSpeed's stage3_param_persistence_threshold: never gathered or freed around a unit, all-gathered
+    once after each optimizer step; their gradients and optimizer states are still sharded. Gathering a
+    33-element bias costs a collective's latency for 132 bytes; keeping it whole costs (N-1)/N of those
+    bytes. 0: every parameter sharded."""
+
     reduce_dtype: torch.dtype | None = None
     """Dtype of the partial sums of the gradient reduction, e.g. torch.float32 for bf16 gradients;
     None reduces in the gradients' own dtype."""
@@ -106,6 +115,10 @@ class ZeroConfig:
             raise ValueError(f"ZeroConfig.reduce_bucket_mb must be > 0, got {self.reduce_bucket_mb!r}")
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ValueError(f"ZeroConfig.prefetch must be an int >= 0, got {self.prefetch!r}")
+        if (isinstance(self.param_persistence_threshold, bool) or not isinstance(self.param_persistence_threshold, int)
+                or self.param_persistence_threshold < 0):
+            raise ValueError(f"ZeroConfig.param_persistence_threshold must be an int >= 0, got "
+                             f"{self.param_persistence_threshold!r}")
         if self.reduce_dtype is not None and not (isinstance(self.reduce_dtype, torch.dtype)
                                                   and self.reduce_dtype.is_floating_point):
             raise ValueError(f"ZeroConfig.reduce_dtype must be a floating-point torch.dtype or None, got "
@@ -160,6 +173,10 @@ class _ShardReducer:
         handle = collectives.reduce_scatter(bucket.data, out, e.group, op="avg",
                                             accumulate_dtype=e.config.reduce_dtype, backend=e.config.comm,
                                             async_op=True, check=bucket.spec.index == 0, timeout=e.config.timeout_s)
+        if e._optimizer is not None:
+            shard = out if out is not None else bucket.data[e.rank * e.shard_numel[bucket.spec.index]:
+                                                            (e.rank + 1) * e.shard_numel[bucket.spec.index]]
+            e._optimizer.stream_down(bucket.spec.index, shard, handle)
         if e.config.stage >= 2 and not bucket.data.is_cuda:
             handle.add_done_callback(lambda ok, data=bucket.data: ok and _free(data))
         return handle
@@ -355,7 +372,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     bucket shards (schedulers and `lr` work as with any torch optimizer). Implements
     llmkern.optim.ScaledStepOptimizer, so DynamicLossScaler drives it without a host sync."""
 
-    def __init__(self, engine: ZeroModel | Zero3Model, optimizer_class=FusedAdamW, **optimizer_kwargs):
+    def __init__(self, engine: ZeroModel | Zero3Model, optimizer_class=FusedAdamW, param_groups=None,
+                 **optimizer_kwargs):
         offload = engine.config.offload_optimizer
         if offload:
             from llmkern.optim import CPUAdam
@@ -397,7 +415,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"apply_zero: the trainable parameters mix 16-bit and fp32 dtypes "
                              f"({sorted({str(s.dtype) for s in shards})}); give them one dtype")
         self._host_grads = [torch.zeros(m.numel(), dtype=torch.float32, device=host) for m in masters] if offload else []
-        super().__init__(masters, dict(probe.defaults))
+        # Offload: each shard's host gradient copy, as the reduce-scatter that fills it finishes during
+        # backward (threading.Event set when copied; None: not streamed since the last step)
+        self._down: list[threading.Event | None] = [None] * len(self._host_grads)
+        self.streamed_down = 0  # gradient shards copied to the host during backward (tests, the bench)
+        self._masters = masters
+        # each param group's parameter names (registration order), as torch's get_state_dict names them
+        self.group_names, overrides = _param_groups(engine.module, param_groups, probe.defaults)
+        collectives.agree(engine.group, "apply_zero: ranks differ", timeout=engine.config.timeout_s,
+                          param_groups=[(names, sorted((k, str(v)) for k, v in o.items()))
+                                        for names, o in zip(self.group_names, overrides)])
+        # Several groups: group g steps the runs of its parameters' elements in every shard (views, so
+        # torch's schedulers and param_groups[g]["lr"] work as usual); one group steps whole shards.
+        self._runs = self._group_runs() if len(self.group_names) > 1 else [[(t, 0, m.numel()) for t, m in
+                                                                            enumerate(masters)]]
+        super().__init__([{**o, "params": list(masters) if len(self._runs) == 1 else
+                           [masters[t][lo:lo + n] for t, lo, n in runs]}
+                          for o, runs in zip(overrides, self._runs)], dict(probe.defaults))
         self.step_count = torch.zeros(1, dtype=torch.float32, device=host)
         for m in masters:
             st = self.state[m]
@@ -408,7 +442,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @property
     def masters(self) -> list[torch.Tensor]:
-        return self.param_groups[0]["params"]
+        """The fp32 master of every trainable shard (the shard itself for fp32 parameters), in shard order."""
+        return self._masters
+
+    def _group_runs(self) -> list[list[tuple[int, int, int]]]:
+        """Per param group: (shard index, offset, length) of the runs of its parameters' elements in this
+        rank's shards (adjacent parameters of one group merged; padding in none)."""
+        from llmkern.parallel.checkpoint import _pieces
+
+        group_of = {n: g for g, names in enumerate(self.group_names) for n in names}
+        runs: list[list[tuple[int, int, int]]] = [[] for _ in self.group_names]
+        flats = [f for f in self.engine.checkpoint_flats() if f["trainable"]]
+        for t, flat in enumerate(flats):
+            for i, _, lo, n in _pieces(flat["names"], flat["shapes"], flat["offsets"], flat["k"], self.engine.rank):
+                g = runs[group_of[flat["names"][i]]]
+                if g and g[-1][0] == t and g[-1][1] + g[-1][2] == lo:
+                    g[-1] = (t, g[-1][1], g[-1][2] + n)
+                else:
+                    g.append((t, lo, n))
+        return runs
 
     def state_bytes(self) -> int:
         """Bytes of fp32 masters (separate ones only) and moments this rank holds."""
@@ -420,8 +472,45 @@ class ZeroOptimizer(torch.optim.Optimizer):
                          for k in self.fused_update.state_keys)
         return total
 
+    def stream_down(self, t: int, shard: torch.Tensor, handle: collectives.Handle) -> None:
+        """Offload on the CPU: copies gradient shard t to its host fp32 buffer on the collective thread as soon
+        as the reduce-scatter `handle` is done, overlapped with the rest of backward; step() waits for it.
+        (A CUDA collective's callback runs at launch, before the data is there: step() copies those.)"""
+        if not self.offload or shard.is_cuda:
+            return
+        done = threading.Event()
+        self._down[t] = done
+
+        def down(ok: bool, t=t, shard=shard, done=done) -> None:
+            try:
+                if ok:
+                    self._host_grads[t].copy_(shard)
+                    self.streamed_down += 1
+            finally:
+                done.set()
+        handle.add_done_callback(down)
+
     def _items(self):
+        """(gradient shard, the groups it is sharded over) pairs for llmkern.optim.step_scalars."""
         return [(g, (self.engine.group,)) for g in self.engine.gradient_shards()]
+
+    def _timed(self) -> bool:
+        """Whether the step scalars reduce over this engine's group alone (then under its timeout, see
+        _global_sumsq); a subclass whose _items name more groups (tp x dp) reduces them through
+        step_scalars."""
+        return type(self)._items is ZeroOptimizer._items
+
+    def _global_sumsq(self) -> torch.Tensor:
+        """The sum of squares of every gradient element across the group: the local shards' sum, then one
+        all-reduce under the group's timeout that also exchanges its signature, so a rank that skipped
+        a step (and is at its next backward's reduce-scatter) makes every rank raise a ValueError naming
+        both calls instead of pairing this all-reduce with another collective or waiting forever."""
+        e = self.engine
+        if not self._timed():
+            return global_sumsq(self._items(), device=e.device, backend=self.fused_update.backend)
+        sumsq = global_sumsq([(g, ()) for g, _ in self._items()], device=e.device, backend=self.fused_update.backend)
+        return collectives.all_reduce_(sumsq, e.group, op="sum", backend="torch" if sumsq.is_cuda else "ring",
+                                       check=True, timeout=e.config.timeout_s)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, *, grad_scale: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -429,7 +518,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         clip max_norm / (norm + 1e-6), when below 1, applies inside the next step()."""
         if not (isinstance(max_norm, (int, float)) and max_norm > 0):
             raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
-        sumsq = global_sumsq(self._items(), device=self.engine.device, backend=self.fused_update.backend)
+        sumsq = self._global_sumsq()
         self._pending_clip = (sumsq, float(max_norm))
         return grad_norm(sumsq, grad_scale)
 
@@ -446,36 +535,61 @@ class ZeroOptimizer(torch.optim.Optimizer):
         e.check_parameters()
         pending, self._pending_clip = self._pending_clip, None
         grads = e.gradient_shards()
-        scalars = step_scalars(self._items(), grad_scale=grad_scale, max_norm=pending[1] if pending else None,
-                               sumsq=pending[0] if pending else None, overflow_groups=overflow_groups,
-                               device=e.device, backend=self.fused_update.backend)
+        # The overflow flag is read from the global sum of squares (inf/nan on any rank makes it inf on
+        # every rank), reduced by _global_sumsq under the timeout: step_scalars gets the shards as local
+        # items and reduces the flag only over the caller's other groups (a loss scaler's) besides ours.
+        if self._timed():
+            sumsq = pending[0] if pending else (self._global_sumsq() if grad_scale is not None else None)
+            mine = set(dist.get_process_group_ranks(e.group))
+            others = [g for g in overflow_groups
+                      if set(dist.get_process_group_ranks(g if g is not None else dist.group.WORLD)) != mine]
+            scalars = step_scalars([(g, ()) for g, _ in self._items()], grad_scale=grad_scale,
+                                   max_norm=pending[1] if pending else None, sumsq=sumsq, overflow_groups=others,
+                                   device=e.device, backend=self.fused_update.backend)
+        else:
+            scalars = step_scalars(self._items(), grad_scale=grad_scale, max_norm=pending[1] if pending else None,
+                                   sumsq=pending[0] if pending else None, overflow_groups=overflow_groups,
+                                   device=e.device, backend=self.fused_update.backend)
         device_scalars = scalars
         if self.offload:
-            for h, g in zip(self._host_grads, grads):
-                h.copy_(g, non_blocking=True)
+            for t, (h, g) in enumerate(zip(self._host_grads, grads)):
+                done, self._down[t] = self._down[t], None
+                if done is None:
+                    h.copy_(g, non_blocking=True)
+                elif not done.wait(e.config.timeout_s + 60.0):
+                    raise RuntimeError(f"ZeRO offload: gradient shard {t} was not copied to the host within "
+                                       f"{e.config.timeout_s + 60.0:g} s of its reduce-scatter")
             grads = self._host_grads
             scalars = dataclasses.replace(scalars, found_inf=scalars.found_inf.to(self.host),
                                           grad_coef=scalars.grad_coef.to(self.host))
         advance_step_(self.step_count, scalars)
-        group = self.param_groups[0]
         keys = self.fused_update.state_keys
         masters = self.masters
-        seed = launch_seed(self.rounding_seed, 0, bool(self._copies))
         if getattr(self.fused_update, "state_rounding", "nearest") == "stochastic":
-            # Stochastic rounding draws bits keyed by each element's index in the unsharded launch (the
-            # trainable parameters concatenated in registration order): one launch per contiguous piece
-            # of a parameter in a shard, with element_offset = that piece's unsharded index.
+            # Stochastic rounding draws bits keyed by each element's index in the unsharded launch of its
+            # group (the group's parameters concatenated in registration order): one launch per contiguous
+            # piece of a parameter in a shard, with element_offset = that piece's unsharded index.
             for t, pieces in enumerate(self._unsharded_pieces()):
-                for lo, n, index in pieces:
+                for lo, n, index, g in pieces:
                     def cut(x, lo=lo, n=n):
                         return x[lo:lo + n]
                     m = masters[t]
-                    self.fused_update(group, [cut(m)], [cut(grads[t])], [[cut(self.state[m][k])] for k in keys],
+                    self.fused_update(self.param_groups[g], [cut(m)], [cut(grads[t])],
+                                      [[cut(self.state[m][k])] for k in keys],
                                       [cut(self._copies[t])] if self._copies else [], self.step_count, scalars,
-                                      rounding_seed=seed, element_offset=index)
+                                      rounding_seed=launch_seed(self.rounding_seed, g, bool(self._copies)),
+                                      element_offset=index)
         else:
-            self.fused_update(group, masters, grads, [[self.state[m][k] for m in masters] for k in keys],
-                              self._copies, self.step_count, scalars, rounding_seed=seed)
+            for g, (group, runs) in enumerate(zip(self.param_groups, self._runs)):
+                if not runs:
+                    continue
+
+                def cut(x, runs=runs):
+                    return [x[t][lo:lo + n] for t, lo, n in runs]
+                self.fused_update(group, cut(masters), cut(grads),
+                                  [cut([self.state[m][k] for m in masters]) for k in keys],
+                                  cut(self._copies) if self._copies else [], self.step_count, scalars,
+                                  rounding_seed=launch_seed(self.rounding_seed, g, bool(self._copies)))
         if self.offload:
             targets = e.parameter_shards()
             sources = self._copies if self._copies else masters
@@ -485,23 +599,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = device_scalars.found_inf.bool().reshape(())
         return loss
 
-    def _unsharded_pieces(self) -> list[list[tuple[int, int, int]]]:
-        """Per trainable shard: (offset in the shard, length, index in the unsharded concatenation of the
-        trainable parameters in registration order) of every piece of a parameter it holds."""
+    def _unsharded_pieces(self) -> list[list[tuple[int, int, int, int]]]:
+        """Per trainable shard: (offset in the shard, length, index in the unsharded concatenation of its
+        param group's parameters in registration order, the group) of every piece of a parameter it holds."""
         if self._pieces is None:
             from llmkern.parallel.checkpoint import _pieces
 
             e = self.engine
-            base, n = {}, 0
-            for name, p in e.module.named_parameters():
-                if p.requires_grad:
-                    base[name] = n
-                    n += math.prod(p.shape) if p.numel() else math.prod(_shape_of(e, name))
+            base, group_of = {}, {}
+            for g, names in enumerate(self.group_names):
+                n = 0
+                for name in names:
+                    base[name], group_of[name] = n, g
+                    n += math.prod(_shape_of(e, name))
             self._pieces = []
             for flat in e.checkpoint_flats():
                 if flat["trainable"]:
                     got = _pieces(flat["names"], flat["shapes"], flat["offsets"], flat["k"], e.rank)
-                    self._pieces.append([(slo, n, base[flat["names"][i]] + plo) for i, plo, slo, n in got])
+                    self._pieces.append([(slo, n, base[flat["names"][i]] + plo, group_of[flat["names"][i]])
+                                         for i, plo, slo, n in got])
         return self._pieces
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -523,16 +639,65 @@ def _shape_of(engine, name: str) -> tuple[int, ...]:
 
 
 def apply_zero(model: nn.Module, config: ZeroConfig | None = None, optimizer_class=FusedAdamW, mesh=None,
-               **optimizer_kwargs) -> tuple[ZeroModel, ZeroOptimizer]:
+               param_groups=None, **optimizer_kwargs) -> tuple[ZeroModel, ZeroOptimizer]:
     """Partitions `model`'s training state across the data-parallel group (`mesh`: a ProcessGroup, a 1-D
     DeviceMesh, a mesh axis name such as "dp", or None for the default group) as `config` says; returns
     (model, optimizer) as deepspeed.initialize does. optimizer_kwargs go to `optimizer_class` (lr,
-    betas, weight_decay, state_dtype, ...). A collective call: every rank of the group must make it."""
+    betas, weight_decay, state_dtype, ...). param_groups, as torch optimizers take them, e.g.
+    [{"params": weights}, {"params": norms_and_biases, "weight_decay": 0.0}]: every trainable parameter
+    in exactly one group, each group's keys overriding optimizer_kwargs (None: one group). A collective
+    call: every rank of the group must make it."""
     config = config if config is not None else ZeroConfig()
     if not isinstance(config, ZeroConfig):
         raise TypeError(f"apply_zero: config must be a ZeroConfig, got {type(config).__name__}")
+    if param_groups is not None:  # checked before anything is built
+        cls = optimizer_class
+        if config.offload_optimizer:
+            from llmkern.optim import CPUAdam
+            cls = CPUAdam if optimizer_class in (FusedAdamW, CPUAdam) else optimizer_class
+        keys = (cls([nn.Parameter(torch.zeros(1))], **optimizer_kwargs).defaults
+                if isinstance(cls, type) and issubclass(cls, MixedPrecisionOptimizer) else None)
+        _param_groups(model, param_groups, keys)
     engine = Zero3Model(model, config, mesh) if config.stage == 3 else ZeroModel(model, config, mesh)
-    return engine, ZeroOptimizer(engine, optimizer_class, **optimizer_kwargs)
+    return engine, ZeroOptimizer(engine, optimizer_class, param_groups, **optimizer_kwargs)
+
+
+def _param_groups(model: nn.Module, param_groups, defaults) -> tuple[list[list[str]], list[dict]]:
+    """(parameter names of each group in registration order, each group's hyperparameter overrides) of
+    torch-style `param_groups` over `model`'s trainable parameters; None: one group of all of them.
+    `defaults` (the optimizer's), when given, are the keys a group may set."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if param_groups is None:
+        return [[n for n, _ in trainable]], [{}]
+    if isinstance(param_groups, dict) or not all(isinstance(g, dict) and "params" in g for g in param_groups):
+        raise TypeError("apply_zero: param_groups must be a list of dicts, each with a 'params' entry (as torch "
+                        "optimizers take them)")
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    group_of: dict[str, int] = {}
+    overrides = []
+    for g, group in enumerate(param_groups):
+        params = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+        for p in params:
+            name = name_of.get(id(p))
+            if name is None:
+                raise ValueError(f"apply_zero: param_groups[{g}] holds a tensor of shape {tuple(p.shape)} that is "
+                                 f"not a parameter of the model")
+            if not p.requires_grad:
+                raise ValueError(f"apply_zero: param_groups[{g}] holds {name}, which is frozen (requires_grad=False)")
+            if name in group_of:
+                raise ValueError(f"apply_zero: {name} is in param_groups[{group_of[name]}] and param_groups[{g}]")
+            group_of[name] = g
+        extra = {k: v for k, v in group.items() if k != "params"}
+        unknown = sorted(set(extra) - set(defaults)) if defaults is not None else []
+        if unknown:
+            raise ValueError(f"apply_zero: param_groups[{g}] sets {unknown}, which the optimizer does not take "
+                             f"(it takes {sorted(defaults)})")
+        overrides.append(extra)
+    left = [n for n, _ in trainable if n not in group_of]
+    if left:
+        raise ValueError(f"apply_zero: trainable parameters {left[:5]}{' ...' if len(left) > 5 else ''} are in no "
+                         f"param group (every trainable parameter must be in exactly one)")
+    return [[n for n, _ in trainable if group_of[n] == g] for g in range(len(param_groups))], overrides
 
 
 # --- stage 3 -------------------------------------------------------------------------------------------
@@ -564,19 +729,22 @@ def _unit_params(model: nn.Module, units) -> list[list[tuple[str, nn.Parameter]]
     return out
 
 
-def _flat_groups(named: list[tuple[str, nn.Parameter]]):
-    """A unit's parameters split by (dtype, trainable), each group one flat buffer, in registration order."""
-    keyed: dict[tuple[torch.dtype, bool], list[tuple[str, nn.Parameter]]] = {}
+def _flat_groups(named: list[tuple[str, nn.Parameter]], persistence_threshold: int = 0):
+    """A unit's parameters split by (dtype, trainable, persistent: at most `persistence_threshold` elements),
+    each group one flat buffer, in registration order."""
+    keyed: dict[tuple[torch.dtype, bool, bool], list[tuple[str, nn.Parameter]]] = {}
     for n, p in named:
-        keyed.setdefault((p.dtype, p.requires_grad), []).append((n, p))
-    return sorted(keyed.items(), key=lambda kv: (not kv[0][1], str(kv[0][0])))
+        keyed.setdefault((p.dtype, p.requires_grad, p.numel() <= persistence_threshold), []).append((n, p))
+    return sorted(keyed.items(), key=lambda kv: (not kv[0][1], kv[0][2], str(kv[0][0])))
 
 
 class _Flat:
     """One unit's parameters of one dtype, trainable or frozen: a full buffer (storage freed at rest), this
     rank's shard of it, and for trainable ones the full gradient (during backward) and its reduced shard."""
 
-    def __init__(self, named, world: int, rank: int, device):
+    def __init__(self, named, world: int, rank: int, device, persistent: bool = False):
+        self.persistent = persistent  # the full buffer stays allocated; `stale` after a step until gathered
+        self.stale = False
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.shapes = [p.shape for p in self.params]
@@ -660,13 +828,16 @@ class Zero3Model(nn.Module):
         with torch.no_grad():
             for u, ((uname, m), params) in enumerate(zip(units, per_unit)):
                 flats = []
-                for _, group_named in _flat_groups(params):
-                    f = _Flat(group_named, self.world, self.rank, self.device)
+                for (_, _, persistent), group_named in _flat_groups(params, config.param_persistence_threshold):
+                    f = _Flat(group_named, self.world, self.rank, self.device, persistent)
                     for i, p in enumerate(f.params):
                         f.view(f.full, i).copy_(p.detach())
                     f.shard = f.own(f.full).clone()
-                    _free(f.full)
-                    f.detach_params()
+                    if persistent:
+                        f.attach()
+                    else:
+                        _free(f.full)
+                        f.detach_params()
                     flats.append(f)
                 self.units.append(_Unit(u, uname, m, flats))
         self._unit_of_module = {id(u.module): u for u in self.units[:-1]}
@@ -679,7 +850,17 @@ class Zero3Model(nn.Module):
             for f in u.flats:
                 if f.trainable:
                     self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for p in f.params]
+        # state_dict() of the module (or of this wrapper) is whole tensors inside gather_parameters() and an
+        # error outside it, where parameters have 0 elements. FSDP2's state_dict() hands back sharded DTensors
+        # without communicating; llmkern's shards are 1-D pieces of flat buffers, not a tensor's rows, so
+        # the sharded form is save_checkpoint's. Gathering inside state_dict() would make it a collective
+        # that hangs when one rank calls it alone (the "save on rank 0" habit).
+        # (functions, not bound methods: torch marks the hooks it is given with an attribute)
+        self._hooks.append(module.register_state_dict_pre_hook(lambda *args: self._before_state_dict(*args)))
+        self._hooks.append(module.register_state_dict_post_hook(lambda *args: self._after_state_dict(*args)))
+        self._hooks.append(module.register_load_state_dict_pre_hook(lambda *args: self._before_load_state_dict()))
         self.trainable_flats = [f for u in self.units for f in u.flats if f.trainable]
+        self._trainable_index = {id(f): t for t, f in enumerate(self.trainable_flats)}
         self.names = [n for f in self.trainable_flats for n in f.names]
         self.sync = True
         self._order: list[int] = []          # unit indices in the order of the last forward
@@ -688,14 +869,40 @@ class Zero3Model(nn.Module):
         self.gathers = 0                      # all-gathers issued (one per flat), for tests and the bench
         self._optimizer = None
 
+    # --- state_dict -----------------------------------------------------------------------------------
+
+    def _before_state_dict(self, module, prefix, keep_vars) -> None:
+        sharded = [u.name or "<root>" for u in self.units
+                   if (not u.gathered and any(not f.persistent for f in u.flats)) or any(f.stale for f in u.flats)]
+        if sharded:
+            raise RuntimeError(f"ZeRO-3: state_dict() outside gather_parameters(): units {sharded} hold only this "
+                               f"rank's shards (their parameters have 0 elements at rest). On every rank, "
+                               f"`with model.gather_parameters(): sd = model.state_dict()` gives whole tensors "
+                               f"(copies); llmkern.parallel.save_checkpoint writes the sharded state")
+
+    def _before_load_state_dict(self) -> None:
+        raise RuntimeError("ZeRO-3: load_state_dict() would write the whole copies gather_parameters() frees on "
+                           "exit, not the shards (and fp32 masters) the optimizer steps; load the weights before "
+                           "apply_zero, or a checkpoint with llmkern.parallel.load_checkpoint")
+
+    def _after_state_dict(self, module, state_dict, prefix, local_metadata) -> None:
+        for key, value in state_dict.items():  # copies: the gathered buffers are freed on leaving the context
+            if key.startswith(prefix) and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                state_dict[key] = value.clone()
+
     # --- gathering -----------------------------------------------------------------------------------
 
     def _gather(self, unit: _Unit, wait: bool = True) -> None:
         if not unit.gathered:
             cfg = self.config
             for f in unit.flats:
-                f.full.untyped_storage().resize_(f.padded * f.full.element_size())
-                f.attach()
+                if f.persistent:
+                    if not f.stale:
+                        continue
+                    f.stale = False
+                else:
+                    f.full.untyped_storage().resize_(f.padded * f.full.element_size())
+                    f.attach()
                 unit.pending.append(collectives.all_gather(f.shard, f.full, self.group, backend=cfg.comm,
                                                            async_op=True, check=unit is self.units[-1],
                                                            timeout=cfg.timeout_s))
@@ -710,8 +917,9 @@ class Zero3Model(nn.Module):
         if unit.gathered:
             self._gather(unit, wait=True)  # an all-gather still writing must finish first
             for f in unit.flats:
-                f.detach_params()
-                _free(f.full)
+                if not f.persistent:
+                    f.detach_params()
+                    _free(f.full)
             unit.gathered = False
 
     def _prefetch_after(self, unit: _Unit, backward: bool) -> None:
@@ -781,6 +989,8 @@ class Zero3Model(nn.Module):
                 h = collectives.reduce_scatter(f.grad_full, f.grad_shard, self.group, op="avg",
                                                accumulate_dtype=cfg.reduce_dtype, backend=cfg.comm, async_op=True,
                                                check=False, timeout=cfg.timeout_s)
+                if self._optimizer is not None:
+                    self._optimizer.stream_down(self._trainable_index[id(f)], f.grad_shard, h)
                 unit.reduced.append(h)
 
     def _queue_end_of_backward(self) -> None:
@@ -869,7 +1079,10 @@ class Zero3Model(nn.Module):
         return [f.grad_shard for f in self.trainable_flats]
 
     def gather_parameters_async(self) -> None:
-        pass  # stage 3 gathers each unit when it runs
+        """After a step: the persistent flats' shards changed; their units gather them when next used."""
+        for u in self.units:
+            for f in u.flats:
+                f.stale |= f.persistent and f.trainable
 
     def checkpoint_flats(self) -> list[dict]:
         """Each unit's flats as llmkern.parallel.checkpoint reads them (see ZeroModel.checkpoint_flats)."""
@@ -881,6 +1094,8 @@ class Zero3Model(nn.Module):
         """A checkpoint wrote this rank's shards; units gathered before it are stale and released."""
         for u in self.units:
             self._release(u)
+            for f in u.flats:
+                f.stale |= f.persistent
 
     def zero_grad(self) -> None:
         for f in self.trainable_flats:
@@ -890,21 +1105,22 @@ class Zero3Model(nn.Module):
 
     def memory(self) -> ZeroMemory:
         flats = [f for u in self.units for f in u.flats]
-        params = sum(f.k * f.shard.element_size() for f in flats)
+        params = sum((f.padded if f.persistent else f.k) * f.shard.element_size() for f in flats)
         grads = sum(f.k * f.shard.element_size() for f in self.trainable_flats)
         opt = self._optimizer.state_bytes() if self._optimizer is not None else 0
         host = 0
         if self.config.offload_optimizer and self._optimizer is not None:
             host = opt + sum(t.numel() * t.element_size() for t in self._optimizer._host_grads + self._optimizer._copies)
             opt = 0
-        full = [sum(f.padded * f.full.element_size() for f in u.flats) for u in self.units]
+        full = [sum(f.padded * f.full.element_size() for f in u.flats if not f.persistent) for u in self.units]
         gathered = full[-1] + sum(sorted(full[:-1], reverse=True)[:1 + self.config.prefetch])
         sent = 0
         for u in self.units:
             times = 1 if (u is self.units[-1] or not self.config.reshard_after_forward) else 2
             for f in u.flats:
                 e = f.shard.element_size()
-                sent += (self.world - 1) * f.k * e * (times + (1 if f.trainable else 0))
+                gathers = (1 if f.trainable else 0) if f.persistent else times  # persistent: once after a step
+                sent += (self.world - 1) * f.k * e * (gathers + (1 if f.trainable else 0))
         return ZeroMemory(parameters=params, gradients=grads, optimizer_states=opt, gathered=gathered,
                           communicated=sent, host_optimizer_states=host)
 

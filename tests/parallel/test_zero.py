@@ -62,7 +62,22 @@ def _loss(model, x, y):
     return nn.functional.mse_loss(out.to(wide), y.to(wide))
 
 
-def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
+def _groups(model, groups):
+    """Two param groups as fine-tuning recipes set them (no weight decay and another lr on biases), or
+    one (optimizer keywords only)."""
+    if not groups:
+        return {}
+    params = list(model.parameters())
+    return {"param_groups": [{"params": [p for p in params if p.dim() > 1]},
+                             {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0, "lr": 3e-2}]}
+
+
+def _optimizer(cls, model, groups):
+    g = _groups(model, groups)
+    return cls(g["param_groups"] if g else model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1, persist=0, groups=False):
     if device == "cuda":
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
@@ -75,8 +90,8 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
     start = {k: v.clone() for k, v in model.state_dict().items()} if rank == 0 else None
     # 16-bit gradients are averaged in fp32 partial sums (reduce_dtype), as DDP users set it
     cfg = ZeroConfig(stage=stage, offload_optimizer=offload, reduce_bucket_mb=BUCKET_MB, timeout_s=30,
-                     reduce_dtype=torch.float32 if dtype != torch.float32 else None)
-    zmodel, opt = apply_zero(model, cfg, lr=1e-2, weight_decay=0.1)
+                     reduce_dtype=torch.float32 if dtype != torch.float32 else None, param_persistence_threshold=persist)
+    zmodel, opt = apply_zero(model, cfg, lr=1e-2, weight_decay=0.1, **_groups(model, groups))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
     fp16 = dtype == torch.float16
     scaler = DynamicLossScaler(init_scale=2.0 ** 10) if fp16 else None
@@ -109,14 +124,18 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
             with zmodel.gather_parameters():
                 skipped_equal = (bool(opt.last_step_skipped)
                                  and all(torch.equal(a, b) for a, b in zip(before, model.parameters())))
+    at_rest = [p.numel() for p in model.parameters()]  # stage 3: persistent parameters stay whole
     with zmodel.gather_parameters():
         params = [p.detach().cpu().clone() for p in model.parameters()]
-    out = {"params": params, "memory": mem,
+    out = {"params": params, "memory": mem, "at_rest": at_rest,
+           # offload: every gradient shard of every step went to the host store as its reduce-scatter ended,
+           # during backward (step() copies only what was not streamed, and does not count it)
+           "streamed": (opt.streamed_down, STEPS * len(opt.masters) if offload and device == "cpu" else 0),
            "skipped_equal": skipped_equal,
            "masters_on_host": all(m.data_ptr() != s.data_ptr() for m, s in zip(opt.masters,
                                                                                  zmodel.parameter_shards()))}
     if rank == 0:
-        ref_opt = FusedAdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+        ref_opt = _optimizer(FusedAdamW, ref, groups)
         ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: 1.0 / (1 + 0.1 * s))
         ref_scaler = DynamicLossScaler(init_scale=2.0 ** 10) if fp16 else None
         for step in range(STEPS):
@@ -142,7 +161,7 @@ def _train(rank, world, stage, dtype, offload, device="cpu", overflow_step=-1):
         out["ref"] = [p.detach().cpu() for p in ref.parameters()]
         if fp16:  # the oracle: the same training in fp64 (torch.optim.AdamW, torch's clip)
             ref64 = _mlp(torch.float64, blocks=stage == 3)
-            opt64 = torch.optim.AdamW(ref64.parameters(), lr=1e-2, weight_decay=0.1)
+            opt64 = _optimizer(torch.optim.AdamW, ref64, groups)
             sched64 = torch.optim.lr_scheduler.LambdaLR(opt64, lambda s: 1.0 / (1 + 0.1 * s))
             ref64.load_state_dict({k: v.double() for k, v in start.items()})
             for step in range(STEPS):
@@ -172,34 +191,52 @@ def _check_equal_to_single_process(results, dtype):
         assert_close_to_ref(r0["params"], r0["ref64"], r0["ref"], name="parameters after 10 steps")
 
 
-# (stage, dtype, offload, step with an overflow planted on rank 1 or -1). All run in one pair of
-# processes: starting two ranks and importing torch costs more than the 10 steps of a case.
+# (stage, dtype, offload, step with an overflow planted on rank 1 or -1, param_persistence_threshold,
+# two param groups).
+# All run in one pair of processes: starting two ranks and importing torch costs more than the 10
+# steps of a case.
 CASES = [
-    (1, torch.float32, False, -1),
-    (2, torch.float32, False, -1),
-    (3, torch.float32, False, -1),
-    (2, torch.float16, False, 3),
-    (3, torch.float16, False, 3),
-    (1, torch.float16, True, -1),
-    (2, torch.float16, True, -1),
-    (3, torch.float16, True, -1),
+    (1, torch.float32, False, -1, 0, False),
+    (2, torch.float32, False, -1, 0, False),
+    (3, torch.float32, False, -1, 0, False),
+    (2, torch.float16, False, 3, 0, False),
+    (3, torch.float16, False, 3, 0, False),
+    (1, torch.float16, True, -1, 0, False),
+    (2, torch.float16, True, -1, 0, False),
+    (3, torch.float16, True, -1, 0, False),
+    (3, torch.float32, False, -1, 40, False),  # biases (8 to 33 elements) whole, weights sharded
+    (2, torch.float32, False, -1, 0, True),
+    (3, torch.float32, False, -1, 0, True),
+    (1, torch.float16, True, -1, 0, True),
 ]
 
 
 def _train_cases(rank, world, cases, device="cpu"):
-    return [_train(rank, world, stage, dtype, offload, device, overflow) for stage, dtype, offload, overflow in cases]
+    return [_train(rank, world, stage, dtype, offload, device, overflow, persist, groups)
+            for stage, dtype, offload, overflow, persist, groups in cases]
 
 
 def _check_case(case, results):
-    stage, dtype, offload, overflow_step = case
+    stage, dtype, offload, overflow_step, persist, _ = case
     _check_equal_to_single_process(results, dtype)
     if offload:
         assert all(r["masters_on_host"] for r in results)
+        assert all(r["streamed"][0] == r["streamed"][1] for r in results), [r["streamed"] for r in results]
     if overflow_step >= 0:  # every rank skipped that step and changed nothing, bit for bit
         assert all(r["skipped_equal"] for r in results)
     # the engine's allocations are what estimate_memory predicts
-    cfg = ZeroConfig(stage=stage, offload_optimizer=offload, reduce_bucket_mb=BUCKET_MB)
+    cfg = ZeroConfig(stage=stage, offload_optimizer=offload, reduce_bucket_mb=BUCKET_MB,
+                     param_persistence_threshold=persist)
     assert all(r["memory"] == estimate_memory(_mlp(dtype, blocks=stage == 3), cfg, 2) for r in results)
+    if stage == 3:
+        numels = [p.numel() for p in _mlp(dtype, blocks=True).parameters()]
+        assert all(r["at_rest"] == [n if n <= persist else 0 for n in numels] for r in results)
+    if persist:
+        # per rank, 2 ranks: each block's weights (32*33 + 33*32) halved and its biases (33 + 32, padded to
+        # 66) whole; the root's weights (24*32 + 32*8) halved and its biases (32 + 8) whole
+        m = results[0]["memory"]
+        assert m.parameters == 4 * (3 * (2112 // 2 + 66) + 1024 // 2 + 40), m
+        assert m.gathered == 4 * (1024 + 2 * 2112), m  # the root and two blocks, biases not included
 
 
 def test_every_stage_matches_single_process():
@@ -208,7 +245,7 @@ def test_every_stage_matches_single_process():
         try:
             _check_case(case, [r[i] for r in per_rank])
         except AssertionError as e:
-            raise AssertionError(f"stage {case[0]}, {case[1]}, offload={case[2]}: {e}") from e
+            raise AssertionError(f"case {case}: {e}") from e
 
 
 @pytest.mark.cuda
@@ -292,6 +329,13 @@ def _bad_input(rank, world):
     except ValueError as e:
         errors["config"] = str(e)
     model = _mlp(torch.float32)
+    for key, groups in (("ungrouped", [{"params": [model[0].weight]}]),
+                        ("twice", [{"params": [model[0].weight]}, {"params": list(model.parameters())}]),
+                        ("group key", [{"params": list(model.parameters()), "momentum": 0.9}])):
+        try:
+            apply_zero(model, ZeroConfig(stage=2, timeout_s=20), param_groups=groups)
+        except ValueError as e:
+            errors[key] = str(e)
     zmodel, opt = apply_zero(model, ZeroConfig(stage=2, timeout_s=20))
     model[0].weight.data = torch.zeros_like(model[0].weight)
     zmodel(torch.randn(2, 24)).sum().backward()
@@ -306,6 +350,21 @@ def _bad_input(rank, world):
         zmodel(torch.randn(2, 24))
     except IndexError as e:
         errors["unit"] = str(e)
+    for what, m in (("wrapper", zmodel), ("module", zmodel.module)):
+        try:
+            m.state_dict()
+        except RuntimeError as e:
+            errors[f"state_dict {what}"] = str(e)
+    with zmodel.gather_parameters():
+        whole = zmodel.module.state_dict()
+        errors["whole"] = {n: (tuple(t.shape), bool(torch.equal(t, p))) for n, p in zmodel.module.named_parameters()
+                           for t in [whole[n]]}
+    errors["kept"] = {n: tuple(t.shape) for n, t in whole.items()}  # copies, valid after the context
+    try:
+        with zmodel.gather_parameters():
+            zmodel.module.load_state_dict(whole)
+    except RuntimeError as e:
+        errors["load_state_dict"] = str(e)
     zmodel.close()
     # rank 1 skips the optimizer step of step 1: its next reduce-scatter meets rank 0's all-gather
     zmodel, opt = apply_zero(_mlp(torch.float32), ZeroConfig(stage=2, reduce_bucket_mb=BUCKET_MB, timeout_s=10))
@@ -317,6 +376,17 @@ def _bad_input(rank, world):
             opt.zero_grad()
     except (RuntimeError, ValueError) as e:
         errors["skipped"] = str(e)
+    # the same with clipping: the first call that differs is the step scalars' all-reduce of the norm
+    zmodel, opt = apply_zero(_mlp(torch.float32), ZeroConfig(stage=2, reduce_bucket_mb=BUCKET_MB, timeout_s=10))
+    try:
+        for step in range(3):
+            zmodel(torch.randn(4, 24)).sum().backward()
+            if not (rank == 1 and step == 1):
+                opt.clip_grad_norm_(1.0)
+                opt.step()
+            opt.zero_grad()
+    except (RuntimeError, ValueError) as e:
+        errors["skipped_clip"] = str(e)
     return errors
 
 
@@ -324,8 +394,19 @@ def test_bad_input_is_an_error_on_every_rank():
     for errors in run_distributed(_bad_input, 2, timeout=60):
         assert "rank 1 has config" in errors["config"] and "stage" in errors["config"]
         assert "parameter 0.weight was replaced" in errors["replaced"]
+        assert "['0.bias', '2.weight', '2.bias'] are in no param group" in errors["ungrouped"]
+        assert "0.weight is in param_groups[0] and param_groups[1]" in errors["twice"]
+        assert "param_groups[0] sets ['momentum']" in errors["group key"]
         assert "gather_parameters" in errors["unit"] and "layers.0" in errors["unit"]
+        for what in ("wrapper", "module"):  # stage 3's state_dict outside gather_parameters(): an error
+            assert "state_dict() outside gather_parameters()" in errors[f"state_dict {what}"]
+            assert "units ['layers.0', 'layers.1', 'layers.2']" in errors[f"state_dict {what}"]
+        shapes = {n: tuple(p.shape) for n, p in _Peek().named_parameters()}
+        assert errors["whole"] == {n: (sh, True) for n, sh in shapes.items()} and errors["kept"] == shapes
+        assert "load_state_dict() would write the whole copies" in errors["load_state_dict"]
         assert "disagree on call" in errors["skipped"] and "reduce_scatter (rank 0: all_gather)" in errors["skipped"]
+        assert "disagree on call" in errors["skipped_clip"]
+        assert "reduce_scatter (rank 0: all_reduce)" in errors["skipped_clip"]
 
 
 def _stochastic(rank, world, stage):
