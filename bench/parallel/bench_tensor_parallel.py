@@ -23,10 +23,11 @@ Llama (hidden 256, 4 layers, 8 heads / 4 key-value heads, vocabulary 2048; globa
 llmkern.parallel.parallelize at tp2 x pp2 (1F1B, 4 micro-batches) and tp2 x dp2 (DDP), against the
 same step of the dense model in one process on the whole global batch. The single process runs on
 rank 0 while the other ranks wait at a barrier (it has the machine to itself, as a single-process run
-would); each parallel step is timed as the maximum over ranks. Ratios: single-process time / 3D time
-(the speed-up of the layout; no goal: the 4 one-thread ranks share the 2 cores of these machines
-with the single process's one thread, so the figure is bounded by the cores more than by the layout). The losses
-of the first step agree with the single process (checked, printed). Writes tensor_parallel_3d_w4.
+would); each parallel step is timed as the maximum over ranks. Ratios: single-process time / 3D
+time (the speed-up of the layout; no goal: the 4 one-thread ranks share the 2 cores of these
+machines with the single process's one thread, so the figure is bounded by the cores more than by
+the layout). The first step's losses agree with the single process's (checked, printed). Rank 0
+writes tensor_parallel_3d_w4.
 """
 from __future__ import annotations
 
