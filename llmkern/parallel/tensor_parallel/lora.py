@@ -22,10 +22,11 @@ row-parallel rank holds dense columns [c0, c0 + valid) of the C_in-wide input an
 col_offset=c0, row_stride=C_in: it draws exactly those columns of the single-device mask, so a tp run
 equals a 1-rank run with the same seed. The seed is drawn from torch's CPU generator as LoRALinear
 draws it, an int64 tensor (no .item(): no device sync, no graph break), the same on every tp rank.
-A rank whose block ends in padding (C_in not a multiple of tp: the last rank, whose padding inputs and
-weight columns are 0) runs the op on its `valid` dense columns only, since the counter of a padding
-column would be the next row's first one; the slices of x and of the frozen weight are copies on that
-rank (C_out·valid elements a call), never on a layout tp divides.
+A rank whose block ends in padding (C_in not a multiple of tp: the last ranks, whose padding inputs
+and weight columns are 0) runs the op on its `valid` dense columns only (none at all is a valid
+call: the product is 0), since the counter of a padding column would be the next row's first one;
+the op makes the column slices of x and of the frozen weight contiguous on those ranks (C_out·valid
+elements a call), never on a layout tp divides.
 apply_tensor_parallel's report (TensorParallelReport.lora) names the kernel and the mask slice of
 every LoRA layer.
 """
