@@ -13,8 +13,7 @@ ranks forked from the server after its one-time 4 s start. With dozens of distri
 is minutes against seconds. Spawn semantics are kept where they matter: each rank gets the
 parent's os.environ as it is at the call (the server's own environment is the one it started
 with), and sys.path and the main module are prepared as for spawn. Environment variables read
-only when torch or transformers is imported (MKL_*, OMP_* tuning, TRANSFORMERS_*) come from the
-first call: the server also preloads the transformers models the tests build (_PRELOAD).
+only when torch is imported (MKL_*, OMP_* tuning) come from the first call.
 
 Ports: the parent hosts the rendezvous TCPStore itself on port 0, so the kernel picks a port that
 is already bound and held for the whole run. Picking a "free" port, closing it and letting rank 0
@@ -41,15 +40,6 @@ import torch
 import torch.distributed as dist
 
 _HOST = "127.0.0.1"
-
-# Modules the forkserver imports once, so that every rank forked from it has them. Besides torch, the
-# two transformers architectures the engines' tests build (Llama, GPT-2): importing them pulls in
-# torch._dynamo and torch.distributed.tensor and costs 3.5 s of CPU per rank here, so 8 ranks spent
-# 28 s of CPU (63-72 s of wall time at load 16) importing before the first step of a world-8 test
-# whose 3 training steps took 0.1 s. The server pays it once. A module that is not installed is
-# skipped (multiprocessing's forkserver ignores ImportError in its preload).
-_PRELOAD = ("torch", "torch.distributed", "transformers.models.llama.modeling_llama",
-            "transformers.models.gpt2.modeling_gpt2")
 
 # A rank that has sent its result still has to exit; gloo teardown takes well under a second
 # here, so 10 s only matters for a rank wedged in an atexit hook, which is then killed.
@@ -146,7 +136,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), *, timeout: float = 1
                         f"not a lambda or nested function): {type(e).__name__}: {e}") from e
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(_PRELOAD))  # used when the server first starts
+    ctx.set_forkserver_preload(["torch", "torch.distributed"])  # used when the server first starts
     # wait_for_workers=False: the store only serves; the ranks rendezvous through it themselves.
     store = dist.TCPStore(_HOST, 0, world_size=None, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=startup_timeout + timeout))
