@@ -4,8 +4,8 @@ Each rank builds the dense layer from the same seed, keeps its slice (ColumnPara
 and friends) and runs forward and backward; the split outputs and gradients are all-gathered
 (gather_full) and judged against the dense layer in fp64 by the 2x/3x rule, with the dense layer in
 the same dtype as the baseline. Sizes include ones tp divides (64) and ones it does not (97 and 33:
-padded), non-contiguous and empty inputs, fp32 and bf16. Replicated results must also be bitwise
-equal on every rank. One run per world size computes every case; the tests read it.
+padded), non-contiguous and empty inputs, fp32 and bf16; LoRA with dropout runs on column and row
+shards. Replicated results must also be bitwise equal on every rank. One run per world size computes every case; the tests read it.
 """
 from __future__ import annotations
 
@@ -181,10 +181,62 @@ def _cross_entropy_cases(rank, world, pg, out):
     out["cross_entropy_all_ignored"] = (loss.item(), z.grad.abs().max().item())
 
 
+def _lora(c_in: int, c_out: int, dtype, seed: int):
+    """A LoRALinear with dropout 0.25 and a non-zero B (B = 0 would hide A's gradient and the mask)."""
+    from llmkern.nn import LoRALinear
+
+    torch.manual_seed(seed)
+    m = LoRALinear(c_in, c_out, r=3, alpha=6, dropout=0.25, dtype=torch.float64)
+    with torch.no_grad():
+        m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    return m.to(dtype)
+
+
+def _factors(m) -> list[torch.Tensor]:
+    return [m.lora_A.weight, m.lora_B.weight]
+
+
+def _lora_cases(rank, world, pg, out):
+    """LoRA with dropout 0.25 on column- and row-parallel layers: the same seed draws the single-device
+    mask on a column shard and its columns on a row shard (col_offset/row_stride of the fused op), so
+    output and every factor's gradient equal the dense LoRALinear's. C_in 9 at tp 4 leaves the last row
+    rank no dense column (per rank 3, rank 3 all padding); 33 pads the last block (tp 2: 17 + 16)."""
+    from llmkern.parallel.tensor_parallel import (ColumnParallelLoRALinear, RowParallelLoRALinear, ShardLayout,
+                                                  gather_full)
+
+    gen = torch.Generator().manual_seed(13)
+    for c_in, c_out in ((33, 20), (9, 12)):
+        x = _noncontiguous((2, 5, c_in), gen)
+        gy = torch.randn(2, 5, c_out, generator=gen)
+        for dtype in DTYPES:
+            tag = f"{c_in}x{c_out}/{str(dtype)[6:]}"
+            ref_m, base_m = _lora(c_in, c_out, torch.float64, c_in), _lora(c_in, c_out, dtype, c_in)
+            torch.manual_seed(1)  # the dropout seed each forward draws
+            ref = _fwd_bwd(ref_m, [_leaf(x, torch.float64)], gy.double(), _factors(ref_m))
+            torch.manual_seed(1)
+            base = _fwd_bwd(base_m, [_leaf(x, dtype)], gy.to(dtype), _factors(base_m))
+            col = ColumnParallelLoRALinear.from_lora(base_m, pg)
+            lay = ShardLayout(c_out, world, rank, 2)
+            torch.manual_seed(1)
+            y, (gx, ga, gb) = _fwd_bwd(col, [_leaf(x, dtype)], lay.shard(gy.to(dtype)), _factors(col))
+            _record(out, f"lora/column/{tag}/y", gather_full(y, lay, pg), ref[0], base[0])
+            _record(out, f"lora/column/{tag}/grads", [gx, ga, gather_full(gb, col.layout, pg)], ref[1], base[1],
+                    grad=True)
+            row = RowParallelLoRALinear.from_lora(base_m, pg)
+            x_lay = ShardLayout(c_in, world, rank, 2)
+            torch.manual_seed(1)
+            y, (gx, ga, gb) = _fwd_bwd(row, [_leaf(x_lay.shard(x.to(dtype)), dtype)], gy.to(dtype), _factors(row))
+            _record(out, f"lora/row/{tag}/y", y, ref[0], base[0])
+            _record(out, f"lora/row/{tag}/grads", [gather_full(gx, x_lay, pg), gather_full(ga, row.layout, pg), gb],
+                    ref[1], base[1], grad=True)
+            out.setdefault("lora_kernels", []).append((col.kernel(), row.kernel()))
+
+
 def _layer_cases(rank, world):
     pg = dist.group.WORLD
     out = {}
     _linear_cases(rank, world, pg, out)
+    _lora_cases(rank, world, pg, out)
     _sequence_parallel_cases(rank, world, pg, out)
     _embedding_cases(rank, world, pg, out)
     _cross_entropy_cases(rank, world, pg, out)
@@ -211,6 +263,18 @@ def test_column_parallel_linear(layer_results):
 
 def test_row_parallel_linear(layer_results):
     _check(layer_results, "row/")
+
+
+def test_lora_with_dropout_on_column_and_row_shards(layer_results):
+    _check(layer_results, "lora/")
+    world = len(layer_results)
+    for rank, res in enumerate(layer_results):
+        col, row = res["lora_kernels"][0]  # C_in 33: per rank ceil(33 / tp)
+        per = -(-33 // world)
+        start, stop = min(rank * per, 33), min((rank + 1) * per, 33)
+        assert col == "fused lora_linear, dropout 0.25: the single-device mask (every rank holds the whole input)"
+        assert row == (f"fused lora_linear, dropout 0.25: columns [{start}, {stop}) of the 33-column single-device "
+                       f"mask (col_offset={start}, row_stride=33)")
 
 
 def test_sequence_parallel_pair(layer_results):

@@ -195,6 +195,25 @@ def _error_cases(out, pg):
     out["errors"] = msgs
 
 
+def _lora_case(out, pg):
+    """The LoRA Llama with dropout 0.1 at tp = 2, each call of the fused op recorded as (C_in of the
+    shard it ran on, col_offset, row_stride): the tp layers call nothing else for the adapter."""
+    from llmkern.parallel.tensor_parallel import lora as tp_lora
+
+    calls, fused = [], tp_lora.lora_linear
+
+    def recorded(x, *args, col_offset=0, row_stride=None, **kw):
+        calls.append((x.shape[-1], col_offset, row_stride))
+        return fused(x, *args, col_offset=col_offset, row_stride=row_stride, **kw)
+
+    tp_lora.lora_linear = recorded
+    try:
+        _equivalence_case(out, "lora_dropout", _lora_llama(0, dropout=0.1), {}, pg, seed=123)
+    finally:
+        tp_lora.lora_linear = fused
+    out["lora_dropout"]["fused_calls"] = calls
+
+
 def _cases(rank, world):
     pg = dist.group.WORLD
     out = {}
@@ -202,7 +221,7 @@ def _cases(rank, world):
     _equivalence_case(out, "llama_sp", _llama(0), {"sequence_parallel": True}, pg)
     _equivalence_case(out, "gpt2_gathered_logits", _gpt2(0), {"loss_parallel": False}, pg, logits=True)
     _equivalence_case(out, "gpt2_sp", _gpt2(0), {"sequence_parallel": True}, pg)
-    _equivalence_case(out, "lora_dropout", _lora_llama(0, dropout=0.1), {}, pg, seed=123)
+    _lora_case(out, pg)
     _train_case(out, pg)
     _error_cases(out, pg)
     return out
@@ -275,6 +294,19 @@ def test_lora_with_dropout_equals_single_rank(results):
     _check(results, "lora_dropout")
     grads = results[0]["lora_dropout"]["grads"]
     assert len(grads) == LAYERS * 7 * 2 and all(".lora_" in n for n in grads)
+    for rank, res in enumerate(results):
+        case = res["lora_dropout"]
+        # every projection runs the fused op once per forward: the 5 column shards on the whole input (32
+        # columns, the default counter); o_proj's shard is columns [16r, 16r + 16) of 32; down_proj's of 45
+        # (23 per rank, the last block's padding column left out)
+        row = [(16, 16 * rank, 32), (23 - rank, 23 * rank, 45)]
+        assert sorted(case["fused_calls"], key=str) == sorted(([(32, 0, None)] * 5 + row) * LAYERS, key=str), \
+            case["fused_calls"]
+        lora = case["report"].lora
+        assert len(lora) == LAYERS * 7 and all(v.startswith("fused lora_linear, dropout 0.1") for v in lora.values())
+        assert lora["model.layers.0.mlp.down_proj"].endswith(
+            f"columns [{23 * rank}, {23 * rank + 23 - rank}) of the 45-column single-device mask "
+            f"(col_offset={23 * rank}, row_stride=45)")
 
 
 def test_collectives_per_layer(results):

@@ -105,7 +105,7 @@ def test_layout_plan_of_a_config_at_tp2_pp2_dp2(tmp_path, capsys):
 
     from llmkern import cli
     from llmkern.parallel import ring
-    from llmkern.parallel.tensor_parallel.plan import layout_plan
+    from llmkern.parallel.tensor_parallel.plan import layout_plan, llama_layer_activation_bytes
 
     if dist.is_initialized():
         pytest.skip("a default process group already exists in this process")
@@ -129,9 +129,93 @@ def test_layout_plan_of_a_config_at_tp2_pp2_dp2(tmp_path, capsys):
     assert plan.per_layer_tp == (4, 4 * ring.elements_sent(act, 0, 2) * 4)
     assert first.tp_calls == m * (2 * 4 + 1)  # + the embedding's all-reduce
     assert (first.pp_bytes, last.pp_bytes) == (m * act * 4, m * act * 4)
+    # activations: 1F1B holds 2 micro-batches on the first stage, 1 on the last
+    per_layer = llama_layer_activation_bytes(micro_batch=b, seq=t, hidden=h, heads=heads, kv_heads=kv, ffn=mlp, tp=2,
+                                             element_size=4)
+    assert plan.per_layer_activations == (per_layer, b * t * h * 4)
+    assert (first.in_flight, last.in_flight) == (2, 1)
+    assert (first.activation_bytes, last.activation_bytes) == (2 * 2 * per_layer, 1 * 2 * per_layer)
+    assert first.activation_bytes_rematerialized == 2 * 2 * b * t * h * 4 + per_layer
     assert cli.main(["plan", "--layout", "--config", str(tmp_path), "--tp", "2", "--pp", "2", "--dp", "2",
                      "--seq", str(t), "--microbatches", str(m)]) == 0
     out = capsys.readouterr().out
     assert "tp2 x pp2 x dp2 (8 ranks), DDP over dp" in out and "pipeline plan: 1f1b, p=2 ranks" in out
+    assert "activations per rank (decoder layers)" in out
     assert cli.main(["plan", "--layout", "--config", str(tmp_path), "--tp", "4"]) == 2
     assert "tp=4 must divide the model's 2 key/value heads" in capsys.readouterr().err
+
+
+def _saved_bytes_of_first_layer(model, ids) -> int:
+    """Bytes of the tensors autograd saves in model.model.layers[0]'s forward, each storage once (views of
+    one tensor share it); parameters and the rotary cos/sin the model passes in are not the layer's."""
+    layer = model.model.layers[0]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    state = {"on": False, "skip": set()}
+    seen: dict[int, int] = {}
+
+    def pre(mod, args, kwargs):
+        state.update(on=True, skip={t.untyped_storage().data_ptr() for t in kwargs["position_embeddings"]})
+
+    def post(mod, args, kwargs, out):
+        state["on"] = False
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if state["on"] and key not in params and key not in state["skip"]:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    hooks = [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post, with_kwargs=True)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(seen.values())
+
+
+def test_llama_layer_activation_bytes_equal_what_autograd_saves():
+    """llama_layer_activation_bytes against the tensors a real 2-layer Llama's first decoder layer saves
+    (CPU tensors; tp 2 on torch's fake process group, whose collectives move nothing but keep every
+    shape): fp32 and bf16, with and without sequence parallelism and layer re-materialization. The MLP
+    width 45 is padded to 46 by tp 2, the sequence 10 splits 5 + 5."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.utils.checkpoint import checkpoint
+
+    from llmkern.parallel.tensor_parallel import TPComm, apply_tensor_parallel
+    from llmkern.parallel.tensor_parallel.plan import llama_layer_activation_bytes
+
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    h, heads, kv, ffn, b, t = 64, 4, 2, 45, 2, 10
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=ffn, num_hidden_layers=2, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=97, max_position_embeddings=t, attn_implementation="sdpa")
+    ids = torch.randint(0, 97, (b, t), generator=torch.Generator().manual_seed(0))
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        for tp, sp, dtype, remat in [(1, False, torch.float32, False), (2, False, torch.float32, False),
+                                     (2, True, torch.float32, False), (2, True, torch.bfloat16, False),
+                                     (2, False, torch.bfloat16, False), (2, False, torch.bfloat16, True),
+                                     (2, True, torch.float32, True)]:
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(cfg).to(dtype)
+            if tp > 1:
+                apply_tensor_parallel(model, dist.group.WORLD, sequence_parallel=sp, comm=TPComm(check=False))
+            if remat:
+                layer = model.model.layers[0]
+                layer.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(layer.forward)
+            e = torch.tensor([], dtype=dtype).element_size()
+            expected = llama_layer_activation_bytes(micro_batch=b, seq=t, hidden=h, heads=heads, kv_heads=kv, ffn=ffn,
+                                                    tp=tp, sequence_parallel=sp, element_size=e, rematerialize=remat)
+            assert _saved_bytes_of_first_layer(model, ids) == expected, (tp, sp, dtype, remat)
+    finally:
+        dist.destroy_process_group()
+    # the closed form of the docstring, 16-bit, no sequence parallelism: Llama-70B's shapes at tp 8
+    n, f = B * T, MLP // TP
+    closed = n * H * 16 + n * H * (4 * HEADS + 4 * KV) // (HEADS * TP) + 8 * n * f + 8 * n + 4 * n * HEADS // TP
+    assert llama_layer_activation_bytes(micro_batch=B, seq=T, hidden=H, heads=HEADS, kv_heads=KV, ffn=MLP,
+                                        tp=TP) == closed
+    with pytest.raises(ValueError, match="tp=16 must divide heads=64 and kv_heads=8"):
+        llama_layer_activation_bytes(micro_batch=1, seq=8, hidden=H, heads=HEADS, kv_heads=KV, ffn=MLP, tp=16)

@@ -89,6 +89,10 @@ class TensorParallelReport:
     replicated: list[str] = dataclasses.field(default_factory=list)
     """Parameters every tp rank holds whole (norms, position embeddings, row-parallel biases, LoRA's
     replicated factors)."""
+    lora: dict[str, str] = dataclasses.field(default_factory=dict)
+    """LoRA module path -> the kernel its adapter product runs and the dropout mask it draws (every
+    tp LoRA layer runs the fused lora_linear op; a row-parallel shard draws its columns of the
+    single-device mask)."""
     notes: list[str] = dataclasses.field(default_factory=list)
     """Everything else a user should know (tied weights, dropout in tp regions, the loss function)."""
 
@@ -99,6 +103,7 @@ class TensorParallelReport:
                             ("vocab-parallel", self.vocab_parallel)):
             lines += [f"  {title:16s} {k}: {v}" for k, v in rows.items()]
         lines += [f"  padded           {k}: {a} -> {b}" for k, (a, b) in self.padded.items()]
+        lines += [f"  lora             {k}: {v}" for k, v in self.lora.items()]
         lines.append(f"  replicated       {len(self.replicated)} parameters" +
                      (f" ({', '.join(self.replicated[:6])}{', ...' if len(self.replicated) > 6 else ''})"
                       if self.replicated else ""))
@@ -215,6 +220,7 @@ class _Converter:
         if isinstance(old, LoRALinear):
             new = ColumnParallelLoRALinear.from_lora(old, self.pg, **kw)
             new.from_conv1d = getattr(old, "from_conv1d", False)
+            self.report.lora[path] = new.kernel()
         else:
             new = ColumnParallelLinear.from_linear(_as_linear(old, path), self.pg, **kw)
         self._set(path, new)
@@ -229,9 +235,7 @@ class _Converter:
         if isinstance(old, LoRALinear):
             new = RowParallelLoRALinear.from_lora(old, self.pg, sequence_parallel=sequence_parallel, comm=comm)
             new.from_conv1d = getattr(old, "from_conv1d", False)
-            if old.dropout > 0:
-                self.report.notes.append(f"{path}: LoRA dropout on a row-parallel shard runs unfused in training (the "
-                                         f"fused op takes no global column offset for the mask slice)")
+            self.report.lora[path] = new.kernel()
         else:
             new = RowParallelLinear.from_linear(_as_linear(old, path), self.pg, input_is_parallel=True,
                                                 sequence_parallel=sequence_parallel, comm=comm)

@@ -3,10 +3,10 @@
     column-parallel: W and B split by output rows (B: (C_out/tp, R)); A (R, C_in) replicated
     row-parallel:    W and A split by input columns (A: (R, C_in/tp)); B (C_out, R) replicated
 
-Both run the fused op llmkern.ops.lora_linear on the rank's shard (a row-parallel shard in training
-with dropout excepted, see below). Column-parallel: each rank holds the whole input, so its dropout
-mask is the single-device mask and its output columns are the single-device ones. Row-parallel:
-each rank's x_r·A_rᵀ is a partial sum of x·Aᵀ, and
+Both run the fused op llmkern.ops.lora_linear on the rank's shard, in training and in eval, with
+and without dropout. Column-parallel: each rank holds the whole input, so its dropout mask is the
+single-device mask and its output columns are the single-device ones. Row-parallel: each rank's
+x_r·A_rᵀ is a partial sum of x·Aᵀ, and
 Σ_r (x_r W_rᵀ + s·(x_r A_rᵀ)·Bᵀ) = x Wᵀ + s·(x Aᵀ)·Bᵀ, so the one all-reduce of the row layer sums
 the base and the adapter together; the bias is added after it, once.
 
@@ -16,22 +16,25 @@ backward all-reduces its gradient over tp, so every rank holds the whole gradien
 stays replicated. It is not marked sharded: the global norm counts it once.
 
 Dropout masks. The op draws element (n, k) of an (N, C_in) input's mask from the counter
-offset + n·C_in + k (llmkern/_rng.py). A column-parallel rank holds the whole input, so the fused op
-draws the single-device mask. A row-parallel rank holds columns [c0, c0 + C_in/tp) and needs the
-counters offset + n·C_in + c0 + k: a global row stride and column offset the fused op does not take.
-So with dropout > 0 in training a row-parallel shard draws exactly those counters itself
-(_rng.counter_hash on N·C_in/tp counters: this rank's share, no more) and runs the LoRA product
-unfused (x·Wᵀ + s·((mask·x/(1-p))·Aᵀ)·Bᵀ, plain torch ops, the formula of lora_linear_ref): its mask
-is the slice of the single-device mask, so a tp run equals a 1-rank run with the same seed. Without
-dropout (or in eval) it runs the fused op. apply_tensor_parallel's report names the layers that take
-the unfused path.
+offset + col_offset + n·row_stride + k (llmkern/_rng.py; row_stride defaults to C_in, col_offset to 0).
+A column-parallel rank holds the whole input and passes the defaults: the single-device mask. A
+row-parallel rank holds dense columns [c0, c0 + valid) of the C_in-wide input and passes
+col_offset=c0, row_stride=C_in: it draws exactly those columns of the single-device mask, so a tp run
+equals a 1-rank run with the same seed. The seed is drawn from torch's CPU generator as LoRALinear
+draws it, an int64 tensor (no .item(): no device sync, no graph break), the same on every tp rank.
+A rank whose block ends in padding (C_in not a multiple of tp: the last ranks, whose padding inputs
+and weight columns are 0) runs the op on its `valid` dense columns only (none at all is a valid
+call: the product is 0), since the counter of a padding column would be the next row's first one;
+the op makes the column slices of x and of the frozen weight contiguous on those ranks (C_out·valid
+elements a call), never on a layout tp divides.
+apply_tensor_parallel's report (TensorParallelReport.lora) names the kernel and the mask slice of
+every LoRA layer.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from llmkern import _rng
 from llmkern.nn.lora import LoRALinear
 from llmkern.ops.lora_linear import lora_linear
 from llmkern.parallel.mesh import mark_sharded
@@ -106,7 +109,7 @@ class ColumnParallelLoRALinear(LoRALinear):
             y = F.linear(x, self.weight, self.bias)
         else:
             p = self.dropout if self.training else 0.0
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if p > 0 else 0
+            seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else 0
             a = regions.copy_to_region(self.lora_A.weight, self.tp_group, self.comm)
             y = lora_linear(x, self.weight, self.bias, a, self.lora_B.weight, self.scale, p, seed, 0,
                             backend=self.backend)
@@ -119,6 +122,12 @@ class ColumnParallelLoRALinear(LoRALinear):
             self._order = self.layout.gathered_order().to(y.device)
         return y.index_select(-1, self._order)
 
+    def kernel(self) -> str:
+        """Which kernel runs the LoRA product and which dropout mask it draws (for the tp report)."""
+        mask = (f"dropout {self.dropout}: the single-device mask (every rank holds the whole input)" if self.dropout > 0
+                else "no dropout")
+        return f"fused lora_linear, {mask}"
+
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", column-parallel {self.layout.describe()}, tp={self.tp_rank}/{self.tp_world}"
                 f", sequence_parallel={self.sequence_parallel}")
@@ -129,13 +138,6 @@ class RowParallelLoRALinear(LoRALinear):
     bias are replicated. Input and output as RowParallelLinear with input_is_parallel=True."""
 
     _enter, _leave, _replicated = _TPModule._enter, _TPModule._leave, _TPModule._replicated
-
-    exact_dropout_mask = True
-    """Each shard's dropout mask is the slice of the single-device mask (see the module docstring)."""
-
-    unfused_with_dropout = True
-    """With dropout > 0 in training the LoRA product runs unfused (the fused op takes no global
-    column offset for its mask); without dropout it runs the fused op."""
 
     @classmethod
     def from_lora(cls, lora: LoRALinear, group, *, sequence_parallel: bool = False,
@@ -164,27 +166,24 @@ class RowParallelLoRALinear(LoRALinear):
             y = F.linear(x, self.weight)
         else:
             p = self.dropout if self.training else 0.0
+            seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else 0
             b = regions.copy_to_region(self.lora_B.weight, self.tp_group, self.comm)
-            if p > 0:
-                seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-                xd = x * (self._keep_mask(seed, p, x).to(x.dtype) / (1.0 - p))
-                y = F.linear(x, self.weight) + self.scale * F.linear(F.linear(xd, self.lora_A.weight), b)
-            else:
-                y = lora_linear(x, self.weight, None, self.lora_A.weight, b, self.scale, 0.0, 0, 0,
-                                backend=self.backend)
+            w, a, lay = self.weight, self.lora_A.weight, self.layout
+            if lay.valid < lay.per_rank:  # the padded last block: its dense columns only (module docstring)
+                x, w, a = x[..., :lay.valid], w[:, :lay.valid], a[:, :lay.valid]
+            y = lora_linear(x, w, None, a, b, self.scale, p, seed, 0, col_offset=lay.start, row_stride=self.dense_in,
+                            backend=self.backend)
         y = self._leave(y)
         bias = self._replicated(self.bias)
         return y if bias is None else y + bias
 
-    def _keep_mask(self, seed: int, p: float, x: torch.Tensor) -> torch.Tensor:
-        """This rank's columns of the single-device keep-mask of the dense (N, C_in) input, shaped like
-        x (N, ..., per_rank); padding columns are dropped (their inputs are 0 anyway)."""
-        lay, c_in = self.layout, self.dense_in
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        col = torch.arange(lay.per_rank, dtype=torch.int64, device=x.device)
-        counter = torch.arange(rows, dtype=torch.int64, device=x.device)[:, None] * c_in + (lay.start + col)
-        keep = (_rng.counter_hash(_rng.dropout_key(seed), counter) >> 8) >= _rng.dropout_threshold(p)
-        return (keep & (col < lay.valid)).reshape(x.shape)
+    def kernel(self) -> str:
+        """Which kernel runs the LoRA product and which dropout mask it draws (for the tp report)."""
+        lay = self.layout
+        if self.dropout <= 0:
+            return "fused lora_linear, no dropout"
+        return (f"fused lora_linear, dropout {self.dropout}: columns [{lay.start}, {lay.start + lay.valid}) of the "
+                f"{self.dense_in}-column single-device mask (col_offset={lay.start}, row_stride={self.dense_in})")
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", row-parallel {self.layout.describe()}, tp={self.tp_rank}/{self.tp_world}"

@@ -18,7 +18,18 @@ rank; 16-bit weights keep fp32 masters). Communication per step: tp collectives 
 for m micro-batches; dp: the gradient all-reduce (stage 0) or ZeRO's reduce-scatter and all-gathers;
 pp: one (B, T, hidden) activation per micro-batch forward and its gradient backward per stage boundary.
 With pp > 1 the pipeline schedule's timeline (llmkern plan --pipeline) follows, in unit costs.
-Activation memory is not estimated here.
+
+Activation memory (Llama; llama_layer_activation_bytes) is the bytes one decoder layer keeps for its
+backward per micro-batch on one rank, counted tensor by tensor as transformers' LlamaDecoderLayer
+(sdpa attention: flash on GPUs and on the CPU, no (T, T) matrix) and llmkern's tp layers save them.
+It is Megatron's per-layer accounting (Korthikanti et al., "Reducing Activation Recomputation in
+Large Transformer Models": a GPT layer keeps s·b·h·(34 + 5·a·s/h) bytes in 16-bit, s·b·h·(10 + 24/t
++ 5·a·s/(h·t)) under tp, s·b·h/t·(34 + 5·a·s/h) with sequence parallelism, 2·s·b·h with full
+recomputation) redone for Llama's layer: RMSNorm, rotary q/k, grouped key/value heads, SwiGLU, no
+dropout, and flash attention's (B, heads, T) fp32 log-sum-exp instead of the 5·a·s/h softmax terms.
+tests/parallel/test_tensor_parallel_plan.py checks it byte for byte against the tensors autograd
+saves in a real layer. A stage's peak holds the schedule's in-flight micro-batches: 1F1B stage s
+min(m, pp - s), GPipe m, without a pipeline 1.
 """
 from __future__ import annotations
 
@@ -30,7 +41,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-__all__ = ["LayoutPlan", "StagePlan", "format_layout_plan", "layout_plan", "main"]
+__all__ = ["LayoutPlan", "StagePlan", "format_layout_plan", "layout_plan", "llama_layer_activation_bytes", "main"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -57,6 +68,14 @@ class StagePlan:
     """Bytes this rank sends per step in the data-parallel gradient reduction and parameter gathers."""
     pp_bytes: int
     """Bytes this rank sends per step to its pipeline neighbours (activations and their gradients)."""
+    in_flight: int
+    """Micro-batches whose activations the stage holds at its peak (1F1B: min(m, pp - s); GPipe: m)."""
+    activation_bytes: int | None
+    """Peak activation bytes of the stage's decoder layers on this rank: in_flight x layers x the
+    per-layer bytes without re-materialization (None: no formula for the architecture)."""
+    activation_bytes_rematerialized: int | None
+    """The same with every layer re-materialized (each keeps its input; the layer being recomputed adds
+    one layer's activations of one micro-batch while its backward runs)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +102,55 @@ class LayoutPlan:
     """Dimensions tp does not divide: module -> (dense, padded) size."""
     per_layer_tp: tuple[int, int]
     """tp collectives (calls, bytes sent) of one layer per micro-batch, forward and backward."""
+    per_layer_activations: tuple[int, int] | None
+    """Bytes one decoder layer keeps for backward per micro-batch on one rank: (stored, re-materialized);
+    None where no formula covers the architecture (only Llama has one)."""
+    sequence_parallel: bool
+    """Whether the activations between tp regions are split along the sequence."""
+
+
+def llama_layer_activation_bytes(*, micro_batch: int, seq: int, hidden: int, heads: int, kv_heads: int, ffn: int,
+                                 tp: int = 1, sequence_parallel: bool = False, element_size: int = 2,
+                                 rematerialize: bool = False) -> int:
+    """Bytes one Llama decoder layer keeps for its backward, per micro-batch (micro_batch x seq tokens) on
+    one tp rank, weights in `element_size`-byte floats (see the module docstring). Term by term, with
+    e = element_size, n = micro_batch * seq tokens, d = hidden / heads and F = ceil(ffn / tp) (the
+    padded MLP width of a rank):
+
+    - each RMSNorm (two): its input in fp32 (4·n·h: the upcast copy, or the input itself in fp32), the
+      fp32 1/rms (4·n) and the normalized input cast back, which the weight's multiply keeps (e·n·h); the
+      norms see n/tp tokens with sequence parallelism;
+    - each norm's output, kept once by the projections that read it (q, k, v; gate, up): e·n·h, whole
+      even with sequence parallelism (the column-parallel layers keep the all-gathered input);
+    - attention: q and k after rotary and v (sdpa's inputs), its output (o_proj's input, a view) and
+      its fp32 log-sum-exp: e·n·d·(2·heads + 2·kv_heads)/tp + 4·n·heads/tp;
+    - SwiGLU: gate (SiLU's input), SiLU(gate) and up (the product's inputs) and the product (down_proj's
+      input): 4·e·n·F.
+
+    Residual adds, the row-parallel all-reduces and reduce-scatters keep nothing; the rotary cos/sin
+    are the model's, shared by every layer. In 16-bit (e = 2) without sequence parallelism that is
+    n·h·(16 + (4 + 4·kv_heads/heads)/tp + 8·F/h) + 8·n + 4·n·heads/tp bytes: where Megatron's GPT
+    layer keeps 10 + 24/t per token and hidden unit, a Llama layer (F = 8h/3, kv_heads = heads/8) keeps
+    16 + 26/t. rematerialize=True: the layer keeps its input only, e·n·h (n/tp tokens with sequence
+    parallelism).
+    """
+    for name, v in (("micro_batch", micro_batch), ("seq", seq), ("hidden", hidden), ("heads", heads),
+                    ("kv_heads", kv_heads), ("ffn", ffn), ("tp", tp), ("element_size", element_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"llama_layer_activation_bytes: {name} must be an int >= 1, got {v!r}")
+    if heads % tp or kv_heads % tp or hidden % heads:
+        raise ValueError(f"llama_layer_activation_bytes: tp={tp} must divide heads={heads} and kv_heads={kv_heads}, "
+                         f"and heads must divide hidden={hidden}")
+    e, n, h = element_size, micro_batch * seq, hidden
+    n_norm = -(-n // tp) if sequence_parallel else n  # sequence parallelism: this rank's tokens
+    if rematerialize:
+        return e * n_norm * h
+    d, f = h // heads, -(-ffn // tp)
+    norms = 2 * (4 * n_norm * h + 4 * n_norm + e * n_norm * h)
+    projection_inputs = 2 * e * n * h
+    attention = e * n * d * (2 * heads + 2 * kv_heads) // tp + 4 * n * heads // tp
+    mlp = 4 * e * n * f
+    return norms + projection_inputs + attention + mlp
 
 
 @contextlib.contextmanager
@@ -170,11 +238,23 @@ def _kind(name: str) -> str:
     return "embed"
 
 
+def _activations(cfg, tp: int, seq: int, micro_batch: int, sequence_parallel: bool, e: int) -> tuple[int, int] | None:
+    """(stored, re-materialized) bytes per layer per micro-batch; None for an architecture without a formula."""
+    if getattr(cfg, "model_type", None) != "llama":
+        return None
+    heads = cfg.num_attention_heads
+    kw = {"micro_batch": micro_batch, "seq": seq, "hidden": cfg.hidden_size, "heads": heads,
+          "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads, "ffn": cfg.intermediate_size, "tp": tp,
+          "sequence_parallel": sequence_parallel, "element_size": e}
+    return llama_layer_activation_bytes(**kw), llama_layer_activation_bytes(**kw, rematerialize=True)
+
+
 def layout_plan(config, *, tp: int = 1, pp: int = 1, dp: int = 1, zero_stage: int = 0, seq: int = 4096,
                 micro_batch: int = 1, microbatches: int | None = None, sequence_parallel: bool = False,
-                dtype: torch.dtype = torch.bfloat16) -> LayoutPlan:
+                dtype: torch.dtype = torch.bfloat16, schedule: str = "1f1b") -> LayoutPlan:
     """The plan of a transformers config (a PretrainedConfig, a directory or a config.json) at tp x pp x
-    dp; see the module docstring. Raises what parallelize's check_degrees raises for a bad layout."""
+    dp; see the module docstring. Raises what parallelize's check_degrees raises for a bad layout.
+    schedule ("gpipe" or "1f1b") sets the micro-batches a stage holds at its activation peak."""
     from llmkern.parallel.memory import estimate_memory
     from llmkern.parallel.parallelize import ParallelizeConfig, check_degrees
     from llmkern.parallel.zero import ZeroConfig
@@ -184,6 +264,9 @@ def layout_plan(config, *, tp: int = 1, pp: int = 1, dp: int = 1, zero_stage: in
             raise ValueError(f"layout_plan: {name} must be an int >= 1, got {v!r}")
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"layout_plan: zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    if schedule not in ("gpipe", "1f1b"):
+        raise ValueError(f"layout_plan: the activation peak is planned for the 'gpipe' and '1f1b' schedules, got "
+                         f"{schedule!r}")
     m = microbatches if microbatches is not None else pp
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"layout_plan: microbatches must be an int >= 1, got {microbatches!r}")
@@ -212,6 +295,7 @@ def layout_plan(config, *, tp: int = 1, pp: int = 1, dp: int = 1, zero_stage: in
     shown = sorted({0, pp // 2, pp - 1})
     e = torch.tensor([], dtype=dtype).element_size()
     act_bytes = micro_batch * seq * hidden * e
+    per_layer_act = _activations(cfg, tp, seq, micro_batch, sequence_parallel, e)
     stages = []
     for s in shown:
         n, calls, sent = counts[s] * size["layer"], counts[s] * layer_calls, counts[s] * layer_bytes
@@ -227,14 +311,21 @@ def layout_plan(config, *, tp: int = 1, pp: int = 1, dp: int = 1, zero_stage: in
             mem = estimate_memory(n, ZeroConfig(stage=1), 1, param_dtype=dtype)
             dp_sent = 2 * (dp - 1) * (-(-n // dp)) * e  # the ring all-reduce of the gradients
         neighbours = (s > 0) + (s < pp - 1)
+        in_flight = 1 if pp == 1 else (m if schedule == "gpipe" else min(m, pp - s))
+        stored = remat = None
+        if per_layer_act is not None:
+            stored = in_flight * counts[s] * per_layer_act[0]
+            remat = in_flight * counts[s] * per_layer_act[1] + per_layer_act[0]  # + the layer being recomputed
         stages.append(StagePlan(layers=counts[s], parameters=n, parameter_bytes=mem.parameters,
                                 gradient_bytes=mem.gradients, optimizer_bytes=mem.optimizer_states,
                                 tp_calls=m * calls, tp_bytes=m * sent, dp_bytes=dp_sent,
-                                pp_bytes=m * act_bytes * neighbours))
+                                pp_bytes=m * act_bytes * neighbours, in_flight=in_flight, activation_bytes=stored,
+                                activation_bytes_rematerialized=remat))
     return LayoutPlan(architecture=str(getattr(cfg, "model_type", "?")), dense_parameters=dense, tp=tp, pp=pp, dp=dp,
                       zero_stage=zero_stage, tokens=(micro_batch, seq, m), stages=stages,
                       padded=dict(report.padded) if report is not None else {},
-                      per_layer_tp=(layer_calls, layer_bytes))
+                      per_layer_tp=(layer_calls, layer_bytes), per_layer_activations=per_layer_act,
+                      sequence_parallel=sequence_parallel)
 
 
 def format_layout_plan(plan: LayoutPlan, schedule: str = "1f1b") -> str:
@@ -261,6 +352,18 @@ def format_layout_plan(plan: LayoutPlan, schedule: str = "1f1b") -> str:
         lines.append(f"{label:>8} {st.layers:>6} {st.parameters / 1e9:>10.3f} B {st.parameter_bytes / gib:>9.2f} "
                      f"{st.gradient_bytes / gib:>9.2f} {st.optimizer_bytes / gib:>9.2f} {total / gib:>9.2f} | "
                      f"{st.tp_bytes / mib:>11.1f} {st.tp_calls:>8} {st.dp_bytes / mib:>11.1f} {st.pp_bytes / mib:>11.1f}")
+    if plan.per_layer_activations is None:
+        lines.append(f"activations: no formula for {plan.architecture} (llama_layer_activation_bytes covers Llama)")
+    else:
+        stored, remat = plan.per_layer_activations
+        sp = ", sequence-parallel" if plan.sequence_parallel else ""
+        lines += ["", f"activations per rank (decoder layers{sp}): {stored / mib:.1f} MiB per layer per micro-batch, "
+                      f"{remat / mib:.1f} MiB re-materialized (the layer's input)",
+                  f"{'stage':>8} {'in flight':>9} {'stored GiB':>10} {'re-materialized GiB':>19}"
+                  + ("" if schedule in ("gpipe", "1f1b") or plan.pp == 1 else f"   (in flight: 1f1b's, not {schedule}'s)")]
+        for (idx, label), st in zip(sorted(names.items()), plan.stages):
+            lines.append(f"{label:>8} {st.in_flight:>9} {st.activation_bytes / gib:>10.2f} "
+                         f"{st.activation_bytes_rematerialized / gib:>19.2f}")
     calls, sent = plan.per_layer_tp
     if plan.tp > 1:
         lines.append(f"tp per layer per micro-batch: {calls} collectives, {sent / mib:.1f} MiB sent per rank "
@@ -293,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = layout_plan(args.config, tp=args.tp, pp=args.pp, dp=args.dp, zero_stage=args.zero_stage, seq=args.seq,
                            micro_batch=args.micro_batch, microbatches=args.microbatches,
-                           sequence_parallel=args.sequence_parallel, dtype=_DTYPES[args.dtype])
+                           sequence_parallel=args.sequence_parallel, dtype=_DTYPES[args.dtype],
+                           schedule="gpipe" if args.schedule == "gpipe" else "1f1b")
     except (ValueError, NotImplementedError, TypeError) as e:
         print(f"llmkern plan --layout: {e}", file=sys.stderr)
         return 2
