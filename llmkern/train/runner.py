@@ -13,14 +13,23 @@ One run, from a checked TrainConfig (llmkern/train/config.py) to a folder of res
 The config is checked before anything starts; with parallel.nproc > 1 the command relaunches itself
 under torchrun (``python -m torch.distributed.run --standalone``, gloo) and every rank rebuilds the
 same config from the same file. Rank 0 shows a tqdm bar with the loss, the loss scale and tokens/s.
+The layout (llmkern/train/layout.py) is any of DDP, ZeRO 1-3 with offload, a pipeline, tensor
+parallelism, and their composition through llmkern.parallel.parallelize.
+
+Evaluation and the saved method read a whole model on rank 0. Where rank 0's own model is not whole
+(a pipeline stage, tp slices, ZeRO-3 shards at rest), a copy made before the layout was applied is
+refreshed with every trainable parameter before each use: tp slices all-gathered over the tp group,
+each stage's parameters sent by its ranks of tp and dp coordinate 0. So a tp run's adapter is saved
+whole, in PEFT's format.
 
 A checkpoint holds, per rank and keyed by parameter name: the trainable parameters, FusedAdamW's
 state (moments, fp32 masters, step counts) and hyperparameters, the lr schedule, the loss scaler,
 the data stream's generator and torch's RNG (dropout). Under ZeRO the parameters and optimizer state
-are the engine's shards, written by llmkern.parallel.save_checkpoint; under tp each tp rank's slices
-are keyed by its coordinate. `--resume RUN_DIR` loads the newest one and
+are the engine's shards, written by llmkern.parallel.save_checkpoint (ZeRO over dp alone) or by
+llmkern.parallel.tensor_parallel.checkpoint (ZeRO under tp or pp: dense names and shapes); without
+ZeRO each tp rank's slices are keyed by its coordinate. `--resume RUN_DIR` loads the newest one and
 continues the same run, drawing the same batches and dropout masks, so its losses equal the
-uninterrupted run's (tests/train/test_resume.py).
+uninterrupted run's (tests/train/test_resume.py; composed layouts in tests/train/test_smoke.py).
 """
 from __future__ import annotations
 
