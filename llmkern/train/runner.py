@@ -334,16 +334,18 @@ class Run:
         if c.method.name != "full":
             self.peft_config = method_config(c.method, c.kernels)
             demo.apply_method(model, c.method.name, self.peft_config)
+        # Rank 0 evaluates and saves a whole copy, refreshed from every rank before each use (_full_model),
+        # where its own model is not whole: a pipeline stage, tp slices, or ZeRO-3's shards at rest. It is
+        # copied before the kernels are patched in (a patched model holds modules deepcopy cannot copy;
+        # the patch keeps every parameter's name, so the copy takes the trained values by name).
+        self.model_is_whole = c.parallel.pp == 1 and c.parallel.tp == 1 and c.parallel.zero_stage != 3
+        self.eval_model = copy.deepcopy(model) if self.main and not self.model_is_whole else None
         if c.kernels.patch:
             from llmkern.patch import apply_llmkern_kernels
             report = apply_llmkern_kernels(model)
             self.say("  " + str(report).replace("\n", "\n  "))
         trainable, total = lp.count_parameters(model)
         self.say(f"  trainable parameters {trainable:,} of {total:,} ({trainable / total:.2%})")
-        # Rank 0 evaluates and saves a whole copy, refreshed from every rank before each use (_full_model),
-        # where its own model is not whole: a pipeline stage, tp slices, or ZeRO-3's shards at rest.
-        self.model_is_whole = c.parallel.pp == 1 and c.parallel.tp == 1 and c.parallel.zero_stage != 3
-        self.eval_model = copy.deepcopy(model) if self.main and not self.model_is_whole else None
         from llmkern.optim import FusedAdamW
         self.layout = parallelize(model, c.parallel, optimizer_class=FusedAdamW,
                                   optimizer_kwargs={"lr": c.optim.lr, "betas": c.optim.betas, "eps": c.optim.eps,

@@ -42,8 +42,8 @@ SHARED_JOB = ("dp", "pp", "zero1", "zero2", "zero3", "offload", "tp")
 FOUR_RANKS = ("3d",)
 # ZeRO composed with tp and pp (llmkern.parallel.parallelize), run from the tp and pp configs:
 # (label, config, overrides, nproc).
-COMPOSED = [("tp-zero3", "tp", ["parallel.zero_stage=3"], 2),
-            ("pp-zero2", "pp", ["parallel.zero_stage=2", "parallel.microbatches=2"], 2),
+COMPOSED = [("tp-zero3", "tp", ["parallel.zero_stage=3", "kernels.patch=true"], 2),
+            ("pp-zero2", "pp", ["parallel.zero_stage=2", "parallel.microbatches=2", "precision.dtype=fp16"], 2),
             ("tp2-dp2-zero2", "tp", ["parallel.nproc=4", "parallel.dp=2", "parallel.zero_stage=2"], 4)]
 # Runs resumed from their step-2 checkpoint, which must repeat the step-3 loss: ZeRO over dp alone,
 # ZeRO under a pipeline, and the two 4-rank compositions.
