@@ -480,7 +480,7 @@ class Run:
                     continue  # frozen weights are the copy's own
                 t = p.detach()
                 split = getattr(p, TP_LAYOUT, None)
-                if split is not None:
+                if split is not None:  # torch's all_gather, not llmkern's: the summary's bytes sent are training's
                     blocks = [torch.empty_like(t) for _ in range(split.world)]
                     dist.all_gather(blocks, t.contiguous(), group=layout.run.mesh["tp"].get_group())
                     t = split.unshard(torch.cat(blocks, split.dim))
