@@ -202,6 +202,20 @@ def build_base(setup: Setup, seed: int) -> nn.Module:
     return LlamaForCausalLM(cfg)
 
 
+def load_base(path: Path, setup: Setup) -> nn.Module:
+    """The fp32 base saved in `path` (save_pretrained), checked against `setup`'s sizes."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    cfg = model.config
+    got = (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, cfg.vocab_size)
+    want = (setup.hidden, setup.layers, setup.heads, setup.intermediate, VOCAB)
+    if got != want:
+        raise ValueError(f"--base {path}: (hidden, layers, heads, intermediate, vocab) is {got}, this run's model is "
+                         f"{want} (--quick or not must match the run that saved it)")
+    return model
+
+
 def method_config(args: argparse.Namespace):
     """The llmkern.peft config of ``args.method``."""
     k = args.virtual_tokens
@@ -370,7 +384,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # barriers, and on a busy 2-core machine those barriers made a step 25x slower (1250 ms vs 50 ms).
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     ap.add_argument("--quick", action="store_true", help="a tiny run (about a minute) for tests")
+    ap.add_argument("--base", type=Path, default=None, metavar="DIR",
+                    help="start from a base saved by an earlier run of the same size (its OUT/base) instead of "
+                         "pretraining one (the fine-tuning batches then differ from a run that pretrains: the "
+                         "pretraining draws from the same data stream)")
     args = ap.parse_args(argv)
+    if args.base is not None and not (args.base / "config.json").is_file():
+        ap.error(f"--base {args.base}: no config.json there (expected the base folder of an earlier run)")
     if args.nproc < 1:
         ap.error(f"--nproc must be >= 1, got {args.nproc}")
     if args.r < 1 or args.bottleneck < 1 or args.virtual_tokens < 1:
@@ -438,17 +458,22 @@ def run(args: argparse.Namespace, d: Dist) -> int:
         f"{setup.n_eval} held-out strings of {setup.min_len}-{setup.max_len} digits; torch threads/rank "
         f"{torch.get_num_threads()}")
 
-    # 1. The base: full fp32 training on the COPY and REV tasks.
-    model = build_base(setup, args.seed)
-    _, total = count_parameters(model)
-    say(f"\n[1/3] pretraining the base on COPY and REV tasks: {total:,} parameters, {setup.layers} "
-        f"layers, hidden {setup.hidden}, {setup.pretrain.steps} steps of {setup.batch} sequences")
-    pre = train(model, task, ("copy", "reverse_marked"), setup.pretrain, setup, d, "pretrain", loss_scaling=False)
+    # 1. The base: full fp32 training on the COPY and REV tasks (or one an earlier run saved).
+    if args.base is not None:
+        model = load_base(args.base, setup)
+        say(f"\n[1/3] the base: loaded from {args.base} (no pretraining)")
+        pre = None
+    else:
+        model = build_base(setup, args.seed)
+        _, total = count_parameters(model)
+        say(f"\n[1/3] pretraining the base on COPY and REV tasks: {total:,} parameters, {setup.layers} "
+            f"layers, hidden {setup.hidden}, {setup.pretrain.steps} steps of {setup.batch} sequences")
+        pre = train(model, task, ("copy", "reverse_marked"), setup.pretrain, setup, d, "pretrain", loss_scaling=False)
     if d.main:
         base = {w: accuracy(model, task, w) for w in ("copy", "reverse_marked", "reverse")}
         say(f"  base accuracy: COPY {base['copy']:.1%}, REV {base['reverse_marked']:.1%}, "
-            f"reverse without a task token {base['reverse']:.1%} (loss {pre['first_loss']:.3f} -> {pre['last_loss']:.3f}, "
-            f"{pre['steps_per_s']:.1f} steps/s)")
+            f"reverse without a task token {base['reverse']:.1%}" +
+            (f" (loss {pre['first_loss']:.3f} -> {pre['last_loss']:.3f}, {pre['steps_per_s']:.1f} steps/s)" if pre else ""))
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out / "base"))
     d.barrier()
@@ -509,8 +534,8 @@ def run(args: argparse.Namespace, d: Dist) -> int:
     if scaling:
         say(f"  fp16 loss scale at the end {ft['loss_scale']:.0f}; skipped (overflowed) steps {ft['skipped_steps']} "
             f"of {setup.finetune.steps}")
-    say(f"  trainable {trainable:,} / total {total:,} parameters; steps/s: {args.method} {ft['steps_per_s']:.1f}, "
-        f"pretraining {pre['steps_per_s']:.1f}; {d.world} rank(s); total time {elapsed:.0f} s")
+    say(f"  trainable {trainable:,} / total {total:,} parameters; steps/s: {args.method} {ft['steps_per_s']:.1f}"
+        + (f", pretraining {pre['steps_per_s']:.1f}" if pre else "") + f"; {d.world} rank(s); total time {elapsed:.0f} s")
     rc = 0
     if diff != 0:
         say("FAILED: the reloaded adapter does not reproduce the trained model's logits")

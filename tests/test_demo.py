@@ -1,6 +1,7 @@
 """The `make demo` job in its --quick form: every method learns the new instruction, saves its
 adapter and reloads it with identical logits; LoRA's adapter also loads into PEFT; the default job
-runs on 2 ranks under torchrun with llmkern DDP."""
+runs on 2 ranks under torchrun with llmkern DDP. The LoRA run pretrains the base; the other runs
+fine-tune that base (--base) instead of pretraining their own (each pretraining is 3-4 s of CPU)."""
 import json
 import subprocess
 import sys
@@ -58,9 +59,10 @@ def test_reloaded_adapter_matches_peft(lora_run):
 
 
 @pytest.mark.parametrize("method", ["adapter", "prefix", "prompt", "ptuning"])
-def test_quick_demo_of_each_method(method, tmp_path, capsys):
+def test_quick_demo_of_each_method(method, lora_run, tmp_path, capsys):
     # bf16: fp16 matmuls on this CPU are 7x slower than bf16 ones (437 vs 63 ms per step, measured).
-    rc = demo.main(["--quick", "--nproc", "1", "--method", method, "--dtype", "bfloat16", "--out", str(tmp_path)])
+    rc = demo.main(["--quick", "--nproc", "1", "--method", method, "--dtype", "bfloat16", "--out", str(tmp_path),
+                    "--base", str(lora_run[1] / "base")])
     text = capsys.readouterr().out
     assert rc == 0, text[-2000:]
     assert "reloaded into a fresh base: max |logits difference| = 0 (identical)" in text
@@ -68,17 +70,25 @@ def test_quick_demo_of_each_method(method, tmp_path, capsys):
     assert (tmp_path / saved).is_file()
 
 
-def test_two_rank_demo_under_torchrun(tmp_path):
-    """The default job shape: the demo relaunches itself on 2 ranks with llmkern DDP."""
+def test_two_rank_demo_under_torchrun(lora_run, tmp_path):
+    """The default job shape: the demo relaunches itself on 2 ranks with llmkern DDP (fine-tuning the
+    1-rank run's base: the 2-rank pretraining's DDP is what fine-tuning runs too)."""
     proc = subprocess.run([sys.executable, "-m", "llmkern", "train", "--quick", "--nproc", "2", "--dtype", "bfloat16",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                           "--out", str(tmp_path), "--base", str(lora_run[1] / "base")],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on 2 ranks (llmkern DDP" in proc.stdout
     assert "% of it overlapped with backward" in proc.stdout
     assert proc.stdout.count("summary") == 1  # only rank 0 reports
 
 
-@pytest.mark.parametrize("argv", [["--method", "bitfit"], ["--nproc", "0"], ["--r", "0"], ["--dtype", "float8"]])
+@pytest.mark.parametrize("argv", [["--method", "bitfit"], ["--nproc", "0"], ["--r", "0"], ["--dtype", "float8"],
+                                  ["--base", "no/such/folder"]])
 def test_bad_flags_are_refused(argv):
     with pytest.raises(SystemExit):
         demo.main(argv)
+
+
+def test_a_base_of_another_size_is_refused(lora_run, tmp_path):
+    with pytest.raises(ValueError, match=r"--base .*: \(hidden, layers, heads, intermediate, vocab\) is \(64, 2, 4, 128"):
+        demo.main(["--nproc", "1", "--base", str(lora_run[1] / "base"), "--out", str(tmp_path)])  # not --quick

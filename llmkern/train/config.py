@@ -516,23 +516,20 @@ def validate(config: TrainConfig) -> None:
     if par.offload and par.zero_stage == 0:
         raise ConfigError("parallel.offload needs parallel.zero_stage >= 1 (ZeRO-Offload keeps the sharded "
                           "optimizer states on the CPU)")
-    # The engines are routed in llmkern/train/layout.py; a composition it does not route yet is refused
-    # here, before any process starts.
+    # The engines are routed in llmkern/train/layout.py; a composition llmkern.parallel.parallelize
+    # refuses is refused here, before any process starts, with its reason.
     from llmkern.train import layout
     missing = layout.missing_engines(par)
     if missing:
         raise ConfigError(missing[0])
+    if par.zero_stage and par.pp > 1 and m.source == "local" and (Path(m.path) / "config.json").is_file():
+        if json.loads((Path(m.path) / "config.json").read_text()).get("tie_word_embeddings", False):
+            raise ConfigError(f"parallel.zero_stage ({par.zero_stage}) with parallel.pp ({par.pp}) needs untied "
+                              f"embeddings, and {m.path}/config.json ties them (llmkern.parallel.check_degrees: the "
+                              f"pipeline exchanges a tied weight's gradient after ZeRO has reduce-scattered it)")
     if m.source == "tiny" and par.tp > 1 and m.heads % par.tp:
         raise ConfigError(f"parallel.tp ({par.tp}) must divide model.heads ({m.heads})")
     if par.tp > 1:
-        # Evaluation and saving read whole weights; under tp each rank holds slices, and llmkern train
-        # evaluates the sliced model collectively but does not assemble a whole copy.
-        if par.pp > 1:
-            raise ConfigError(f"parallel.tp ({par.tp}) with parallel.pp ({par.pp}): llmkern train evaluates a "
-                              f"pipeline on a whole copy assembled from the stages, which TP slices cannot fill yet")
         if me.name not in ("full", "lora"):
             raise ConfigError(f"method.name: {me.name!r} with parallel.tp ({par.tp}): the TP engine converts "
                               f"linear and LoRA layers only; use full or lora")
-        if config.checkpoint.save_adapter:
-            raise ConfigError(f"checkpoint.save_adapter with parallel.tp ({par.tp}): each rank holds slices of the "
-                              f"weights and llmkern train does not gather them into one file yet; set it to false")

@@ -13,14 +13,23 @@ One run, from a checked TrainConfig (llmkern/train/config.py) to a folder of res
 The config is checked before anything starts; with parallel.nproc > 1 the command relaunches itself
 under torchrun (``python -m torch.distributed.run --standalone``, gloo) and every rank rebuilds the
 same config from the same file. Rank 0 shows a tqdm bar with the loss, the loss scale and tokens/s.
+The layout (llmkern/train/layout.py) is any of DDP, ZeRO 1-3 with offload, a pipeline, tensor
+parallelism, and their composition through llmkern.parallel.parallelize.
+
+Evaluation and the saved method read a whole model on rank 0. Where rank 0's own model is not whole
+(a pipeline stage, tp slices, ZeRO-3 shards at rest), a copy made before the layout was applied is
+refreshed with every trainable parameter before each use: tp slices all-gathered over the tp group,
+each stage's parameters sent by its ranks of tp and dp coordinate 0. So a tp run's adapter is saved
+whole, in PEFT's format.
 
 A checkpoint holds, per rank and keyed by parameter name: the trainable parameters, FusedAdamW's
 state (moments, fp32 masters, step counts) and hyperparameters, the lr schedule, the loss scaler,
 the data stream's generator and torch's RNG (dropout). Under ZeRO the parameters and optimizer state
-are the engine's shards, written by llmkern.parallel.save_checkpoint; under tp each tp rank's slices
-are keyed by its coordinate. `--resume RUN_DIR` loads the newest one and
+are the engine's shards, written by llmkern.parallel.save_checkpoint (ZeRO over dp alone) or by
+llmkern.parallel.tensor_parallel.checkpoint (ZeRO under tp or pp: dense names and shapes); without
+ZeRO each tp rank's slices are keyed by its coordinate. `--resume RUN_DIR` loads the newest one and
 continues the same run, drawing the same batches and dropout masks, so its losses equal the
-uninterrupted run's (tests/train/test_resume.py).
+uninterrupted run's (tests/train/test_resume.py; composed layouts in tests/train/test_smoke.py).
 """
 from __future__ import annotations
 
@@ -325,15 +334,18 @@ class Run:
         if c.method.name != "full":
             self.peft_config = method_config(c.method, c.kernels)
             demo.apply_method(model, c.method.name, self.peft_config)
+        # Rank 0 evaluates and saves a whole copy, refreshed from every rank before each use (_full_model),
+        # where its own model is not whole: a pipeline stage, tp slices, or ZeRO-3's shards at rest. It is
+        # copied before the kernels are patched in (a patched model holds modules deepcopy cannot copy;
+        # the patch keeps every parameter's name, so the copy takes the trained values by name).
+        self.model_is_whole = c.parallel.pp == 1 and c.parallel.tp == 1 and c.parallel.zero_stage != 3
+        self.eval_model = copy.deepcopy(model) if self.main and not self.model_is_whole else None
         if c.kernels.patch:
             from llmkern.patch import apply_llmkern_kernels
             report = apply_llmkern_kernels(model)
             self.say("  " + str(report).replace("\n", "\n  "))
         trainable, total = lp.count_parameters(model)
         self.say(f"  trainable parameters {trainable:,} of {total:,} ({trainable / total:.2%})")
-        # Under a pipeline rank 0 evaluates a whole copy, refreshed from every stage before each use.
-        # So does ZeRO-3, whose parameters are shards at rest.
-        self.eval_model = copy.deepcopy(model) if (c.parallel.pp > 1 or c.parallel.zero_stage == 3) and self.main else None
         from llmkern.optim import FusedAdamW
         self.layout = parallelize(model, c.parallel, optimizer_class=FusedAdamW,
                                   optimizer_kwargs={"lr": c.optim.lr, "betas": c.optim.betas, "eps": c.optim.eps,
@@ -376,14 +388,13 @@ class Run:
         bar = tqdm(range(start, c.schedule.steps), initial=start, total=c.schedule.steps, desc=c.logging.name,
                    unit="step", dynamic_ncols=True, mininterval=0.5, disable=not (self.main and c.logging.progress))
         tokens_seen, t_window, t0 = 0, time.perf_counter(), time.perf_counter()
-        pipe_bytes, last_loss = 0, None
+        last_loss = None
         model = self.model
         model.train()
         for step in bar:
             tokens, labels = self.data.batch(per_replica)
             if layout.pipe is not None:
                 loss = layout.pipe.train_step(tokens, labels, scaler=scaler)
-                pipe_bytes += layout.pipe.stats.bytes_sent
             else:
                 loss = lm_loss(layout.forward, tokens, labels)
                 (scaler.scale(loss) if scaler else loss).backward()  # DDP reduces buckets during this
@@ -396,9 +407,9 @@ class Run:
                 opt.step()
                 if not opt.last_step_skipped:
                     sched.step()
-            if layout.pipe is not None:
+            if layout.pipe is not None and layout.zero is None:
                 layout.pipe.zero_grad()
-            else:
+            else:  # ZeRO's gradients are views into its buckets: its optimizer zeroes them
                 opt.zero_grad(set_to_none=True)
             tokens_seen += int((labels != -100).sum()) * layout.data_world
             done = step + 1
@@ -422,10 +433,8 @@ class Run:
         seconds = time.perf_counter() - t0
         steps_run = c.schedule.steps - start
         full = self._evaluate(c.schedule.steps, None)
-        bytes_rank = self._bytes_per_rank(pipe_bytes)
-        # Under TP every rank runs the evaluation (its layers' collectives); otherwise rank 0 alone.
-        after = (self.data.accuracy(full) if c.data.source == "synthetic" and (self.main or self.layout.collective_eval)
-                 else None)
+        bytes_rank = self._bytes_per_rank()
+        after = self.data.accuracy(full) if c.data.source == "synthetic" and self.main else None
         if not self.main:
             self.barrier()
             return 0
@@ -451,38 +460,52 @@ class Run:
 
     # --- eval, metrics, plot, summary ---------------------------------------------------------
 
+    @torch.no_grad()
     def _full_model(self) -> nn.Module | None:
-        """On rank 0: the whole trained model (under a pipeline, a copy filled from every stage).
-        A collective under a pipeline; None on the other ranks."""
-        z = self.layout.zero
-        if self.layout.collective_eval:
-            return self.model
-        if z is not None and self.eval_model is None and self.c.parallel.zero_stage != 3:
-            z.wait_for_parameters()  # stages 1-2 keep whole parameters: the last step's all-gather
-        if z is not None and self.c.parallel.zero_stage == 3:
-            with z.gather_parameters():  # a collective: every unit gathered whole, freed after
-                whole = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if self.main else None
-            if self.main:
-                self.eval_model.load_state_dict(whole)
-            return self.eval_model if self.main else None
-        if self.layout.pipe is None:
+        """On rank 0: the whole trained model; None on the other ranks. Where rank 0's model is not
+        whole (a pipeline stage, tp slices, ZeRO-3 shards) its copy is refreshed with every trainable
+        parameter: tp slices all-gathered over the tp group, then each stage's from the ranks of tp and
+        dp coordinate 0. A collective then (every rank calls it)."""
+        layout = self.layout
+        if self.model_is_whole:  # one process, DDP, ZeRO 1-2 (after the last step's all-gather)
+            if layout.zero is not None:
+                layout.zero.wait_for_parameters()
             return self.model if self.main else None
-        shard = {k: v.detach().cpu() for k, v in self.layout.pipe.state_dict().items()}
-        shards = [None] * self.world
-        dist.all_gather_object(shards, shard)
+        from llmkern.parallel.tensor_parallel import TP_LAYOUT
+
+        mine = {}
+        with layout.whole_parameters():
+            for name, p in layout.named_parameters():
+                if not p.requires_grad:
+                    continue  # frozen weights are the copy's own
+                t = p.detach()
+                split = getattr(p, TP_LAYOUT, None)
+                if split is not None:  # torch's all_gather, not llmkern's: the summary's bytes sent are training's
+                    blocks = [torch.empty_like(t) for _ in range(split.world)]
+                    dist.all_gather(blocks, t.contiguous(), group=layout.run.mesh["tp"].get_group())
+                    t = split.unshard(torch.cat(blocks, split.dim))
+                mine[name] = t.cpu().clone()
+        if layout.pipe is not None:
+            coords = layout.run.coordinates
+            shards = [None] * self.world if self.main else None
+            dist.gather_object(mine if coords["tp"] == 0 and coords["dp"] == 0 else {}, shards, dst=0)
+            if self.main:
+                mine = {k: v for s in shards for k, v in s.items()}
         if not self.main:
             return None
-        merged = {k: v for s in shards for k, v in s.items()}
-        missing = set(self.eval_model.state_dict()) - set(merged)
-        if missing:
-            raise RuntimeError(f"the pipeline stages hold no value for {sorted(missing)[:3]}")
-        self.eval_model.load_state_dict(merged)
+        params = dict(self.eval_model.named_parameters())
+        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in mine)
+        if missing or set(mine) - set(params):
+            raise RuntimeError(f"the ranks hold no value for {missing[:3]} and values for unknown parameters "
+                               f"{sorted(set(mine) - set(params))[:3]}")
+        for n, t in mine.items():
+            params[n].copy_(t)
         return self.eval_model
 
     @torch.no_grad()
     def _evaluate(self, step: int, bar) -> nn.Module | None:
         full = self._full_model()
-        if self.main or self.layout.collective_eval:
+        if self.main:
             was = full.training
             full.eval()
             tokens, labels = self.data.eval_batch()
@@ -533,7 +556,7 @@ class Run:
         plt.close(fig)
         return path
 
-    def _bytes_per_rank(self, pipe_bytes: int) -> list[dict]:
+    def _bytes_per_rank(self) -> list[dict]:
         """Per rank: bytes of parameters, gradients and optimizer state held, and bytes sent."""
         if self.layout.zero is not None:  # the engine's own count: shards, freed buckets, host states
             mem = self.layout.zero.memory()
@@ -547,7 +570,7 @@ class Run:
         optim = sum(v.numel() * v.element_size() for st in self.opt.state.values() for v in st.values()
                     if torch.is_tensor(v))
         mine = {"rank": self.rank, "params": params, "grads": grads, "optimizer": optim,
-                "sent": self.layout.bytes_sent() + pipe_bytes}
+                "sent": self.layout.bytes_sent()}
         if self.world == 1:
             return [mine]
         out = [None] * self.world
@@ -555,9 +578,7 @@ class Run:
         return out
 
     def _local_params(self):
-        if self.layout.pipe is not None:
-            return [p for m in self.layout.pipe.stage_modules.values() for p in m.parameters()]
-        return list(self.model.parameters())
+        return [p for _, p in self.layout.named_parameters()]
 
     def _save_method(self, model: nn.Module) -> Path:
         out = self.dir / ("model" if self.c.method.name == "full" else "adapter")
@@ -597,7 +618,7 @@ class Run:
     # --- checkpoints ----------------------------------------------------------------------------
 
     def _named_trainable(self) -> list[tuple[str, nn.Parameter]]:
-        src = self.layout.pipe.named_parameters() if self.layout.pipe is not None else self.model.named_parameters()
+        src = self.layout.named_parameters()
         # Each tp rank holds its own slices under one name: its coordinate keeps them apart.
         prefix = f"tp{self.layout.tp_rank}." if self.c.parallel.tp > 1 else ""
         return [(prefix + n, p) for n, p in src if p.requires_grad]
@@ -644,8 +665,13 @@ class Run:
 
         path = self.dir / "checkpoints" / f"step-{step}"
         if self.layout.zero is not None:  # ZeRO's sharded state, keyed by parameter name (any world, any stage)
-            import llmkern.parallel as lpar
-            lpar.save_checkpoint(path, self.layout.zero, self.opt, **{f"rank{self.rank}": self._rank_state()})
+            extra = {f"rank{self.rank}": self._rank_state()}
+            if self.layout.run is not None:  # dense names and shapes, reshardable across tp, pp and dp
+                from llmkern.parallel.tensor_parallel import checkpoint as tp_checkpoint
+                tp_checkpoint.save_checkpoint(path, self.layout.run, self.opt, **extra)
+            else:
+                import llmkern.parallel as lpar
+                lpar.save_checkpoint(path, self.layout.zero, self.opt, **extra)
         else:
             dcp.save(self._state(template=False), checkpoint_id=str(path))
         self.barrier()
@@ -656,9 +682,14 @@ class Run:
 
         step, path = latest_checkpoint(self.dir)
         if self.layout.zero is not None:
-            import llmkern.parallel as lpar
-            self._load_rank_state(lpar.load_checkpoint(path, self.layout.zero, self.opt,
-                                                       **{f"rank{self.rank}": None})[f"rank{self.rank}"])
+            mine = {f"rank{self.rank}": None}
+            if self.layout.run is not None:
+                from llmkern.parallel.tensor_parallel import checkpoint as tp_checkpoint
+                got = tp_checkpoint.load_checkpoint(path, self.layout.run, self.opt, **mine)
+            else:
+                import llmkern.parallel as lpar
+                got = lpar.load_checkpoint(path, self.layout.zero, self.opt, **mine)
+            self._load_rank_state(got[f"rank{self.rank}"])
             return step
         state = self._state(template=True)
         dcp.load(state, checkpoint_id=str(path))

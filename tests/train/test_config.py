@@ -89,18 +89,20 @@ def test_a_method_a_local_model_type_cannot_take(tmp_path):
         from_dict({"model": {"source": "local", "path": str(tmp_path / "nothing")}})
 
 
-def test_compositions_train_does_not_route_are_refused_naming_them():
-    with pytest.raises(ConfigError, match=r"parallel.zero_stage: 1 with tp=2, pp=1"):
-        from_dict({"parallel": {"nproc": 4, "dp": 2, "tp": 2, "zero_stage": 1}, "checkpoint": {"save_adapter": False}})
-    with pytest.raises(ConfigError, match=r"parallel.zero_stage: 2 with tp=1, pp=2"):
-        from_dict({"parallel": {"nproc": 2, "pp": 2, "zero_stage": 2}})
-    with pytest.raises(ConfigError, match=r"checkpoint.save_adapter with parallel.tp \(2\)"):
-        from_dict({"parallel": {"nproc": 2, "tp": 2}})
+def test_compositions_parallelize_refuses_are_refused_naming_why(tmp_path):
+    # ZeRO with tp and pp, tp with pp, and saving a tp run's adapter are routed (tests/train/test_smoke.py
+    # runs them); what parallelize itself refuses is refused before launch with its reason
+    for par in ({"nproc": 4, "dp": 2, "tp": 2, "zero_stage": 1}, {"nproc": 2, "pp": 2, "zero_stage": 2},
+                {"nproc": 4, "tp": 2, "pp": 2, "zero_stage": 3, "offload": True}, {"nproc": 2, "tp": 2}):
+        from_dict({"parallel": par})
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage: 1 with tp=1, pp=2, schedule=zero_bubble: "
+                                          r".*zero_bubble splits the weight gradients"):
+        from_dict({"parallel": {"nproc": 2, "pp": 2, "zero_stage": 1, "schedule": "zero_bubble"}})
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True}))
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage \(2\) with parallel.pp \(2\) needs untied embeddings"):
+        from_dict({"model": {"source": "local", "path": str(tmp_path)}, "parallel": {"nproc": 2, "pp": 2, "zero_stage": 2}})
     with pytest.raises(ConfigError, match=r"method.name: 'adapter' with parallel.tp \(2\)"):
-        from_dict({"parallel": {"nproc": 2, "tp": 2}, "method": {"name": "adapter"},
-                   "checkpoint": {"save_adapter": False}})
-    with pytest.raises(ConfigError, match=r"parallel.tp \(2\) with parallel.pp \(2\)"):
-        from_dict({"parallel": {"nproc": 4, "tp": 2, "pp": 2}, "checkpoint": {"save_adapter": False}})
+        from_dict({"parallel": {"nproc": 2, "tp": 2}, "method": {"name": "adapter"}})
     with pytest.raises(ConfigError, match="parallel.offload needs parallel.zero_stage"):
         from_dict({"parallel": {"offload": True}})
 
