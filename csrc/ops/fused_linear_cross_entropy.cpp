@@ -14,8 +14,9 @@
 //   as torch's gradients of ignored labels do.
 // _fused_linear_cross_entropy_scale_ does the same in place. The eager backward uses it when the graph
 //   is freed after the backward (no retain_graph): the forward's grad_weight is then the only (V, C)
-//   gradient, where the out-of-place scale held two at once (at V = 128K, C = 2048 in fp32: 1.05 GB
-//   more, half of the op's peak; bench/ops/bench_fused_linear_cross_entropy.py). Traced backwards
+//   gradient, where the out-of-place scale held two at once (with the zero gradients autograd then
+//   materialized for the op's gradient outputs, the peak of a fwd+bwd at T = C = 2048, V = 128K in
+//   fp32 was 3.2 GB, 1.2 GB now; bench/ops/bench_fused_linear_cross_entropy.py). Traced backwards
 //   (torch.compile, opcheck's aot_dispatch) and retain_graph take the out-of-place op: AOT autograd
 //   wants functional graphs, and a second backward needs the unscaled gradients.
 // chunk_size is the number of tokens per chunk (>= 1), chosen by the Python wrapper from T, V and a

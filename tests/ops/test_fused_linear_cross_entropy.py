@@ -52,7 +52,8 @@ def check(backend, lead, c, v, dtype, reduction="mean", chunk_size=None, train_w
     assert_close_to_ref(ours[1], ref[1], base[1], grad=True, name=f"{backend} grads (hidden, weight)")
 
 
-# CPU: T = 1, 97, 1025 tokens; chunks of 32 (4 and 33 chunks: grad_weight accumulates across them),
+# CPU: T = 1, 97, 1025 tokens; chunks of 32 (4 and 33 chunks: grad_weight accumulates across them, a
+# 16-bit one without and with its compensation term),
 # C not a multiple of 16; V = 1, 97, 32003.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,c,v,chunk", [((1,), 40, 1, None), ((97,), 100, 97, 32), ((1025,), 24, 97, 32),
