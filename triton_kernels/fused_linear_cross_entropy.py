@@ -16,7 +16,7 @@ from llmkern.triton_kernels._aot import TL_DTYPE as _TL_DTYPE, AotConfig, aligne
 from llmkern.triton_kernels.cross_entropy import check_labels, cross_entropy_rows
 
 __all__ = ["fused_linear_cross_entropy_fwd", "fused_linear_cross_entropy_bwd", "fused_linear_cross_entropy_scale",
-           "AOT_CONFIGS"]
+           "fused_linear_cross_entropy_scale_", "AOT_CONFIGS"]
 
 _SCALE_BLOCK = 1024
 
@@ -57,20 +57,22 @@ def _check(hidden, weight, labels, label_smoothing, z_loss, chunk_size):
               f"{z_loss}, {chunk_size}")
 
 
-# Rows of grad_weight per compensated update (csrc/ops/cpu/fused_linear_cross_entropy_kernel.cpp).
+# Rows of grad_weight per compensated update, and the most chunks a 16-bit grad_weight sums without the
+# compensation term (csrc/ops/cpu/fused_linear_cross_entropy_kernel.cpp: kVocabBlock, kPlainChunks).
 _VOCAB_BLOCK = 2048
+_PLAIN_CHUNKS = 4
 
 
 def _chunks(hidden, weight, labels, ignore_index, smoothing, z_loss, chunk_size, row_scale, losses, gh, gw):
-    """As the C++ chunks(): a 16-bit grad_weight summed over several chunks carries a second 16-bit
-    term lo, so that hi + lo keeps the bits one rounding per chunk would drop."""
+    """As the C++ chunks(): a 16-bit grad_weight summed over more than _PLAIN_CHUNKS chunks carries a
+    second 16-bit term lo, so that hi + lo keeps the bits one rounding per chunk would drop."""
     t, v = hidden.shape[0], weight.shape[0]
     if gw is not None:
         gw.zero_()
     if t == 0:
         return
     rows = min(chunk_size, t)
-    compensate = gw is not None and hidden.dtype != torch.float32 and rows < t
+    compensate = gw is not None and hidden.dtype != torch.float32 and -(-t // rows) > _PLAIN_CHUNKS
     buf = torch.empty((rows, v), dtype=hidden.dtype, device=hidden.device)
     lse = torch.empty((rows,), dtype=torch.float32, device=hidden.device)
     lo = torch.zeros_like(gw) if compensate else None
@@ -132,17 +134,36 @@ def fused_linear_cross_entropy_bwd(grad_loss, hidden, weight, labels, ignore_ind
     return (hidden.new_empty((0,)) if gh is None else gh), (hidden.new_empty((0,)) if gw is None else gw)
 
 
+def _scale_into(x, grad_loss, out):
+    n = x.numel()
+    if n:
+        _fused_linear_cross_entropy_scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](x, grad_loss, out, n,
+                                                                                  BLOCK=_SCALE_BLOCK, num_warps=4)
+
+
+def _check_grad_loss(grad_loss, op):
+    if grad_loss.dim() != 0 or grad_loss.dtype != torch.float32:
+        _fail(f"{op}: grad_loss must be a 0-d float32 tensor, got {tuple(grad_loss.shape)} {grad_loss.dtype}")
+
+
 def fused_linear_cross_entropy_scale(grad_hidden, grad_weight, grad_loss):
     """(grad_hidden·grad_loss, grad_weight·grad_loss) in fp32 math, one rounding (grad_loss: 0-d fp32)."""
-    if grad_loss.dim() != 0 or grad_loss.dtype != torch.float32:
-        _fail(f"grad_loss must be a 0-d float32 tensor, got {tuple(grad_loss.shape)} {grad_loss.dtype}")
+    _check_grad_loss(grad_loss, "_fused_linear_cross_entropy_scale")
     outs = []
     for x in (grad_hidden, grad_weight):
         x = x.contiguous()
         out = torch.empty_like(x)
-        n = x.numel()
-        if n:
-            _fused_linear_cross_entropy_scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](x, grad_loss, out, n,
-                                                                                      BLOCK=_SCALE_BLOCK, num_warps=4)
+        _scale_into(x, grad_loss, out)
         outs.append(out)
     return tuple(outs)
+
+
+def fused_linear_cross_entropy_scale_(grad_hidden, grad_weight, grad_loss):
+    """grad_hidden and grad_weight times grad_loss, in place (each element read, scaled in fp32 and
+    written back by the same program: no element is read after another program wrote it)."""
+    _check_grad_loss(grad_loss, "_fused_linear_cross_entropy_scale_")
+    for x in (grad_hidden, grad_weight):
+        if not x.is_contiguous():
+            _fail(f"_fused_linear_cross_entropy_scale_: the gradients must be contiguous (the forward's outputs), "
+                  f"got strides {x.stride()}")
+        _scale_into(x, grad_loss, x)

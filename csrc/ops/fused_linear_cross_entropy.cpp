@@ -11,9 +11,14 @@
 // _fused_linear_cross_entropy_scale returns the gradients a "sum" forward formed times the incoming
 //   0-d fp32 gradient, computed in fp32 and rounded once (`t * g` with a 0-d CUDA tensor g would round
 //   g to t's 16-bit dtype first). Zeros stay zero when g is inf or NaN (the mean over no valid label),
-//   as torch's gradients of ignored labels do. Out of place: an in-place scaling of the saved outputs
-//   saves 2 bytes per head parameter at the backward but breaks AOT autograd's functional graphs
-//   (torch.library.opcheck's aot_dispatch test: "Node ... was invalid, but is output").
+//   as torch's gradients of ignored labels do.
+// _fused_linear_cross_entropy_scale_ does the same in place. The eager backward uses it when the graph
+//   is freed after the backward (no retain_graph): the forward's grad_weight is then the only (V, C)
+//   gradient, where the out-of-place scale held two at once (with the zero gradients autograd then
+//   materialized for the op's gradient outputs, the peak of a fwd+bwd at T = C = 2048, V = 128K in
+//   fp32 was 3.2 GB, 1.2 GB now; bench/ops/bench_fused_linear_cross_entropy.py). Traced backwards
+//   (torch.compile, opcheck's aot_dispatch) and retain_graph take the out-of-place op: AOT autograd
+//   wants functional graphs, and a second backward needs the unscaled gradients.
 // chunk_size is the number of tokens per chunk (>= 1), chosen by the Python wrapper from T, V and a
 // memory cap.
 #include "llmkern/registration.h"
@@ -27,4 +32,5 @@ LLMKERN_LIBRARY_FRAGMENT(m) {
         "bool grad_weight) -> (Tensor grad_hidden, Tensor grad_weight)");
   m.def("_fused_linear_cross_entropy_scale(Tensor grad_hidden, Tensor grad_weight, Tensor grad_loss) "
         "-> (Tensor grad_hidden_out, Tensor grad_weight_out)");
+  m.def("_fused_linear_cross_entropy_scale_(Tensor(a!) grad_hidden, Tensor(b!) grad_weight, Tensor grad_loss) -> ()");
 }

@@ -7,14 +7,15 @@ int64. fp32, fp16 and bf16 (fp64 on ``ref``). The logits of a chunk are computed
 as the unfused ``lm_head`` does, and the loss in fp32 from them.
 
 Memory: per chunk of tokens one (chunk, V) buffer in hidden's dtype holds the logits and then, in
-place, their gradient; nothing else of size T·V. The chunk size comes from T, V and
+place, their gradient; nothing else of size T·V. The chunk size comes from T, V, C and
 ``max_chunk_bytes`` (:func:`chunk_size_for`); pass ``chunk_size`` to fix it. Against the unfused
 lm_head + F.cross_entropy (logits, an fp32 copy, log-probabilities and their gradients: ~14-18
-bytes per logit in bf16), the extra memory is chunk·V·(2 or 4) bytes.
+bytes per logit in bf16), the extra memory is chunk·V·(2 or 4) bytes besides the gradients.
 
 Gradients: for "mean" and "sum" they are formed during the forward, chunk by chunk, with the GEMMs
 the unfused backward would run (so the FLOPs are the same: one GEMM forward, two backward), and the
-backward scales them by the incoming gradient, in place. The head's gradient is formed only when
+backward scales them by the incoming gradient, in place (out of place under retain_graph and in
+traced backwards: csrc/ops/fused_linear_cross_entropy.cpp). The head's gradient is formed only when
 weight requires grad (a frozen head under LoRA costs nothing), the hidden states' only when they do.
 For "none" the forward computes the losses only and the backward recomputes each chunk's logits
 with the per-token incoming gradients (one GEMM more), since a per-token weighting cannot be applied
@@ -37,11 +38,20 @@ DTYPES = {"cpu": _backends.FP32_FP16_BF16, "triton": _backends.FP32_FP16_BF16, "
 SUPPORTED: tuple[_backends.Backend, ...] = ("cpu", "triton", "ref")  # on GPU this family runs on Triton
 
 DEFAULT_MAX_CHUNK_BYTES = 128 << 20
-"""The logits buffer's cap: 512 tokens at V = 128K in bf16, 2048 at V = 32K. The extra memory is then
-this buffer plus, when the head trains, its gradient (and for a 16-bit head over several chunks the
-compensation term, as large again): at T = 2048, C = 2048, V = 128K that is 0.13 + 0.54 (+ 0.54) GB
-against ~3.9 GB for lm_head + F.cross_entropy in bf16 (bench/ops/bench_fused_linear_cross_entropy.py).
-The GEMMs stay large: (512 x 2048) x (2048 x 128K) per chunk."""
+"""The logits buffer's cap: 512 tokens at V = 128K in bf16, 2048 at V = 32K. The GEMMs stay large:
+(512 x 2048) x (2048 x 128K) per chunk."""
+
+HEAD_CHUNK_DIVISOR = 4
+"""With a trained head the chunk is also at most C / 4 tokens (and at least MIN_HEAD_CHUNK): the (chunk,
+V) buffer is then at most a quarter of the head's (V, C) gradient, the one tensor of the op's memory
+that cannot be avoided. At T = C = 2048 that makes 4 chunks of 512 tokens, which a 16-bit head's
+gradient sums without its compensation term (csrc/ops/cpu/fused_linear_cross_entropy_kernel.cpp,
+kPlainChunks): the peak extra memory of a forward and backward is then gradient + buffer = 0.5 + 0.13
+GB at V = 128K in bf16 (0.13 + 0.03 at V = 32K), against ~3.2 (0.8) GB for lm_head + F.cross_entropy
+(bench/ops/bench_fused_linear_cross_entropy.py)."""
+
+MIN_HEAD_CHUNK = 256
+"""The fewest tokens per chunk HEAD_CHUNK_DIVISOR leads to (a small C must not make the GEMMs small)."""
 
 
 def fused_linear_cross_entropy_ref(hidden, weight, labels, *, ignore_index: int = -100, label_smoothing: float = 0.0,
@@ -51,14 +61,18 @@ def fused_linear_cross_entropy_ref(hidden, weight, labels, *, ignore_index: int 
                              label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction)
 
 
-def chunk_size_for(t: int, v: int, element_size: int, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> int:
+def chunk_size_for(t: int, v: int, element_size: int, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, *,
+                   trained_head_c: int | None = None) -> int:
     """Tokens per chunk: as many as fit a (chunk, V) buffer of element_size bytes in max_chunk_bytes
-    (at least 1), then evened out so that the chunks of T have equal sizes (no short last chunk)."""
+    (at least 1) and, when the head trains (trained_head_c = C), at most max(C / HEAD_CHUNK_DIVISOR,
+    MIN_HEAD_CHUNK); then evened out so that the chunks of T have equal sizes (no short last chunk)."""
     if max_chunk_bytes < 1:
         raise ValueError(f"fused_linear_cross_entropy: max_chunk_bytes must be >= 1, got {max_chunk_bytes}")
     if t <= 0:
         return 1
     cap = max(1, min(t, max_chunk_bytes // max(1, v * element_size)))
+    if trained_head_c is not None:
+        cap = min(cap, max(trained_head_c // HEAD_CHUNK_DIVISOR, MIN_HEAD_CHUNK))
     chunks = -(-t // cap)
     return -(-t // chunks)
 
@@ -109,6 +123,10 @@ def _fake_backward(grad_loss, hidden, weight, labels, ignore_index, label_smooth
 def _setup_context(ctx, inputs, output):
     hidden, weight, labels, ignore_index, label_smoothing, z_loss, reduction, chunk_size, _, _ = inputs
     _, gh, gw = output
+    # gh and gw are gradients, not differentiable outputs; their incoming gradients are never used, and
+    # materialized they were zero tensors as large as gh and gw (a second (V, C) tensor at the backward).
+    ctx.mark_non_differentiable(gh, gw)
+    ctx.set_materialize_grads(False)
     ctx.total = reduction == "sum"
     if ctx.total:
         ctx.save_for_backward(gh, gw)  # the finished gradients of the sum (the op's own outputs)
@@ -117,12 +135,28 @@ def _setup_context(ctx, inputs, output):
         ctx.args = (ignore_index, label_smoothing, z_loss, chunk_size)
 
 
+def _scale_in_place(gh: torch.Tensor, gw: torch.Tensor) -> bool:
+    """Whether the backward may scale the forward's gradients in place: in an eager backward that frees
+    the graph after it (no retain_graph: nothing reads them again), on plain tensors. A traced backward
+    (torch.compile, opcheck: fake or functional tensor subclasses) stays functional; see
+    csrc/ops/fused_linear_cross_entropy.cpp."""
+    if torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph():
+        return False
+    return type(gh) is torch.Tensor and type(gw) is torch.Tensor
+
+
 def _make_backward(ns: str):
     def backward(ctx, grad_loss, _ggh, _ggw):
         ops = getattr(torch.ops, ns)
         need = ctx.needs_input_grad
+        if grad_loss is None:  # the loss was not used (only a direct caller of the op can see gh, gw)
+            return (None,) * 10
         if ctx.total:
-            gh, gw = ops._fused_linear_cross_entropy_scale(*ctx.saved_tensors, grad_loss.float())
+            gh, gw = ctx.saved_tensors
+            if _scale_in_place(gh, gw):
+                ops._fused_linear_cross_entropy_scale_(gh, gw, grad_loss.float())
+            else:
+                gh, gw = ops._fused_linear_cross_entropy_scale(gh, gw, grad_loss.float())
         else:
             hidden, weight, labels = ctx.saved_tensors
             gh, gw = ops._fused_linear_cross_entropy_backward(grad_loss.float().contiguous(), hidden, weight, labels,
@@ -136,7 +170,8 @@ def _triton():
 
     return {"fused_linear_cross_entropy": tk.fused_linear_cross_entropy_fwd,
             "_fused_linear_cross_entropy_backward": tk.fused_linear_cross_entropy_bwd,
-            "_fused_linear_cross_entropy_scale": tk.fused_linear_cross_entropy_scale}
+            "_fused_linear_cross_entropy_scale": tk.fused_linear_cross_entropy_scale,
+            "_fused_linear_cross_entropy_scale_": tk.fused_linear_cross_entropy_scale_}
 
 
 UNAVAILABLE = _backends.register_op(
@@ -146,6 +181,7 @@ UNAVAILABLE = _backends.register_op(
 for _ns in _backends.namespaces("fused_linear_cross_entropy"):
     torch.library.register_fake(f"{_ns}::_fused_linear_cross_entropy_scale")(
         lambda gh, gw, g: (torch.empty_like(gh), torch.empty_like(gw)))
+    torch.library.register_fake(f"{_ns}::_fused_linear_cross_entropy_scale_")(lambda gh, gw, g: None)
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index: int = -100, label_smoothing: float = 0.0,
@@ -163,8 +199,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index: int = -1
                                               label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction)
     c, v = hidden.shape[-1], weight.shape[0]
     h2, y = hidden.reshape(-1, c), labels.reshape(-1)
-    chunk = chunk_size or chunk_size_for(h2.shape[0], v, hidden.element_size(), max_chunk_bytes)
     grad = torch.is_grad_enabled()
+    chunk = chunk_size or chunk_size_for(h2.shape[0], v, hidden.element_size(), max_chunk_bytes,
+                                         trained_head_c=c if grad and weight.requires_grad else None)
     loss = _backends.op("fused_linear_cross_entropy", chosen)(
         h2, weight, y, ignore_index, float(label_smoothing), float(z_loss), "none" if reduction == "none" else "sum",
         int(chunk), grad and hidden.requires_grad, grad and weight.requires_grad)[0]

@@ -52,7 +52,8 @@ def check(backend, lead, c, v, dtype, reduction="mean", chunk_size=None, train_w
     assert_close_to_ref(ours[1], ref[1], base[1], grad=True, name=f"{backend} grads (hidden, weight)")
 
 
-# CPU: T = 1, 97, 1025 tokens; chunks of 32 (4 and 33 chunks: grad_weight accumulates across them),
+# CPU: T = 1, 97, 1025 tokens; chunks of 32 (4 and 33 chunks: grad_weight accumulates across them, a
+# 16-bit one without and with its compensation term),
 # C not a multiple of 16; V = 1, 97, 32003.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,c,v,chunk", [((1,), 40, 1, None), ((97,), 100, 97, 32), ((1025,), 24, 97, 32),
@@ -102,6 +103,10 @@ def test_chunk_size_for():
     assert chunk_size_for(2048, 32000, 2, 128 << 20) == 2048  # everything fits: one chunk
     assert chunk_size_for(1000, 1000, 4, 4000 * 300) == 250  # 300 rows fit: 4 equal chunks, not 300+300+300+100
     assert chunk_size_for(10, 10 ** 9, 2, 1) == 1
+    # A trained head: at most C / 4 tokens (4 chunks at T = C = 2048), at least 256.
+    assert chunk_size_for(2048, 32000, 2, 128 << 20, trained_head_c=2048) == 512
+    assert chunk_size_for(2048, 128256, 4, 128 << 20, trained_head_c=2048) == 256  # the buffer's cap is lower
+    assert chunk_size_for(1000, 50, 4, 128 << 20, trained_head_c=64) == 250  # 256 rows: 4 equal chunks
 
 
 def _peak_extra_bytes(fn) -> int:
@@ -143,6 +148,15 @@ def test_peak_memory_is_chunk_times_v(backend):
     assert ours2 <= ours + 2 * t * c * 4 + 64 * 1024, (ours, ours2)  # grows with T·C, not T·V
     assert theirs >= 2 * logits_bytes, theirs
 
+    # A trained head: the gradients the forward forms are the backward's, scaled in place, and no zero
+    # gradient is materialized for them: the peak is grad_weight + grad_hidden + the buffer (+ 16 KiB of
+    # small tensors), where the out-of-place scale and the zeros held grad_weight three times.
+    hidden, weight, labels = make_inputs((t,), c, v, torch.float32)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    trained = _peak_extra_bytes(
+        lambda: fused_linear_cross_entropy(h, w, labels, chunk_size=chunk, backend=backend).backward())
+    assert trained <= v * c * 4 + t * c * 4 + chunk_bytes + 16 * 1024, trained
+
 
 def test_scaling_is_fp32():
     """The backward scales the bf16 gradients formed in the forward by the fp32 incoming gradient in fp32
@@ -157,13 +171,14 @@ def test_scaling_is_fp32():
 
 
 def test_backward_twice():
-    """retain_graph: a second backward through the same forward gives the same gradients."""
+    """retain_graph: a second backward through the same forward gives the same gradients (the first
+    scaled a copy; the second, which frees the graph, scales the forward's gradients in place)."""
     hidden, weight, labels = make_inputs((8,), 16, 20, torch.float32)
-    h = hidden.requires_grad_()
-    loss = fused_linear_cross_entropy(h, weight, labels, backend="cpu")
-    (g1,) = torch.autograd.grad(loss, h, retain_graph=True)
-    (g2,) = torch.autograd.grad(loss, h)
-    assert torch.equal(g1, g2)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, labels, backend="cpu") * 3
+    g1 = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (h, w))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
 def test_bad_input():
@@ -189,6 +204,8 @@ def test_opcheck(ns):
     torch.library.opcheck(op._fused_linear_cross_entropy_backward,
                           (torch.randn(9), hidden.detach(), weight.detach(), labels, IGNORE, 0.0, 0.0, 4, True, True))
     torch.library.opcheck(op._fused_linear_cross_entropy_scale,
+                          (torch.randn(9, 16), torch.randn(33, 16), torch.tensor(0.5)))
+    torch.library.opcheck(op._fused_linear_cross_entropy_scale_,
                           (torch.randn(9, 16), torch.randn(33, 16), torch.tensor(0.5)))
 
 

@@ -76,13 +76,20 @@ void add_compensated(cpu::raw_t<S>* hi, cpu::raw_t<S>* lo, const cpu::raw_t<S>* 
 // at C = 4096, instead of a whole second (V, C) tensor; the GEMMs stay large (kVocabBlock·chunk·C).
 constexpr int64_t kVocabBlock = 2048;
 
+// Up to this many chunks a 16-bit grad_weight accumulates without the compensation term: k roundings
+// of partial sums add about sqrt(k) half-ulps, within the 3x rule at 4 (the 4-chunk cases of
+// tests/ops/test_fused_linear_cross_entropy.py pass uncompensated in fp16 and bf16), and the term
+// (V·C·2 bytes: 0.5 GB at V = 128K, C = 2048) would double the op's memory at the chunk sizes
+// chunk_size_for picks for T <= C (llmkern/ops/fused_linear_cross_entropy.py).
+constexpr int64_t kPlainChunks = 4;
+
 // The chunk loop. row_scale: per-row factors of the gradient (null: 1). Writes losses (T) and,
 // where defined, grad_hidden (T, C) and grad_weight (V, C).
 // grad_weight sums one GEMM per chunk. In fp32 it accumulates in place (addmm). A 16-bit grad_weight
 // rounded once per chunk had 3.9x PyTorch's error in fp16 at 33 chunks (T = 1025, chunks of 32;
-// tests/ops/test_fused_linear_cross_entropy.py), so with more than one chunk it carries a second
-// 16-bit term (add_compensated): 2 bytes per head parameter more, where an fp32 accumulator (and the
-// cast at the end) would take 6.
+// tests/ops/test_fused_linear_cross_entropy.py), so with more than kPlainChunks chunks it carries a
+// second 16-bit term (add_compensated): 2 bytes per head parameter more, where an fp32 accumulator
+// (and the cast at the end) would take 6.
 void chunks(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
             const CrossEntropyParams& p, int64_t chunk_size, const float* row_scale, float* losses,
             const at::Tensor& grad_hidden, const at::Tensor& grad_weight) {
@@ -91,7 +98,8 @@ void chunks(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor
   if (grad_weight.defined()) grad_weight.zero_();
   if (T == 0) return;
   const int64_t rows = std::min(chunk_size, T);
-  const bool compensate = grad_weight.defined() && hidden.scalar_type() != at::kFloat && rows < T;
+  const bool compensate =
+      grad_weight.defined() && hidden.scalar_type() != at::kFloat && (T + rows - 1) / rows > kPlainChunks;
   at::Tensor buf = at::empty({rows, V}, hidden.options());
   at::Tensor lse = at::empty({rows}, hidden.options().dtype(at::kFloat));
   at::Tensor lo = compensate ? at::zeros({V, C}, hidden.options()) : at::Tensor();
@@ -176,25 +184,72 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_cross_entropy_backward_cpu(
   return {gh, gw};
 }
 
+namespace detail {
+namespace {
+
+// The incoming gradient of a "sum" forward as an fp32 scalar (the scale ops' checks).
+float scale_of(const at::Tensor& grad_loss, const char* op) {
+  TORCH_CHECK(grad_loss.dim() == 0 && grad_loss.scalar_type() == at::kFloat, op,
+              ": grad_loss must be a 0-d float32 tensor, got shape ", grad_loss.sizes(), " and dtype ",
+              grad_loss.scalar_type());
+  return grad_loss.item<float>();
+}
+
+// out = t·g in fp32, rounded once to t's dtype; with g inf or NaN zeros stay zero. out may be t.
+void scale_into(const at::Tensor& t, float g, at::Tensor& out) {
+  const at::Tensor src = t.contiguous();
+  const int64_t n = src.numel();
+  const bool finite = std::isfinite(g);
+  cpu::with_float_type(src.scalar_type(), "fused_linear_cross_entropy_scale_cpu", [&](auto tag) {
+    using S = decltype(tag);
+    constexpr int64_t B = cpu::kBlock;
+    const cpu::raw_t<S>* x = cpu::ptr<S>(src);
+    cpu::raw_t<S>* y = cpu::ptr<S>(out);
+    at::parallel_for(0, (n + B - 1) / B, 256, [&](int64_t b0, int64_t b1) {
+      alignas(64) float a[B];
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t i0 = blk * B, len = std::min(B, n - i0);
+        cpu::to_f32<S>(x + i0, a, len);
+        if (finite) {
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) a[i] *= g;
+        } else {
+          for (int64_t i = 0; i < len; ++i) a[i] = a[i] == 0.0f ? 0.0f : a[i] * g;
+        }
+        cpu::from_f32<S>(a, y + i0, len);
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace detail
+
 std::tuple<at::Tensor, at::Tensor> fused_linear_cross_entropy_scale_cpu(const at::Tensor& grad_hidden,
                                                                          const at::Tensor& grad_weight,
                                                                          const at::Tensor& grad_loss) {
-  TORCH_CHECK(grad_loss.dim() == 0 && grad_loss.scalar_type() == at::kFloat,
-              "_fused_linear_cross_entropy_scale: grad_loss must be a 0-d float32 tensor, got shape ",
-              grad_loss.sizes(), " and dtype ", grad_loss.scalar_type());
-  // A 0-d CPU tensor is read as an fp32 scalar by ATen's CPU mul kernels: the product is formed in
-  // fp32 and rounded once (tests/ops/test_fused_linear_cross_entropy.py checks it on bf16).
-  const bool finite = std::isfinite(grad_loss.item<float>());
-  const auto scale = [&](const at::Tensor& t) {
-    at::Tensor out = t * grad_loss;
-    if (!finite) out.masked_fill_(t == 0, 0);
-    return out;
-  };
-  return {scale(grad_hidden), scale(grad_weight)};
+  const float g = detail::scale_of(grad_loss, "_fused_linear_cross_entropy_scale");
+  at::Tensor gh = at::empty(grad_hidden.sizes(), grad_hidden.options());
+  at::Tensor gw = at::empty(grad_weight.sizes(), grad_weight.options());
+  detail::scale_into(grad_hidden, g, gh);
+  detail::scale_into(grad_weight, g, gw);
+  return {gh, gw};
+}
+
+void fused_linear_cross_entropy_scale_inplace_cpu(at::Tensor& grad_hidden, at::Tensor& grad_weight,
+                                                  const at::Tensor& grad_loss) {
+  const float g = detail::scale_of(grad_loss, "_fused_linear_cross_entropy_scale_");
+  for (at::Tensor* t : {&grad_hidden, &grad_weight}) {
+    TORCH_CHECK(t->is_contiguous(), "_fused_linear_cross_entropy_scale_: the gradients must be contiguous (the "
+                "forward's outputs), got strides ", t->strides());
+  }
+  detail::scale_into(grad_hidden, g, grad_hidden);
+  detail::scale_into(grad_weight, g, grad_weight);
 }
 
 LLMKERN_CPU_IMPL(m) {
   m.impl("_fused_linear_cross_entropy_scale", &fused_linear_cross_entropy_scale_cpu);
+  m.impl("_fused_linear_cross_entropy_scale_", &fused_linear_cross_entropy_scale_inplace_cpu);
   m.impl("fused_linear_cross_entropy", &fused_linear_cross_entropy_cpu);
   m.impl("_fused_linear_cross_entropy_backward", &fused_linear_cross_entropy_backward_cpu);
 }
