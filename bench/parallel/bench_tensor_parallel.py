@@ -91,6 +91,23 @@ def fwd_bwd(m: nn.Module, x0: torch.Tensor, gy: torch.Tensor):
     return run
 
 
+def time_rotated(calls: dict, n_rounds: int) -> tuple[dict[str, list[float]], float]:
+    """`n_rounds` rounds of one call of each candidate, the order rotated every round so that none always
+    runs first; a call's time (ms) is the slowest rank's. Returns the times and the contention."""
+    names = list(calls)
+    rounds: dict[str, list[float]] = {n: [] for n in names}
+    meter = ContentionMeter().start()
+    for r in range(n_rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            dist.barrier()
+            t0 = time.perf_counter()
+            calls[n]()
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            rounds[n].append(dt.item() * 1e3)
+    return rounds, meter.stop()
+
+
 def _tiny_llama(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -144,17 +161,7 @@ def bench_3d(args, rank: int, world: int) -> None:
         loss = f()
         losses[name] = None if loss is None else float(loss.detach())
     names = list(steps)
-    rounds: dict[str, list[float]] = {n: [] for n in names}
-    meter = ContentionMeter().start()
-    for r in range(args.rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            dist.barrier()
-            t0 = time.perf_counter()
-            steps[n]()
-            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-            rounds[n].append(dt.item() * 1e3)
-    contention = meter.stop()
+    rounds, contention = time_rotated(steps, args.rounds)
     # pp: the loss is known on the last stage; gather each layout's first loss from every rank
     gathered = [None] * world
     dist.all_gather_object(gathered, losses)
@@ -234,17 +241,7 @@ def main() -> None:
     agree = {k: max((a - b).abs().max().item() for a, b in zip(v, results["1 rank"])) for k, v in results.items()}
 
     names = list(candidates)
-    rounds: dict[str, list[float]] = {n: [] for n in names}
-    meter = ContentionMeter().start()
-    for r in range(args.rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            dist.barrier()
-            t0 = time.perf_counter()
-            candidates[n]()
-            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-            rounds[n].append(dt.item() * 1e3)
-    contention = meter.stop()
+    rounds, contention = time_rotated(candidates, args.rounds)
 
     shape = f"llama block h{args.hidden} heads {heads} mlp {cfg.intermediate_size}, x {args.batch}x{args.seq}"
     per_round = {n: [a / b for a, b in zip(rounds[n], rounds["DTensor TP"])] for n in names}
