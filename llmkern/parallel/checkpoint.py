@@ -105,6 +105,25 @@ def _persistent_buffers(module: nn.Module):
                 yield (f"{prefix}.{name}" if prefix else name), b
 
 
+def flats_with_state(flats, optimizer):
+    """(flat, {"master": ..., "<state key>": ...}) for each flat of the engine's `checkpoint_flats()`: the
+    optimizer's tensors of a trainable flat, in the order the optimizer holds its masters ("master" only
+    where it is not the parameter shard itself); {} for a frozen flat or without an optimizer."""
+    masters = optimizer.masters if optimizer is not None else []
+    keys = optimizer.fused_update.state_keys if optimizer is not None else ()
+    t = 0
+    for flat in flats:
+        tensors: dict[str, torch.Tensor] = {}
+        if flat["trainable"] and optimizer is not None:
+            m = masters[t]
+            if m.data_ptr() != flat["shard"].data_ptr():
+                tensors["master"] = m
+            for key in keys:
+                tensors[key] = optimizer.state[m][key]
+            t += 1
+        yield flat, tensors
+
+
 def _state(model, optimizer) -> tuple[dict, dict, dict]:
     """The DCP state dict of (model, optimizer) whose tensors alias the engine's buffers, the meta, and
     {name: [(parameter shard, master shard, offset, length), ...]} for the 16-bit parameters with separate
@@ -115,18 +134,7 @@ def _state(model, optimizer) -> tuple[dict, dict, dict]:
     dtypes: dict[str, str] = {}
     where: dict = {}
     group, world, rank = model.group, model.world, model.rank
-    masters = optimizer.masters if optimizer is not None else []
-    keys = optimizer.fused_update.state_keys if optimizer is not None else ()
-    t = 0
-    for flat in model.checkpoint_flats():
-        opt_tensors: dict[str, torch.Tensor] = {}
-        if flat["trainable"] and optimizer is not None:
-            m = masters[t]
-            if m.data_ptr() != flat["shard"].data_ptr():
-                opt_tensors["master"] = m
-            for key in keys:
-                opt_tensors[key] = optimizer.state[m][key]
-            t += 1
+    for flat, opt_tensors in flats_with_state(model.checkpoint_flats(), optimizer):
         chunks = [_pieces(flat["names"], flat["shapes"], flat["offsets"], flat["k"], r) for r in range(world)]
         for i, name in enumerate(flat["names"]):
             shape = tuple(flat["shapes"][i]) or (1,)  # a 0-d parameter as one element

@@ -45,7 +45,7 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
-from llmkern.parallel.checkpoint import read_state, state_meta, write_state
+from llmkern.parallel.checkpoint import flats_with_state, read_state, state_meta, write_state
 from llmkern.parallel.tensor_parallel.layout import TP_LAYOUT, ShardLayout
 
 __all__ = ["dense_runs", "load_checkpoint", "save_checkpoint"]
@@ -136,21 +136,11 @@ def _state(run, optimizer, saving: bool) -> tuple[dict, dict]:
     sd: dict = {}
     shapes: dict[str, list[int]] = {}
     dtypes: dict[str, str] = {}
-    masters = optimizer.masters if optimizer is not None else []
-    keys = optimizer.fused_update.state_keys if optimizer is not None else ()
     params, bufs = _named(run, engine)
     model_name = {id(p): n for n, p in params}
-    t = 0
     flats = engine.checkpoint_flats()
-    for flat in flats:
-        sources = {"model": flat["shard"]}
-        if flat["trainable"] and optimizer is not None:
-            m = masters[t]
-            if m.data_ptr() != flat["shard"].data_ptr():
-                sources["master"] = m
-            for key in keys:
-                sources[key] = optimizer.state[m][key]
-            t += 1
+    for flat, opt_tensors in flats_with_state(flats, optimizer):
+        sources = {"model": flat["shard"], **opt_tensors}
         lo_r, k = engine.rank * flat["k"], flat["k"]
         for i, (p, off) in enumerate(zip(flat["params"], flat["offsets"])):
             name = model_name[id(p)]
