@@ -85,9 +85,18 @@ def _wait(key, fn):
 def build(name: str, opt=RELEASE) -> Path:
     """Compiles tests/emu/kernels/<name>.cu (as C++) into a cached executable and returns its path."""
     try:
-        return _wait(("g++", name, tuple(opt)), lambda: _compile(name, opt))
+        return _wait(*_gxx_job(name, opt))
     except CompileError as e:
         pytest.fail(str(e))
+
+
+def _gxx_job(name: str, opt=RELEASE):
+    """The (key, function) of a g++ build: `build` waits on the key the prefetch table started."""
+    return ("g++", name, tuple(opt)), lambda: _compile(name, opt)
+
+
+def _nvcc_job(name: str):
+    return ("nvcc", name), lambda: _nvcc(name)
 
 
 def _compile(name: str, opt) -> Path:
@@ -117,7 +126,7 @@ def nvcc_path() -> str | None:
 def nvcc_compile(name: str) -> tuple[int, str]:
     """nvcc's return code and its output (ptxas's report included) for tests/emu/kernels/<name>.cu compiled
     for sm_90 without csrc/emu on the include path; a success is cached by a stamp file."""
-    return _wait(("nvcc", name), lambda: _nvcc(name))
+    return _wait(*_nvcc_job(name))
 
 
 def _nvcc(name: str) -> tuple[int, str]:
@@ -142,7 +151,7 @@ def _nvcc(name: str) -> tuple[int, str]:
 def torch_ops_extension():
     """tests/emu/kernels/torch_ops.cu compiled as C++ into a torch extension (as llmkern._C_emu is) and
     loaded: its ops are under torch.ops.cuemu_test."""
-    return _wait(("torch_ops",), _torch_ops)
+    return _wait(("torch_ops",), _torch_ops)  # the key of MODULE_BUILDS["test_emu_torch.py"]
 
 
 def _torch_ops():
@@ -173,26 +182,19 @@ def _torch_ops():
 # What each test module of this folder builds, the longest first (seconds on 2 idle cores): the builds
 # `prefetch_for` starts for the modules a run selected.
 MODULE_BUILDS = {
-    "test_emu_nvcc.py": [(("nvcc", "torch_ops"), lambda: _nvcc("torch_ops")), (("nvcc", "wmma"), lambda: _nvcc("wmma"))],
+    "test_emu_nvcc.py": [_nvcc_job("torch_ops"), _nvcc_job("wmma")],
     "test_emu_torch.py": [(("torch_ops",), _torch_ops)],
-    "test_emu_nccl.py": [(("g++", "nccl_ring", tuple(RELEASE)), lambda: _compile("nccl_ring", RELEASE))],
-    "test_emu_block.py": [(("g++", "matmul", tuple(RELEASE)), lambda: _compile("matmul", RELEASE)),
-                          (("g++", "matmul", tuple(RELEASE + ["-DCUEMU_UCONTEXT"])),
-                           lambda: _compile("matmul", RELEASE + ["-DCUEMU_UCONTEXT"]))],
-    "test_emu_asan.py": [(("g++", "oob", tuple(ASAN)), lambda: _compile("oob", ASAN))],
-    "test_emu_warp.py": [(("g++", "reduce", tuple(RELEASE)), lambda: _compile("reduce", RELEASE)),
-                         (("g++", "wmma", tuple(RELEASE)), lambda: _compile("wmma", RELEASE))],
+    "test_emu_nccl.py": [_gxx_job("nccl_ring")],
+    "test_emu_block.py": [_gxx_job("matmul"), _gxx_job("matmul", RELEASE + ["-DCUEMU_UCONTEXT"])],
+    "test_emu_asan.py": [_gxx_job("oob", ASAN)],
+    "test_emu_warp.py": [_gxx_job("reduce"), _gxx_job("wmma")],
 }
-ORDER = ["test_emu_nvcc.py", "test_emu_torch.py", "test_emu_nccl.py", "test_emu_block.py", "test_emu_asan.py",
-         "test_emu_warp.py"]
 
 
 def prefetch_for(module_names) -> None:
     """Starts the builds of the selected test modules: nvcc's first (the longest), when nvcc exists."""
-    jobs = []
-    for m in ORDER:
-        if m in module_names:
-            jobs += [j for j in MODULE_BUILDS[m] if j[0][0] != "nvcc" or nvcc_path() is not None]
+    jobs = [j for m, module_jobs in MODULE_BUILDS.items() if m in module_names for j in module_jobs
+            if j[0][0] != "nvcc" or nvcc_path() is not None]
     # the two nvcc compiles are the longest: interleave so that one starts on each core
     jobs.sort(key=lambda j: j[0][0] != "nvcc")
     prefetch(jobs)
