@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from llmkern.testing.memory import peak_bytes  # noqa: F401 (the benches import it from here)
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _harness import (Ratio, environment, format_ratios, format_table, measure, wait_for_quiet_cpu,  # noqa: E402
                       write_results)
@@ -222,20 +224,6 @@ def dispatch_bytes(fn: Callable[[], object]) -> int:
     with _ByteCounter() as counter:
         fn()
     return counter.bytes
-
-
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """The largest number of bytes live on the CPU during fn() above what was live before: the
-    profiler's allocation and free records (allocations inside C++ ops included) in time order."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    live = peak = 0
-    for _, nbytes in records:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def rel_err(a, b) -> float:

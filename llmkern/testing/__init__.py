@@ -1,6 +1,7 @@
 """Shared test harness: the tolerance table, the fp64-reference comparison (its calibration:
 `python -m llmkern.testing.calibrate`), a multi-process torch.distributed runner with timeouts, and
-the Triton interpreter setup for machines without a GPU, which checks every access's bounds.
+the Triton interpreter setup for machines without a GPU, which checks every access's bounds, and
+the peak CPU memory of a call (`llmkern.testing.memory.peak_bytes`, for tests and benchmarks).
 
 Importing this package imports torch only: not the llmkern C++ extensions, and not triton (the
 interpreter helpers import it when called).

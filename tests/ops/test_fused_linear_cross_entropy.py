@@ -6,6 +6,7 @@ import torch
 from llmkern.ops.fused_linear_cross_entropy import (UNAVAILABLE, chunk_size_for, fused_linear_cross_entropy,
                                                     fused_linear_cross_entropy_ref)
 from llmkern.testing import assert_close_to_ref
+from llmkern.testing.memory import peak_bytes
 
 from fused_cases import backend_params, one_thread  # noqa: F401 (one_thread: autouse)
 
@@ -109,21 +110,6 @@ def test_chunk_size_for():
     assert chunk_size_for(1000, 50, 4, 128 << 20, trained_head_c=64) == 250  # 256 rows: 4 equal chunks
 
 
-def _peak_extra_bytes(fn) -> int:
-    """The largest number of bytes allocated on the CPU while fn() runs, above what was live before: the
-    profiler's allocation and free records (every CPU allocation, those inside the C++ ops included),
-    summed in time order."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    live = peak = 0
-    for _, nbytes in records:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("backend", backend_params(UNAVAILABLE, ("cpu", "triton")))
 def test_peak_memory_is_chunk_times_v(backend):
     """T = 256, V = 2048, C = 32, fp32, head frozen: the (T, V) logits are 2 MiB. The fused op holds one
@@ -141,8 +127,8 @@ def test_peak_memory_is_chunk_times_v(backend):
         h = hidden.requires_grad_()
         return lambda: fused_linear_cross_entropy_ref(h, weight, labels).backward()
 
-    ours, ours2 = _peak_extra_bytes(fused(t)), _peak_extra_bytes(fused(2 * t))
-    theirs = _peak_extra_bytes(eager(t))
+    ours, ours2 = peak_bytes(fused(t)), peak_bytes(fused(2 * t))
+    theirs = peak_bytes(eager(t))
     chunk_bytes, logits_bytes = chunk * v * 4, t * v * 4
     assert ours <= 2 * chunk_bytes + 8 * t * c * 4 + 64 * 1024, (ours, chunk_bytes)
     assert ours2 <= ours + 2 * t * c * 4 + 64 * 1024, (ours, ours2)  # grows with T·C, not T·V
@@ -153,7 +139,7 @@ def test_peak_memory_is_chunk_times_v(backend):
     # small tensors), where the out-of-place scale and the zeros held grad_weight three times.
     hidden, weight, labels = make_inputs((t,), c, v, torch.float32)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
-    trained = _peak_extra_bytes(
+    trained = peak_bytes(
         lambda: fused_linear_cross_entropy(h, w, labels, chunk_size=chunk, backend=backend).backward())
     assert trained <= v * c * 4 + t * c * 4 + chunk_bytes + 16 * 1024, trained
 
