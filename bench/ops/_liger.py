@@ -64,9 +64,8 @@ def version() -> str | None:
         import liger_kernel
     except ImportError:
         return None
-    path = [str(Path(liger_kernel.__file__).resolve().parents[1])]
-    found = [d.version for d in metadata.distributions(path=path)
-             if d.metadata["Name"].lower().replace("_", "-") == "liger-kernel"]  # the wheel spells it liger_kernel
+    path = [str(Path(liger_kernel.__file__).resolve().parents[1])]  # the site-packages or build/bench-deps it is in
+    found = [d.version for d in metadata.distributions(name="liger-kernel", path=path)]
     return found[0] if found else None
 
 

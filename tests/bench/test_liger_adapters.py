@@ -4,18 +4,9 @@ The adapters map llmkern's op signatures onto liger_kernel.transformers.function
 order (the gate first), layouts ((B, H, S, D) q/k with (B, S, D) cos/sin, (..., V) logits flattened),
 RMSNorm's offset and casting mode per convention, the cross-entropy options (ignore_index, label
 smoothing, z-loss as lse_square_scale, reductions). A wrong mapping gives a wrong value, which these
-tests catch on CPU tensors: Liger's Triton kernels run in the Triton interpreter once two gaps of the
-interpreter (triton 3.8) are bridged by :func:`bridge_interpreter`, for this module only:
-
-- a Python float kernel argument stays a Python float in the interpreter, where a compiled kernel
-  gets an fp32 scalar: Liger's ``eps.to(tl.float32)`` (rms_norm, layer_norm) and
-  ``gate_multiplier.to(tl.float32)`` (swiglu) fail with "'float' object has no attribute 'to'";
-  the bridge hands the interpreter an fp32 scalar, as the compiler does;
-- ``triton.language.extra.libdevice`` functions are stubs the interpreter does not replace (they
-  return None): Liger's rms_norm and layer_norm import ``rsqrt``, geglu and cross_entropy ``tanh``
-  from there; the bridge puts tl.math.rsqrt and a sigmoid-based tanh in their place.
-
-rope, cross_entropy and fused_linear_cross_entropy run without the bridge. Every Liger output and
+tests catch on CPU tensors: Liger's Triton kernels run in the Triton interpreter once three gaps of
+the interpreter (triton 3.8) are bridged, for this module only (tests/bench/liger_interpreter.py says
+which and how). Every Liger output and
 gradient here is held to the 2x/3x rule against the fp64 oracle (llmkern.testing.assert_close_to_ref),
 with plain PyTorch (the ``_ref`` op) in the same dtype as the baseline. Liger writes over some inputs
 (bench/ops/_liger.py), so every call gets fresh copies. Shapes are tiny: an interpreted launch costs
@@ -43,72 +34,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench" / "ops"))
 import _liger  # noqa: E402
 
-liger_functional = pytest.importorskip("liger_kernel.transformers.functional")
-triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
+pytest.importorskip("liger_kernel.transformers.functional")
+from liger_interpreter import bridge_interpreter  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _tanh(x):
-    return 2 * tl.sigmoid(2 * x) - 1
-
-
-@triton.jit
-def _rsqrt(x):
-    return tl.math.rsqrt(x)
-
-
-LIBDEVICE = {"tanh": _tanh, "rsqrt": _rsqrt}
-"""libdevice functions Liger's ops import -> interpreter-runnable replacements (fp32 math either way)."""
-
-
-def bridge_interpreter(mp: pytest.MonkeyPatch) -> list[str]:
-    """Makes Liger's kernels runnable in the Triton interpreter (module docstring); returns the
-    module.function names replaced."""
-    import numpy as np
-    import triton.runtime.interpreter as interp
-
-    implicit_cvt = interp._implicit_cvt
-
-    def fp32_scalars(arg):
-        if isinstance(arg, float):
-            return tl.tensor(interp.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
-        return implicit_cvt(arg)
-
-    mp.setattr(interp, "_implicit_cvt", fp32_scalars)
-
-    def widened(data):  # bf16 as the interpreter stores it (uint16 bits) -> fp32 values
-        return torch.from_numpy(np.ascontiguousarray(data).view(np.int16)).view(torch.bfloat16).float().numpy()
-
-    def narrowed(data):  # fp32 values -> bf16 bits, rounded to nearest even as the GPU does
-        return torch.from_numpy(np.ascontiguousarray(data)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-
-    binary_op, unary_op = interp.InterpreterBuilder.binary_op, interp.InterpreterBuilder.unary_op
-
-    def bf16_binary_op(self, lhs, rhs, op):
-        if lhs.dtype.scalar != tl.bfloat16 or rhs.dtype.scalar != tl.bfloat16:
-            return binary_op(self, lhs, rhs, op)
-        out = op(widened(lhs.data), widened(rhs.data))
-        return interp.TensorHandle(narrowed(out) if out.dtype == np.float32 else out, tl.bfloat16)
-
-    def bf16_unary_op(self, arg, op):
-        if arg.dtype.scalar != tl.bfloat16:
-            return unary_op(self, arg, op)
-        return interp.TensorHandle(narrowed(op(widened(arg.data))), tl.bfloat16)
-
-    mp.setattr(interp.InterpreterBuilder, "binary_op", bf16_binary_op)
-    mp.setattr(interp.InterpreterBuilder, "unary_op", bf16_unary_op)
-    replaced = []
-    for name, mod in list(sys.modules.items()):
-        if not name.startswith("liger_kernel.ops.") or mod is None:
-            continue
-        for attr, value in list(vars(mod).items()):
-            if attr in LIBDEVICE and getattr(value, "__module__", "").startswith("triton.language.extra"):
-                mp.setattr(mod, attr, LIBDEVICE[attr])
-                replaced.append(f"{name}.{attr}")
-    return replaced
 
 
 @pytest.fixture(scope="module")
