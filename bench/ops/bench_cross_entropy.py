@@ -29,6 +29,7 @@ from _fused import (Bench, Case, against_eager, candidate_calls, compile_eager, 
                     llmkern_backend, main, peak_of)
 
 TAKES_QUICK = True  # --quick is defined by _fused.main; llmkern bench reads this line
+TAKES_DEVICE = True  # so is --device (cpu|cuda): `llmkern bench --device cuda` passes it
 
 
 def make_case(*, dtype: torch.dtype, compiled: bool, device: str = "cpu", liger: bool = False, T: int, V: int) -> Case:

@@ -156,3 +156,15 @@ def test_bench_on_cuda_holds_the_liger_ratios(op, tmp_path):
     assert sum(n.endswith("fwd+bwd: speed-up over Liger-Kernel") for n in names) == n_cases, names
     if op in MEMORY_GOAL:
         assert sum(n.endswith("peak bytes of fwd+bwd / Liger-Kernel's") for n in names) == n_cases, names
+
+
+def test_llmkern_bench_passes_device_to_the_fused_op_benches():
+    """`llmkern bench --device cuda` reaches every fused-op bench (TAKES_DEVICE) and no other script."""
+    from llmkern import bench
+
+    jobs = {j.script.stem: j for j in bench.discover(ROOT / "bench", bench.SUITES)}
+    assert {n for n, j in jobs.items() if j.takes_device} == {f"bench_{op}" for op in OPS}
+    assert bench.command(jobs["bench_rms_norm"], True, "cuda")[-3:] == ["--quick", "--device", "cuda"]
+    assert "--device" not in bench.command(jobs["bench_rms_norm"], True, "cpu")
+    assert "--device" not in bench.command(jobs["bench_lora"], True, "cuda")
+    assert bench.parse_args(["ops", "--device", "cuda"]).device == "cuda"
