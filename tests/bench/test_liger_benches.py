@@ -168,3 +168,18 @@ def test_llmkern_bench_passes_device_to_the_fused_op_benches():
     assert "--device" not in bench.command(jobs["bench_rms_norm"], True, "cpu")
     assert "--device" not in bench.command(jobs["bench_lora"], True, "cuda")
     assert bench.parse_args(["ops", "--device", "cuda"]).device == "cuda"
+
+
+@pytest.mark.cuda
+def test_cuda_peak_is_what_the_call_allocates():
+    """peak_of on CUDA: the caching allocator's peak during the call, less what was live before it."""
+    held = torch.empty(1 << 20, device="cuda")  # live before the call: not counted
+
+    def call():
+        a = torch.empty(1 << 22, device="cuda")  # 16 MiB, freed before the 8 MiB below
+        del a
+        return torch.empty(1 << 21, device="cuda")
+
+    peak = _fused.peak_of(call, "cuda")
+    assert 16 << 20 <= peak < (16 << 20) + (2 << 20), peak
+    del held
