@@ -65,16 +65,20 @@ demo: build-cpu
 	$(PY) -m llmkern train --config $(DEMO_CONFIG) $(DEMO_ARGS)
 
 # DeepSpeed (the CPU Adam peer of bench/optim) goes into build/bench-deps, not .venv; it JIT-builds
-# its CPU Adam with ninja on first use. Its dependencies are pinned too, so --no-deps.
+# its CPU Adam with ninja on first use. Its dependencies are pinned too, so --no-deps. Liger-Kernel (the
+# GPU peer of the fused-op benches, bench/ops/_liger.py) is pinned there too; the benches find it through
+# LLMKERN_BENCH_DEPS (and .venv has the same pin, for the tests of its adapters).
 BENCH_DEPS := build/bench-deps
 $(BENCH_DEPS)/.deps: requirements-bench.txt | $(VENV)/.deps
 	$(PIP) install --disable-pip-version-check -q --no-deps --target $(BENCH_DEPS) -r requirements-bench.txt
 	touch $@
 
 # Every benchmark (llmkern bench: results, logs and plots under bench/results/<timestamp>/); extra flags
-# through BENCH_ARGS, e.g. make bench BENCH_ARGS="ops --quick".
+# through BENCH_ARGS, e.g. make bench BENCH_ARGS="ops --quick", or on a GPU BENCH_ARGS="ops --device cuda"
+# (the fused ops on Triton with Liger-Kernel as a peer).
 bench: build $(BENCH_DEPS)/.deps
-	LLMKERN_DEEPSPEED_PATH=$(CURDIR)/$(BENCH_DEPS) $(PY) -m llmkern bench $(BENCH_ARGS)
+	LLMKERN_DEEPSPEED_PATH=$(CURDIR)/$(BENCH_DEPS) LLMKERN_BENCH_DEPS=$(CURDIR)/$(BENCH_DEPS) \
+	  $(PY) -m llmkern bench $(BENCH_ARGS)
 
 info: build
 	$(PY) -m llmkern info

@@ -1,4 +1,4 @@
-"""`llmkern bench [ops|optim|peft|parallel|all] [--quick] [--out DIR] [--compare FILE]`.
+"""`llmkern bench [ops|optim|peft|parallel|all] [--quick] [--device cpu|cuda] [--out DIR] [--compare FILE]`.
 
 Runs every ``bench/<suite>/bench_*.py`` of the source checkout, each in its own process; a script
 with a module-level ``TORCHRUN_NPROC = (2, 4)`` runs under ``python -m torch.distributed.run
@@ -13,6 +13,10 @@ Each run writes its results (bench/_harness.write_results) into its own folder u
 - PNG plots under ``DIR/plots/`` (llmkern/bench_plots.py);
 - with ``--compare FILE`` (an earlier ``bench.json`` or one results ``.json``), the ratios that moved
   outside the noise band that run measured (its min-max over rounds) are flagged.
+
+``--device cuda`` is passed to the scripts that declare ``TAKES_DEVICE = True`` (the fused-op benches,
+whose shared driver bench/ops/_fused.py defines --device: on a GPU they run llmkern's Triton kernels
+with Liger-Kernel as a peer); the others run as they are, on CPU, and their line says so.
 
 Missed goals and flagged moves are reported, not errors: the exit code is 1 only when a benchmark
 failed (non-zero exit or timeout) or none ran.
@@ -53,6 +57,8 @@ class Job:
     """Ranks under torchrun, or None for a plain process."""
     takes_quick: bool
     """Whether the script declares a --quick option (it is passed only then)."""
+    takes_device: bool = False
+    """Whether the script declares TAKES_DEVICE = True (--device is passed only then)."""
 
     @property
     def name(self) -> str:
@@ -68,6 +74,8 @@ class JobResult:
     job: Job
     quick: bool
     """Whether --quick was asked for."""
+    device: str = "cpu"
+    """The --device asked for."""
     rc: int
     """Exit code; -1 when the run was stopped at its time limit."""
     seconds: float
@@ -113,27 +121,37 @@ def declarations(script: Path) -> tuple[tuple[int, ...] | None, bool]:
     return nproc, takes_quick
 
 
+def takes_device(script: Path) -> bool:
+    """Whether the script declares ``TAKES_DEVICE = True`` (a shared module defines its --device option)."""
+    tree = ast.parse(script.read_text(), filename=str(script))
+    return any(isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TAKES_DEVICE"
+                                                    for t in node.targets)
+               and isinstance(node.value, ast.Constant) and node.value.value is True for node in tree.body)
+
+
 def discover(bench_dir: Path, suites) -> list[Job]:
     jobs = []
     for suite in suites:
         for script in sorted((bench_dir / suite).glob("bench_*.py")):
             nproc, takes_quick = declarations(script)
+            device = takes_device(script)
             for n in nproc or (None,):
-                jobs.append(Job(script=script, suite=suite, nproc=n, takes_quick=takes_quick))
+                jobs.append(Job(script=script, suite=suite, nproc=n, takes_quick=takes_quick, takes_device=device))
     return jobs
 
 
 # ---------------------------------------------------------------------------------------------
 # Running them
 
-def command(job: Job, quick: bool) -> list[str]:
+def command(job: Job, quick: bool, device: str = "cpu") -> list[str]:
     args = [str(job.script)] + (["--quick"] if quick and job.takes_quick else [])
+    args += ["--device", device] if device != "cpu" and job.takes_device else []
     if job.nproc is None:
         return [sys.executable, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(job.nproc), *args]
 
 
-def run_job(job: Job, out: Path, quick: bool, timeout: float) -> JobResult:
+def run_job(job: Job, out: Path, quick: bool, timeout: float, device: str = "cpu") -> JobResult:
     """Runs `job` with its results folder DIR/raw/<slug> and its log DIR/logs/<slug>.log. On timeout
     the whole process group (torchrun and its ranks) gets SIGTERM, then SIGKILL after 10 s."""
     results = out / "raw" / job.slug
@@ -148,9 +166,9 @@ def run_job(job: Job, out: Path, quick: bool, timeout: float) -> JobResult:
         env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        f.write(f"$ {' '.join(command(job, quick))}\n")
+        f.write(f"$ {' '.join(command(job, quick, device))}\n")
         f.flush()
-        proc = subprocess.Popen(command(job, quick), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=root,
+        proc = subprocess.Popen(command(job, quick, device), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=root,
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
@@ -171,7 +189,7 @@ def run_job(job: Job, out: Path, quick: bool, timeout: float) -> JobResult:
             with open(log, "a") as f:
                 f.write(f"\nllmkern bench: {path} is not valid JSON ({e})\n")
             rc = rc or 1
-    return JobResult(job=job, quick=quick, rc=rc, seconds=time.perf_counter() - t0, log=log, docs=docs)
+    return JobResult(job=job, quick=quick, device=device, rc=rc, seconds=time.perf_counter() - t0, log=log, docs=docs)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -282,12 +300,13 @@ def write_outputs(out: Path, env: dict, results: list[JobResult], harness) -> tu
     return json_path, csv_path
 
 
-def run_environment(bench_dir: Path, suites, quick: bool, load_before: dict) -> dict:
+def run_environment(bench_dir: Path, suites, quick: bool, load_before: dict, device: str = "cpu") -> dict:
     from llmkern import bench_env
 
     return {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "git_commit": bench_env.git_commit(bench_dir.parent), "cpu": bench_env.cpu(),
-            "versions": bench_env.versions(), "suites": list(suites), "quick": quick, "argv": sys.argv,
+            "versions": bench_env.versions(), "suites": list(suites), "quick": quick, "device": device,
+            "argv": sys.argv,
             "load_before": load_before, "load_after": bench_env.load(1.0)}
 
 
@@ -308,6 +327,9 @@ def parse_args(argv):
     ap.add_argument("--timeout", type=float, default=None,
                     help=f"seconds per run before it is stopped (default {TIMEOUT_S[False]}, "
                          f"{TIMEOUT_S[True]} with --quick)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: the scripts that declare TAKES_DEVICE (the fused-op benches) run on the GPU with "
+                         "Liger-Kernel as a peer; the others run on CPU as always (default cpu)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return ap.parse_args(argv)
 
@@ -320,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
               f"checkout (bench/), not part of an installed package: run this from a clone of llmkern, "
               f"or pass --bench-dir", file=sys.stderr)
         return 2
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("llmkern bench --device cuda: torch.cuda.is_available() is False on this machine; "
+                  "run without --device (the CPU benchmarks)", file=sys.stderr)
+            return 2
     from tqdm import tqdm
 
     from llmkern import bench_env, bench_plots
@@ -345,14 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(jobs, unit="run", dynamic_ncols=True, file=sys.stderr, mininterval=1.0, disable=None)
     for job in bar:
         bar.set_description(job.name)
-        res = run_job(job, out, args.quick, timeout)
+        res = run_job(job, out, args.quick, timeout, args.device)
         results.append(res)
         bar.write(_job_line(res, harness, out), file=sys.stdout)
         if not res.ok:
             bar.write(_log_tail(res.log), file=sys.stdout)
     bar.close()
 
-    env = run_environment(bench_dir, suites, args.quick, load_before)
+    env = run_environment(bench_dir, suites, args.quick, load_before, args.device)
     json_path, csv_path = write_outputs(out, env, results, harness)
     records = ratio_records([d for r in results for d in r.docs], harness)
     compared = compare(records, previous) if previous is not None else None
@@ -396,6 +425,8 @@ def _job_line(res: JobResult, harness, out: Path) -> str:
     what = f"{len(ratios)} ratios ({met} met, {missed} missed)" if ratios else "no ratios recorded"
     if res.quick and not res.job.takes_quick:
         what += "; ran at its defaults (the script has no --quick)"
+    if res.device != "cpu" and not res.job.takes_device:
+        what += f"; ran on CPU (the script has no --device {res.device})"
     return f"{status:10s} {res.job.name:36s} {res.seconds:7.1f} s  {what}  log {res.log.relative_to(out)}"
 
 

@@ -118,6 +118,7 @@ EXAMPLES = """examples:
   llmkern info --kernels            registers / spills / shared memory per GPU kernel (from ptxas)
   llmkern bench ops --quick         the op benchmarks in seconds; ratios against PEFT and eager PyTorch
   llmkern bench all --out DIR       every benchmark, CSV/JSON/PNG under DIR
+  llmkern bench ops --device cuda   on a GPU: the fused ops on Triton, with Liger-Kernel as a peer
   llmkern train --config FILE       any method on any layout from a YAML/JSON config (examples/configs/)
   llmkern train --resume RUN_DIR    continue a run from its newest checkpoint
 """

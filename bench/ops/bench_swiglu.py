@@ -1,4 +1,5 @@
-"""SwiGLU on CPU: llmkern's fused swiglu vs LlamaMLP's ``act_fn(gate) * up`` (eager) and torch.compile of it.
+"""SwiGLU: llmkern's fused swiglu vs LlamaMLP's ``act_fn(gate) * up`` (eager), torch.compile of it and, on a
+GPU, Liger-Kernel's liger_swiglu (backend "cpu" on CPU, "triton" with --device cuda).
 
 The activation and product between the projections of a Llama MLP (the projections themselves are
 GEMMs that no candidate changes): gate and up are (T, F). fwd under no_grad; fwd+bwd with gate and
@@ -6,6 +7,7 @@ up requiring grad and a fixed grad output. Bytes: dispatcher ops' inputs and out
 
     python bench/ops/bench_swiglu.py            # T=2048, F=11008 (Llama-2-7B), fp32 and bf16
     python bench/ops/bench_swiglu.py --quick    # T=128, F=512, no torch.compile
+    python bench/ops/bench_swiglu.py --device cuda   # on a GPU: Triton kernels, Liger-Kernel as a peer
 """
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fused import Bench, Case, compile_eager, dispatch_bytes, fwd, fwd_bwd, main, rel_err  # noqa: E402
+import _liger  # noqa: E402
+from _fused import (Bench, Case, against_eager, candidate_calls, compile_eager, dispatch_bytes,  # noqa: E402
+                    llmkern_backend, main)
 
 TAKES_QUICK = True  # --quick is defined by _fused.main; llmkern bench reads this line
+TAKES_DEVICE = True  # so is --device (cpu|cuda): `llmkern bench --device cuda` passes it
 
 
-def make_case(*, dtype: torch.dtype, compiled: bool, T: int, F: int) -> Case:
+def make_case(*, dtype: torch.dtype, compiled: bool, device: str = "cpu", liger: bool = False, T: int, F: int) -> Case:
     from transformers.activations import ACT2FN
 
     from llmkern.ops import swiglu
@@ -33,13 +38,13 @@ def make_case(*, dtype: torch.dtype, compiled: bool, T: int, F: int) -> Case:
     fns = {"eager": eager}
     if compiled:
         fns["compiled"] = compile_eager(eager)
-    fns["llmkern"] = lambda gate, up: swiglu(gate, up, backend="cpu")
+    fns["llmkern"] = lambda gate, up: swiglu(gate, up, backend=llmkern_backend(device))
+    if liger:
+        fns["liger"] = _liger.swiglu
     g = torch.Generator().manual_seed(0)
-    gate, up, gy = (torch.randn(T, F, generator=g).to(dtype) for _ in range(3))
-    calls = {"fwd": {n: fwd(f, [gate, up]) for n, f in fns.items()},
-             "fwd+bwd": {n: fwd_bwd(f, [gate, up], [gy]) for n, f in fns.items()}}
-    return Case(shape=f"T={T},F={F}", calls=calls,
-                validate=lambda: rel_err(calls["fwd"]["llmkern"](), calls["fwd"]["eager"]()),
+    gate, up, gy = (torch.randn(T, F, generator=g).to(device, dtype) for _ in range(3))
+    calls = candidate_calls(fns, [gate, up], [gy])
+    return Case(shape=f"T={T},F={F}", calls=calls, validate=against_eager(fns, [gate, up]),
                 tolerance=1e-6 if dtype == torch.float32 else 1e-2,
                 bytes_fused={m: dispatch_bytes(calls[m]["llmkern"]) for m in calls},
                 bytes_unfused={m: dispatch_bytes(calls[m]["eager"]) for m in calls})
