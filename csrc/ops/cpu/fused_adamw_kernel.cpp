@@ -35,7 +35,7 @@ inline void state_writeback(raw_t<S>* __restrict a, int64_t b, int64_t len, cons
   f32_writeback<S>(a, b, len, x);
 }
 
-template <class P, class G, class S, class M>
+template <bool kDecoupled, class P, class G, class S, class M>
 void adam_span(raw_t<P>* __restrict p, const raw_t<G>* __restrict g, raw_t<S>* __restrict m,
                raw_t<S>* __restrict v, raw_t<S>* __restrict vmax, raw_t<M>* __restrict copy, int64_t n,
                float coef, const AdamCoeffs c, const Rounding rnd) {
@@ -44,7 +44,7 @@ void adam_span(raw_t<P>* __restrict p, const raw_t<G>* __restrict g, raw_t<S>* _
   if constexpr (kAllFloat) {
     if (vmax == nullptr) {  // fp32 training: one direct vectorized loop, no scratch
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) adam_element(p[i], g[i] * coef, m[i], v[i], nullptr, c);
+      for (int64_t i = 0; i < n; ++i) adam_element<kDecoupled>(p[i], g[i] * coef, m[i], v[i], nullptr, c);
       return;
     }
   }
@@ -63,11 +63,11 @@ void adam_span(raw_t<P>* __restrict p, const raw_t<G>* __restrict g, raw_t<S>* _
     float* __restrict fv = f32_view<S>(v, b, len, tv);
     if (vmax != nullptr) {  // AMSGrad
       float* __restrict fx = f32_view<S>(vmax, b, len, tx);
-      for (int64_t i = 0; i < len; ++i) adam_element(fp[i], fg[i] * coef, fm[i], fv[i], &fx[i], c);
+      for (int64_t i = 0; i < len; ++i) adam_element<kDecoupled>(fp[i], fg[i] * coef, fm[i], fv[i], &fx[i], c);
       state_writeback<S>(vmax, b, len, fx, h, 16);  // v's bits: stored max >= stored v
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) adam_element(fp[i], fg[i] * coef, fm[i], fv[i], nullptr, c);
+      for (int64_t i = 0; i < len; ++i) adam_element<kDecoupled>(fp[i], fg[i] * coef, fm[i], fv[i], nullptr, c);
     }
     f32_writeback<P>(p, b, len, fp);
     state_writeback<S>(m, b, len, fm, h, 0);
@@ -91,12 +91,10 @@ void adam_dispatch(const Span& s, at::TensorList params, at::TensorList grads, a
         using S = decltype(s0);
         auto run = [&](auto m0, raw_t<decltype(m0)>* copy) {
           using M = decltype(m0);
-          AdamCoeffs cc = c;
-          cc.decoupled = kDecoupled;
-          adam_span<P, G, S, M>(ptr<P>(params[j]) + s.begin, ptr<G>(grads[j]) + s.begin,
+          adam_span<kDecoupled, P, G, S, M>(ptr<P>(params[j]) + s.begin, ptr<G>(grads[j]) + s.begin,
                                 ptr<S>(exp_avgs[j]) + s.begin, ptr<S>(exp_avg_sqs[j]) + s.begin,
                                 vmaxes.empty() ? nullptr : ptr<S>(vmaxes[j]) + s.begin,
-                                copy == nullptr ? nullptr : copy + s.begin, s.count, coef, cc, rnd);
+                                copy == nullptr ? nullptr : copy + s.begin, s.count, coef, c, rnd);
         };
         if (copies.empty()) return run(none{}, nullptr);
         with_float_type(copies[j].scalar_type(), "fused_adamw_: model_copies",
