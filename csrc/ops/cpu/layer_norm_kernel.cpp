@@ -25,6 +25,7 @@
 
 #include "llmkern/checks.h"
 #include "llmkern/cpu_float.h"
+#include "llmkern/cpu_reduce.h"
 #include "llmkern/registration.h"
 
 namespace llmkern::ops {
@@ -77,16 +78,11 @@ void forward(const cpu::raw_t<S>* x, const cpu::raw_t<S>* w, const cpu::raw_t<S>
     for (int64_t t = t0; t < t1; ++t) {
       const cpu::raw_t<S>* __restrict xr = x + t * C;
       cpu::raw_t<S>* __restrict yr = y + t * C;
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t c = 0; c < C; ++c) s += load<S>(xr[c]);
-      const float mean = s / static_cast<float>(C);
-      float q = 0.f;
-#pragma omp simd reduction(+ : q)
-      for (int64_t c = 0; c < C; ++c) {
+      const float mean = cpu::lane_sum(C, [&](int64_t c) { return load<S>(xr[c]); }) / static_cast<float>(C);
+      const float q = cpu::lane_sum(C, [&](int64_t c) {
         const float d = load<S>(xr[c]) - mean;
-        q += d * d;
-      }
+        return d * d;
+      });
       const float r = 1.f / std::sqrt(q / static_cast<float>(C) + eps);
       mean_out[t] = mean;
       rstd_out[t] = r;
@@ -107,13 +103,14 @@ inline void backward_rows(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const
     const cpu::raw_t<S>* __restrict xr = x + (t + j) * C;
     const cpu::raw_t<S>* __restrict dr = dy + (t + j) * C;
     const float mj = mean[t + j], rj = rstd[t + j];
-    float s1 = 0.f, s2 = 0.f;
-#pragma omp simd reduction(+ : s1, s2)
-    for (int64_t c = 0; c < C; ++c) {
-      const float g = load<S>(dr[c]) * load<S>(w[c]);
-      s1 += g;
-      s2 += g * ((load<S>(xr[c]) - mj) * rj);
-    }
+    float s1, s2;
+    cpu::lane_sum2(
+        C,
+        [&](int64_t c, float& g, float& gx) {
+          g = load<S>(dr[c]) * load<S>(w[c]);
+          gx = g * ((load<S>(xr[c]) - mj) * rj);
+        },
+        s1, s2);
     m[j] = mj;
     r[j] = rj;
     k1[j] = s1 / static_cast<float>(C);

@@ -22,6 +22,7 @@
 
 #include "llmkern/checks.h"
 #include "llmkern/cpu_float.h"
+#include "llmkern/cpu_reduce.h"
 #include "llmkern/registration.h"
 
 namespace llmkern::ops {
@@ -86,8 +87,7 @@ void forward(const cpu::raw_t<S>* x, const cpu::raw_t<S>* res, const float* __re
         }
         sr = ro;
       } else {
-#pragma omp simd reduction(+ : ss)
-        for (int64_t c = 0; c < C; ++c) ss += load<S>(xr[c]) * load<S>(xr[c]);
+        ss = cpu::lane_sum(C, [&](int64_t c) { return load<S>(xr[c]) * load<S>(xr[c]); });
       }
       const float r = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
       rstd_out[t] = r;
@@ -113,9 +113,7 @@ inline void backward_rows(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* dres, co
   for (int j = 0; j < R; ++j) {
     const cpu::raw_t<S>* __restrict sr = xs + (t + j) * C;
     const cpu::raw_t<S>* __restrict dr = dy + (t + j) * C;
-    float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t c = 0; c < C; ++c) dot += load<S>(dr[c]) * w[c] * load<S>(sr[c]);
+    const float dot = cpu::lane_sum(C, [&](int64_t c) { return load<S>(dr[c]) * w[c] * load<S>(sr[c]); });
     r[j] = rstd[t + j];
     k[j] = dot * r[j] / static_cast<float>(C);
   }
