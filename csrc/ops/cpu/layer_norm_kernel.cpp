@@ -9,7 +9,8 @@
 // fp32 eager (ATen's fused kernel) runs at the copy bandwidth, and a scratch copy of each row made
 // ours 14 % slower in the forward and 35 % in forward+backward at T = C = 4096.
 //   forward   three passes over a row: the first reads it from memory, the other two from L1
-//             (a 4096-float row is 16 KB), y is written once.
+//             (a 4096-float row is 16 KB), y is written once; the two sums run over 64 lanes
+//             (llmkern/cpu_reduce.h), not one vector accumulator's add chain.
 //   backward  kRows rows at a time: per row one pass for the two sums of dx (dy and x from memory
 //             into L2), then one pass over the columns of the kRows rows that recomputes x̂ and
 //             writes dx and adds the rows' dy·x̂ and dy to dw and db: the dw/db accumulators are
@@ -117,7 +118,7 @@ inline void backward_rows(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const
     k2[j] = s2 / static_cast<float>(C);
   }
   const cpu::raw_t<S>* __restrict xb = x + t * C;
-  const cpu::raw_t<S>* __restrict db_ = dy + t * C;
+  const cpu::raw_t<S>* __restrict dyb = dy + t * C;
   cpu::raw_t<S>* __restrict dxb = dx + t * C;
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
@@ -125,7 +126,7 @@ inline void backward_rows(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const
     float a = 0.f, e = 0.f;
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
-      const float d = load<S>(db_[j * C + c]);
+      const float d = load<S>(dyb[j * C + c]);
       const float xh = (load<S>(xb[j * C + c]) - m[j]) * r[j];
       a += d * xh;
       e += d;
