@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "llmkern/checks.h"
@@ -59,20 +60,28 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, 
               "elementwise_affine)");
 }
 
-// A (C) parameter in the storage type: the tensor's own data, or `fill` in `own` when it is absent.
+// A (C) parameter as fp32: the tensor's own data for fp32, else converted once per call into `own`
+// (C values on the host: the inner loops then load one fp32 value, not a 16-bit load and a conversion);
+// `fill` in `own` when the parameter is absent.
 template <class S>
-const cpu::raw_t<S>* param(const std::optional<at::Tensor>& v, at::Tensor& keep, std::vector<cpu::raw_t<S>>& own,
-                           int64_t C, float fill) {
-  if (v.has_value()) {
-    keep = v->contiguous();
-    return cpu::ptr<S>(keep);
+const float* param(const std::optional<at::Tensor>& v, at::Tensor& keep, std::vector<float>& own, int64_t C,
+                   float fill) {
+  if (!v.has_value()) {
+    own.assign(C, fill);
+    return own.data();
   }
-  own.assign(C, cpu::store<S>(fill));
-  return own.data();
+  keep = v->contiguous();
+  if constexpr (std::is_same_v<S, float>) {
+    return keep.data_ptr<float>();
+  } else {
+    own.resize(C);
+    cpu::to_f32<S>(cpu::ptr<S>(keep), own.data(), C);
+    return own.data();
+  }
 }
 
 template <class S>
-void forward(const cpu::raw_t<S>* x, const cpu::raw_t<S>* w, const cpu::raw_t<S>* b, int64_t T, int64_t C,
+void forward(const cpu::raw_t<S>* x, const float* __restrict w, const float* __restrict b, int64_t T, int64_t C,
              float eps, cpu::raw_t<S>* y, float* mean_out, float* rstd_out) {
   using cpu::load;
   at::parallel_for(0, T, grain_rows(C), [&](int64_t t0, int64_t t1) {
@@ -88,14 +97,14 @@ void forward(const cpu::raw_t<S>* x, const cpu::raw_t<S>* w, const cpu::raw_t<S>
       mean_out[t] = mean;
       rstd_out[t] = r;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) yr[c] = cpu::store<S>((load<S>(xr[c]) - mean) * r * load<S>(w[c]) + load<S>(b[c]));
+      for (int64_t c = 0; c < C; ++c) yr[c] = cpu::store<S>((load<S>(xr[c]) - mean) * r * w[c] + b[c]);
     }
   });
 }
 
 // Rows [t, t + R) of the backward; dw and db are the thread's current block sums.
 template <class S, int R>
-inline void backward_rows(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const cpu::raw_t<S>* __restrict w,
+inline void backward_rows(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const float* __restrict w,
                           const float* mean, const float* rstd, int64_t t, int64_t C, cpu::raw_t<S>* dx,
                           float* __restrict dw, float* __restrict db) {
   using cpu::load;
@@ -108,7 +117,7 @@ inline void backward_rows(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const
     cpu::lane_sum2(
         C,
         [&](int64_t c, float& g, float& gx) {
-          g = load<S>(dr[c]) * load<S>(w[c]);
+          g = load<S>(dr[c]) * w[c];
           gx = g * ((load<S>(xr[c]) - mj) * rj);
         },
         s1, s2);
@@ -122,7 +131,7 @@ inline void backward_rows(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const
   cpu::raw_t<S>* __restrict dxb = dx + t * C;
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const float wc = load<S>(w[c]);
+    const float wc = w[c];
     float a = 0.f, e = 0.f;
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
@@ -139,7 +148,7 @@ inline void backward_rows(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const
 
 // partials: one row of 2·C floats per thread, [dw | db], zero on entry.
 template <class S>
-void backward(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const cpu::raw_t<S>* w, const float* mean,
+void backward(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const float* w, const float* mean,
               const float* rstd, int64_t T, int64_t C, cpu::raw_t<S>* dx, float* partials, int64_t threads) {
   at::parallel_for(0, T, grain_rows(C), [&](int64_t t0, int64_t t1) {
     const int64_t tid = at::get_thread_num();
@@ -177,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& 
   cpu::with_float_type(x.scalar_type(), "layer_norm_cpu", [&](auto tag) {
     using S = decltype(tag);
     at::Tensor wk, bk;
-    std::vector<cpu::raw_t<S>> wo, bo;
+    std::vector<float> wo, bo;
     const auto* w = param<S>(weight, wk, wo, C, 1.f);
     const auto* b = param<S>(bias, bk, bo, C, 0.f);
     forward<S>(cpu::ptr<S>(xc), w, b, T, C, static_cast<float>(eps), cpu::ptr<S>(y), mean.data_ptr<float>(),
@@ -213,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
   cpu::with_float_type(x.scalar_type(), "layer_norm_backward_cpu", [&](auto tag) {
     using S = decltype(tag);
     at::Tensor wk;
-    std::vector<cpu::raw_t<S>> wo;
+    std::vector<float> wo;
     const auto* w = param<S>(weight, wk, wo, C, 1.f);
     backward<S>(cpu::ptr<S>(dyc), cpu::ptr<S>(xc), w, mc.data_ptr<float>(), rc.data_ptr<float>(), T, C,
                 cpu::ptr<S>(dx), partials.data(), threads);
