@@ -101,6 +101,7 @@ def test_long_and_odd_rows(backend):
 def test_noncontiguous(backend):
     check(backend, (5, 7), 48, torch.float32, "llama", True, noncontig=True)
     check(backend, (5, 7), 48, torch.bfloat16, "gemma", False, noncontig=True)
+    check(backend, (9,), 48, torch.bfloat16, "llama", True, noncontig=True)  # 2-D: passed to the op unreshaped
 
 
 @pytest.mark.parametrize("backend", backend_params(UNAVAILABLE))

@@ -1,21 +1,33 @@
 // CPU implementation of LayerNorm (schema: csrc/ops/layer_norm.cpp).
 //
-// One pass over the rows in each direction, each row converted to fp32 scratch once:
 //   forward   mean, var = Σ(x - mean)²/C (around the mean, as torch: no E[x²] - mean² cancellation),
 //             rstd = 1/sqrt(var + eps), y = (x - mean)·rstd·w + b
 //   backward  x̂ = (x - mean)·rstd, g = dy·w, dx = rstd·(g - mean_c(g) - x̂·mean_c(g·x̂)),
 //             dw += dy·x̂, db += dy
-// dw and db are summed per thread into its own fp32 rows of one buffer, added in order afterwards,
-// and within a thread over blocks of kSumRows rows first (as in rms_norm_kernel.cpp: a plain running
-// sum over a thread's rows is several times less accurate than PyTorch's cascaded reductions).
+// Every loop reads the storage type directly (load/store of llmkern/cpu_float.h inside the math: g++
+// 12 vectorizes these loops for fp32, fp16 and bf16 alike), so no row is copied to fp32 scratch:
+// fp32 eager (ATen's fused kernel) runs at the copy bandwidth, and a scratch copy of each row made
+// ours 14 % slower in the forward and 35 % in forward+backward at T = C = 4096.
+//   forward   three passes over a row: the first reads it from memory, the other two from L1
+//             (a 4096-float row is 16 KB), y is written once; the two sums run over 64 lanes
+//             (llmkern/cpu_reduce.h), not one vector accumulator's add chain.
+//   backward  kRows rows at a time: per row one pass for the two sums of dx (dy and x from memory
+//             into L2), then one pass over the columns of the kRows rows that recomputes x̂ and
+//             writes dx and adds the rows' dy·x̂ and dy to dw and db: the dw/db accumulators are
+//             read and written once per kRows rows, not once per row.
+// dw and db are summed per thread into its own fp32 rows, added in order afterwards, and within a
+// thread over blocks of kSumRows rows first (as in rms_norm_kernel.cpp: a plain running sum over a
+// thread's rows is several times less accurate than PyTorch's cascaded reductions).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "llmkern/checks.h"
 #include "llmkern/cpu_float.h"
+#include "llmkern/cpu_reduce.h"
 #include "llmkern/registration.h"
 
 namespace llmkern::ops {
@@ -26,6 +38,9 @@ namespace {
 int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(C, 1)); }
 
 constexpr int64_t kSumRows = 32;
+// Rows per backward step (kSumRows is a multiple): 4 rows of x and dy at C = 4096 fp32 are 128 KB, in L2.
+constexpr int kRows = 4;
+static_assert(kSumRows % kRows == 0);
 
 void check_vec(const at::Tensor& x, const std::optional<at::Tensor>& v, const char* name) {
   if (!v.has_value()) return;
@@ -45,75 +60,146 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, 
               "elementwise_affine)");
 }
 
+// A (C) parameter as fp32: the tensor's own data for fp32, else converted once per call into `own`
+// (C values on the host: the inner loops then load one fp32 value, not a 16-bit load and a conversion);
+// `fill` in `own` when the parameter is absent.
+template <class S>
+const float* param(const std::optional<at::Tensor>& v, at::Tensor& keep, std::vector<float>& own, int64_t C,
+                   float fill) {
+  if (!v.has_value()) {
+    own.assign(C, fill);
+    return own.data();
+  }
+  keep = v->contiguous();
+  if constexpr (std::is_same_v<S, float>) {
+    return keep.data_ptr<float>();
+  } else {
+    own.resize(C);
+    cpu::to_f32<S>(cpu::ptr<S>(keep), own.data(), C);
+    return own.data();
+  }
+}
+
+// fp16 rows go through fp32 scratch converted with F16C (to_f32/from_f32<half>): load/store<half>
+// inside the loops are 10-12 integer ops each (llmkern/cpu_float.h) and made the fp16 forward 2.2x
+// slower than with the scratch (1.85 vs 0.85 ns per element at T = C = 4096, one thread). bf16's load
+// is one shift and its store a few integer ops: bf16 stays inline.
+template <class S>
+constexpr bool kViaF32 = std::is_same_v<S, cpu::half>;
+
+template <class S>
+inline void forward_row(const cpu::raw_t<S>* __restrict xr, const float* __restrict w, const float* __restrict b,
+                        int64_t C, float eps, cpu::raw_t<S>* __restrict yr, float& mean_out, float& rstd_out) {
+  using cpu::load;
+  const float mean = cpu::lane_sum(C, [&](int64_t c) { return load<S>(xr[c]); }) / static_cast<float>(C);
+  const float q = cpu::lane_sum(C, [&](int64_t c) {
+    const float d = load<S>(xr[c]) - mean;
+    return d * d;
+  });
+  const float r = 1.f / std::sqrt(q / static_cast<float>(C) + eps);
+  mean_out = mean;
+  rstd_out = r;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) yr[c] = cpu::store<S>((load<S>(xr[c]) - mean) * r * w[c] + b[c]);
+}
+
 template <class S>
 void forward(const cpu::raw_t<S>* x, const float* w, const float* b, int64_t T, int64_t C, float eps,
              cpu::raw_t<S>* y, float* mean_out, float* rstd_out) {
   at::parallel_for(0, T, grain_rows(C), [&](int64_t t0, int64_t t1) {
-    std::vector<float> v(C);
+    std::vector<float> xs(kViaF32<S> ? C : 0), ys(kViaF32<S> ? C : 0);
     for (int64_t t = t0; t < t1; ++t) {
-      float* vp = v.data();
-      cpu::to_f32<S>(x + t * C, vp, C);
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t c = 0; c < C; ++c) s += vp[c];
-      const float mean = s / static_cast<float>(C);
-      float q = 0.f;
-#pragma omp simd reduction(+ : q)
-      for (int64_t c = 0; c < C; ++c) q += (vp[c] - mean) * (vp[c] - mean);
-      const float r = 1.f / std::sqrt(q / static_cast<float>(C) + eps);
-      mean_out[t] = mean;
-      rstd_out[t] = r;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) vp[c] = (vp[c] - mean) * r * w[c] + b[c];
-      cpu::from_f32<S>(vp, y + t * C, C);
+      if constexpr (kViaF32<S>) {
+        cpu::to_f32<S>(x + t * C, xs.data(), C);
+        forward_row<float>(xs.data(), w, b, C, eps, ys.data(), mean_out[t], rstd_out[t]);
+        cpu::from_f32<S>(ys.data(), y + t * C, C);
+      } else {
+        forward_row<S>(x + t * C, w, b, C, eps, y + t * C, mean_out[t], rstd_out[t]);
+      }
     }
   });
 }
 
-// partials: one row of 2·C floats per thread, [dw | db].
+// Rows [t, t + R) of the backward; dw and db are the thread's current block sums.
+template <class S, int R>
+inline void backward_rows(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const float* __restrict w,
+                          const float* mean, const float* rstd, int64_t t, int64_t C, cpu::raw_t<S>* dx,
+                          float* __restrict dw, float* __restrict db) {
+  using cpu::load;
+  float m[R], r[R], k1[R], k2[R];
+  for (int j = 0; j < R; ++j) {
+    const cpu::raw_t<S>* __restrict xr = x + (t + j) * C;
+    const cpu::raw_t<S>* __restrict dr = dy + (t + j) * C;
+    const float mj = mean[t + j], rj = rstd[t + j];
+    float s1, s2;
+    cpu::lane_sum2(
+        C,
+        [&](int64_t c, float& g, float& gx) {
+          g = load<S>(dr[c]) * w[c];
+          gx = g * ((load<S>(xr[c]) - mj) * rj);
+        },
+        s1, s2);
+    m[j] = mj;
+    r[j] = rj;
+    k1[j] = s1 / static_cast<float>(C);
+    k2[j] = s2 / static_cast<float>(C);
+  }
+  const cpu::raw_t<S>* __restrict xb = x + t * C;
+  const cpu::raw_t<S>* __restrict dyb = dy + t * C;
+  cpu::raw_t<S>* __restrict dxb = dx + t * C;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const float wc = w[c];
+    float a = 0.f, e = 0.f;
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      const float d = load<S>(dyb[j * C + c]);
+      const float xh = (load<S>(xb[j * C + c]) - m[j]) * r[j];
+      a += d * xh;
+      e += d;
+      dxb[j * C + c] = cpu::store<S>(r[j] * (d * wc - k1[j] - xh * k2[j]));
+    }
+    dw[c] += a;
+    db[c] += e;
+  }
+}
+
+// partials: one row of 2·C floats per thread, [dw | db], zero on entry.
 template <class S>
-void backward(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const float* w, const float* mean, const float* rstd,
-              int64_t T, int64_t C, cpu::raw_t<S>* dx, float* partials) {
+void backward(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const float* w, const float* mean,
+              const float* rstd, int64_t T, int64_t C, cpu::raw_t<S>* dx, float* partials, int64_t threads) {
   at::parallel_for(0, T, grain_rows(C), [&](int64_t t0, int64_t t1) {
-    float* total = partials + static_cast<int64_t>(at::get_thread_num()) * 2 * C;
-    std::vector<float> xh(C), d(C), block(2 * C, 0.f);
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads, "_layer_norm_backward: thread ", tid, " of ", threads);
+    float* __restrict total = partials + tid * 2 * C;
+    std::vector<float> block(2 * C, 0.f);
     float* dw = block.data();
     float* db = dw + C;
-    for (int64_t t = t0; t < t1; ++t) {
-      float* xp = xh.data();
-      float* dp = d.data();
-      const float m = mean[t], r = rstd[t];
-      cpu::to_f32<S>(x + t * C, xp, C);
-      cpu::to_f32<S>(dy + t * C, dp, C);
-      float s1 = 0.f, s2 = 0.f;
-#pragma omp simd reduction(+ : s1, s2)
-      for (int64_t c = 0; c < C; ++c) {
-        const float xn = (xp[c] - m) * r;
-        xp[c] = xn;
-        dw[c] += dp[c] * xn;
-        db[c] += dp[c];
-        const float g = dp[c] * w[c];
-        dp[c] = g;
-        s1 += g;
-        s2 += g * xn;
+    // fp16: the rows of a step through fp32 scratch (kViaF32).
+    std::vector<float> xs(kViaF32<S> ? kRows * C : 0), ds(xs.size()), dxs(xs.size());
+    const auto rows = [&](auto n, int64_t t) {
+      constexpr int R = decltype(n)::value;
+      if constexpr (kViaF32<S>) {
+        cpu::to_f32<S>(x + t * C, xs.data(), R * C);
+        cpu::to_f32<S>(dy + t * C, ds.data(), R * C);
+        backward_rows<float, R>(ds.data(), xs.data(), w, mean + t, rstd + t, 0, C, dxs.data(), dw, db);
+        cpu::from_f32<S>(dxs.data(), dx + t * C, R * C);
+      } else {
+        backward_rows<S, R>(dy, x, w, mean, rstd, t, C, dx, dw, db);
       }
-      const float k1 = s1 / static_cast<float>(C), k2 = s2 / static_cast<float>(C);
+    };
+    for (int64_t t = t0; t < t1;) {
+      const int64_t end = std::min(t1, t + kSumRows);
+      for (; t + kRows <= end; t += kRows) rows(std::integral_constant<int, kRows>{}, t);
+      for (; t < end; ++t) rows(std::integral_constant<int, 1>{}, t);
+      float* __restrict bl = block.data();
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) dp[c] = r * (dp[c] - k1 - xp[c] * k2);
-      cpu::from_f32<S>(dp, dx + t * C, C);
-      if ((t - t0) % kSumRows == kSumRows - 1 || t == t1 - 1) {
-#pragma omp simd
-        for (int64_t c = 0; c < 2 * C; ++c) {
-          total[c] += dw[c];
-          dw[c] = 0.f;
-        }
+      for (int64_t c = 0; c < 2 * C; ++c) {
+        total[c] += bl[c];
+        bl[c] = 0.f;
       }
     }
   });
-}
-
-at::Tensor f32_or(const std::optional<at::Tensor>& v, const at::Tensor& x, double fill) {
-  return v.has_value() ? v->to(at::kFloat).contiguous() : at::full({x.size(1)}, fill, x.options().dtype(at::kFloat));
 }
 
 }  // namespace
@@ -125,13 +211,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& 
   check_inputs(x, weight, bias, "layer_norm");
   TORCH_CHECK(eps >= 0.0, "layer_norm: eps must be >= 0, got ", eps);
   const int64_t T = x.size(0), C = x.size(1);
-  const at::Tensor xc = x.contiguous(), w = f32_or(weight, x, 1.0), b = f32_or(bias, x, 0.0);
+  const at::Tensor xc = x.contiguous();
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = at::empty({T, C}, x.options()), mean = at::empty({T}, f32), rstd = at::empty({T}, f32);
   cpu::with_float_type(x.scalar_type(), "layer_norm_cpu", [&](auto tag) {
     using S = decltype(tag);
-    forward<S>(cpu::ptr<S>(xc), w.data_ptr<float>(), b.data_ptr<float>(), T, C, static_cast<float>(eps),
-               cpu::ptr<S>(y), mean.data_ptr<float>(), rstd.data_ptr<float>());
+    at::Tensor wk, bk;
+    std::vector<float> wo, bo;
+    const auto* w = param<S>(weight, wk, wo, C, 1.f);
+    const auto* b = param<S>(bias, bk, bo, C, 0.f);
+    forward<S>(cpu::ptr<S>(xc), w, b, T, C, static_cast<float>(eps), cpu::ptr<S>(y), mean.data_ptr<float>(),
+               rstd.data_ptr<float>());
   });
   return {y, mean, rstd};
 }
@@ -154,19 +244,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
   }
   TORCH_CHECK(!has_bias || weight.has_value(), "_layer_norm_backward: has_bias needs a weight");
   const at::Tensor dyc = grad_y.contiguous(), xc = x.contiguous(), mc = mean.contiguous(), rc = rstd.contiguous();
-  const at::Tensor w = f32_or(weight, x, 1.0);
   at::Tensor dx = at::empty({T, C}, x.options());
-  const int64_t threads = T * C < (int64_t{1} << 16) ? 1 : at::get_num_threads();
-  at::Tensor partials = at::zeros({threads, 2 * C}, x.options().dtype(at::kFloat));
+  at::Tensor gw = at::empty({weight.has_value() ? C : 0}, x.options());
+  at::Tensor gb = at::empty({has_bias ? C : 0}, x.options());
+  const int64_t threads = at::get_num_threads();
+  // Per-thread [dw | db] rows, summed in thread order below: plain host memory, no tensor ops per call.
+  std::vector<float> partials(threads * 2 * C, 0.f);
   cpu::with_float_type(x.scalar_type(), "layer_norm_backward_cpu", [&](auto tag) {
     using S = decltype(tag);
-    backward<S>(cpu::ptr<S>(dyc), cpu::ptr<S>(xc), w.data_ptr<float>(), mc.data_ptr<float>(), rc.data_ptr<float>(), T,
-                C, cpu::ptr<S>(dx), partials.data_ptr<float>());
+    at::Tensor wk;
+    std::vector<float> wo;
+    const auto* w = param<S>(weight, wk, wo, C, 1.f);
+    backward<S>(cpu::ptr<S>(dyc), cpu::ptr<S>(xc), w, mc.data_ptr<float>(), rc.data_ptr<float>(), T, C,
+                cpu::ptr<S>(dx), partials.data(), threads);
+    for (int64_t k = 1; k < threads; ++k) {
+      const float* p = partials.data() + k * 2 * C;
+      float* __restrict acc = partials.data();
+#pragma omp simd
+      for (int64_t c = 0; c < 2 * C; ++c) acc[c] += p[c];
+    }
+    if (gw.numel()) cpu::from_f32<S>(partials.data(), cpu::ptr<S>(gw), C);
+    if (gb.numel()) cpu::from_f32<S>(partials.data() + C, cpu::ptr<S>(gb), C);
   });
-  const at::Tensor sum = threads == 1 ? partials[0] : partials.sum(0);
-  const auto cast = [&](const at::Tensor& t) { return t.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true); };
-  at::Tensor gw = weight.has_value() ? cast(sum.narrow(0, 0, C)) : at::empty({0}, x.options());
-  at::Tensor gb = has_bias ? cast(sum.narrow(0, C, C)) : at::empty({0}, x.options());
   return {dx, gw, gb};
 }
 

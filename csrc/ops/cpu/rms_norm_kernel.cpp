@@ -1,23 +1,29 @@
 // CPU implementation of RMSNorm with the optional fused residual add (schema: csrc/ops/rms_norm.cpp).
 //
-// One pass over the rows in each direction, every row converted to fp32 scratch once (C ≤ a few
-// thousand floats: L1/L2-resident), all math in fp32:
-//   forward   s = round(x + r) (written out), rstd = 1/sqrt(Σ s²/C + eps), y = the convention's scale
+// All math in fp32, every loop reading and writing the storage type directly (load/store of
+// llmkern/cpu_float.h inside the math; g++ 12 vectorizes them for fp32, fp16 and bf16): no row is
+// copied to fp32 scratch (the scratch copies made the backward 2x slower than layer_norm's at T = C = 4096).
+//   forward   s = round(x + r) (written out), rstd = 1/sqrt(Σ s²/C + eps), y = the convention's scale;
+//             a row is read from memory once, its second pass hits L1 (a 4096-float row is 16 KB)
 //   backward  n = s·rstd, g = dy·w' (w' = w, or 1 + w for Gemma), dx = rstd·(g - n·Σ(g·n)/C) (+ the
-//             residual_out gradient), dw += dy·n (Llama: dy·round(n), the value the forward scaled)
-// dw is summed per thread into its own fp32 row of one buffer; the rows are added in order after the
-// pass: no atomics, and a result that depends only on the thread count. Within a thread, rows are
-// summed in blocks of kSumRows first: a plain running sum over the 1025 rows of one thread had 4.6x
-// PyTorch's error in fp32 (its reductions are cascaded), the blocked sum stays under 2x.
+//             residual_out gradient), dw += dy·n (Llama: dy·round(n), the value the forward scaled);
+//             kRows rows at a time: one pass per row for Σ(g·n), then one pass over the columns of the
+//             kRows rows (in L2) writing dx and adding to dw, read and written once per kRows rows
+// dw is summed per thread into its own fp32 row; the rows are added in order after the pass: no
+// atomics, and a result that depends only on the thread count. Within a thread, rows are summed in
+// blocks of kSumRows first: a plain running sum over the 1025 rows of one thread had 4.6x PyTorch's
+// error in fp32 (its reductions are cascaded), the blocked sum stays under 2x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "llmkern/checks.h"
 #include "llmkern/cpu_float.h"
+#include "llmkern/cpu_reduce.h"
 #include "llmkern/registration.h"
 
 namespace llmkern::ops {
@@ -39,6 +45,9 @@ int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, (int64_t{1} << 16) /
 
 // Rows summed into a block sum before it is added to the thread's total (see the file comment).
 constexpr int64_t kSumRows = 32;
+// Rows per backward step (kSumRows is a multiple): 4 rows of s and dy at C = 4096 fp32 are 128 KB, in L2.
+constexpr int kRows = 4;
+static_assert(kSumRows % kRows == 0);
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* op) {
   using namespace llmkern::detail;
@@ -50,105 +59,199 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* op)
   check_same_device(x, "x", weight, "weight");
 }
 
-// v[0:n] = round_S(v[0:n]): the fp32 values as the storage type would hold them.
+// v as the storage type would hold it (identity for fp32).
 template <class S>
-inline void round_to(float* v, int64_t n, cpu::raw_t<S>* scratch) {
-  if constexpr (!std::is_same_v<S, float>) {
-    cpu::from_f32<S>(v, scratch, n);
-    cpu::to_f32<S>(scratch, v, n);
+inline float rounded(float v) {
+  return cpu::load<S>(cpu::store<S>(v));
+}
+
+// fp16 goes through fp32 scratch converted with F16C (to_f32/from_f32<half>): load/store<half> inside
+// the loops are 10-12 integer ops each (llmkern/cpu_float.h), and the inline fp16 forward (with the
+// rounding of x + r and of the Llama x̂ inline too) ran at 1.20 ns per element against 0.98 for the
+// scratch copies, 2.54 against 1.53 with a residual (T = C = 4096, one thread). bf16's load is one shift
+// and its store a few integer ops: bf16 stays inline. The backward row functions load the array type
+// row_t<S> (S, or float for fp16 scratch) and round as the storage type S.
+template <class S>
+constexpr bool kViaF32 = std::is_same_v<S, cpu::half>;
+template <class S>
+using row_t = std::conditional_t<kViaF32<S>, float, S>;
+
+// One row, inline loads and stores of S (fp32 and bf16).
+template <class S, bool kLlama, bool kRes>
+inline void forward_row(const cpu::raw_t<S>* __restrict xr, const cpu::raw_t<S>* __restrict rr,
+                        const float* __restrict w, int64_t C, float eps, cpu::raw_t<S>* __restrict yr,
+                        cpu::raw_t<S>* __restrict ro, float& rstd_out) {
+  using cpu::load;
+  using cpu::store;
+  // s: x, or the rounded sum x + r, written out as residual_out and read back from L1 below.
+  const cpu::raw_t<S>* __restrict sr = xr;
+  float ss = 0.f;
+  if constexpr (kRes) {
+#pragma omp simd reduction(+ : ss)
+    for (int64_t c = 0; c < C; ++c) {
+      const cpu::raw_t<S> v = store<S>(load<S>(xr[c]) + load<S>(rr[c]));
+      ro[c] = v;
+      ss += load<S>(v) * load<S>(v);
+    }
+    sr = ro;
+  } else {
+    ss = cpu::lane_sum(C, [&](int64_t c) { return load<S>(xr[c]) * load<S>(xr[c]); });
+  }
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
+  rstd_out = r;
+  if constexpr (kLlama) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) yr[c] = store<S>(w[c] * rounded<S>(load<S>(sr[c]) * r));
+  } else {  // w is 1 + weight (prepared below)
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) yr[c] = store<S>(load<S>(sr[c]) * r * w[c]);
   }
 }
 
-template <class S>
+// One fp16 row through fp32 scratch sp, op (C each) and hp (C halves), every conversion a block one.
+template <class S, bool kLlama, bool kRes>
+inline void forward_row_f16(const cpu::raw_t<S>* xr, const cpu::raw_t<S>* rr, const float* __restrict w, int64_t C,
+                            float eps, cpu::raw_t<S>* yr, cpu::raw_t<S>* ro, float& rstd_out,
+                            float* __restrict sp, float* __restrict op, cpu::raw_t<S>* hp) {
+  cpu::to_f32<S>(xr, sp, C);
+  if constexpr (kRes) {
+    cpu::to_f32<S>(rr, op, C);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) sp[c] += op[c];
+    cpu::from_f32<S>(sp, ro, C);  // the rounded sum is both the output and the input
+    cpu::to_f32<S>(ro, sp, C);
+  }
+  const float ss = cpu::lane_sum(C, [&](int64_t c) { return sp[c] * sp[c]; });
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
+  rstd_out = r;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) op[c] = sp[c] * r;
+  if constexpr (kLlama) {  // x̂ as fp16 holds it
+    cpu::from_f32<S>(op, hp, C);
+    cpu::to_f32<S>(hp, op, C);
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) op[c] *= w[c];
+  cpu::from_f32<S>(op, yr, C);
+}
+
+template <class S, bool kLlama, bool kRes>
 void forward(const cpu::raw_t<S>* x, const cpu::raw_t<S>* res, const float* w, int64_t T, int64_t C, float eps,
-             Convention conv, cpu::raw_t<S>* y, cpu::raw_t<S>* res_out, float* rstd_out) {
+             cpu::raw_t<S>* y, cpu::raw_t<S>* res_out, float* rstd_out) {
   at::parallel_for(0, T, grain_rows(C), [&](int64_t t0, int64_t t1) {
-    std::vector<float> s(C), o(C);
-    std::vector<cpu::raw_t<S>> scratch(C);
+    const int64_t n = kViaF32<S> ? C : 0;
+    std::vector<float> sp(n), op(n);
+    std::vector<cpu::raw_t<S>> hp(n);
     for (int64_t t = t0; t < t1; ++t) {
-      float* sp = s.data();
-      float* op = o.data();
-      cpu::to_f32<S>(x + t * C, sp, C);
-      if (res) {
-        cpu::to_f32<S>(res + t * C, op, C);
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) sp[c] += op[c];
-        cpu::from_f32<S>(sp, res_out + t * C, C);  // the rounded sum is both the output and the input
-        cpu::to_f32<S>(res_out + t * C, sp, C);
-      }
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t c = 0; c < C; ++c) ss += sp[c] * sp[c];
-      const float r = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
-      rstd_out[t] = r;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) op[c] = sp[c] * r;
-      if (conv == Convention::kLlama) round_to<S>(op, C, scratch.data());
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) op[c] *= w[c];  // w is 1 + weight for Gemma (prepared below)
-      cpu::from_f32<S>(op, y + t * C, C);
-    }
-  });
-}
-
-template <class S>
-void backward(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* dres, const cpu::raw_t<S>* xs, const float* w,
-              const float* rstd, int64_t T, int64_t C, Convention conv, cpu::raw_t<S>* dx, float* partials) {
-  at::parallel_for(0, T, grain_rows(C), [&](int64_t t0, int64_t t1) {
-    float* total = partials + static_cast<int64_t>(at::get_thread_num()) * C;
-    std::vector<float> n(C), g(C), d(C), block(C, 0.f);
-    std::vector<cpu::raw_t<S>> scratch(C);
-    float* dw = block.data();
-    for (int64_t t = t0; t < t1; ++t) {
-      float* np = n.data();
-      float* gp = g.data();
-      float* dp = d.data();
-      const float r = rstd[t];
-      cpu::to_f32<S>(xs + t * C, np, C);
-      cpu::to_f32<S>(dy + t * C, dp, C);
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) np[c] *= r;
-      if (conv == Convention::kLlama) {
-        // dw sees the rounded normalized value the forward multiplied; g uses the exact one.
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) gp[c] = np[c];
-        round_to<S>(gp, C, scratch.data());
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) dw[c] += dp[c] * gp[c];
+      const cpu::raw_t<S>* rr = kRes ? res + t * C : nullptr;
+      cpu::raw_t<S>* ro = kRes ? res_out + t * C : nullptr;
+      if constexpr (kViaF32<S>) {
+        forward_row_f16<S, kLlama, kRes>(x + t * C, rr, w, C, eps, y + t * C, ro, rstd_out[t], sp.data(), op.data(),
+                                         hp.data());
       } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) dw[c] += dp[c] * np[c];
-      }
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t c = 0; c < C; ++c) {
-        gp[c] = dp[c] * w[c];
-        dot += gp[c] * np[c];
-      }
-      const float k = dot / static_cast<float>(C);
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) dp[c] = r * (gp[c] - np[c] * k);
-      if (dres) {
-        cpu::to_f32<S>(dres + t * C, gp, C);
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) dp[c] += gp[c];
-      }
-      cpu::from_f32<S>(dp, dx + t * C, C);
-      if ((t - t0) % kSumRows == kSumRows - 1 || t == t1 - 1) {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          total[c] += dw[c];
-          dw[c] = 0.f;
-        }
+        forward_row<S, kLlama, kRes>(x + t * C, rr, w, C, eps, y + t * C, ro, rstd_out[t]);
       }
     }
   });
 }
 
-// The weight as the kernels use it, in fp32: w (Llama) or 1 + w (Gemma).
-at::Tensor scale_of(const at::Tensor& weight, Convention conv) {
-  at::Tensor w = weight.to(at::kFloat);
-  return (conv == Convention::kGemma ? w + 1.0 : w).contiguous();
+// Rows [t, t + R) of the backward (arrays of type row_t<S>); dw is the thread's current block sum.
+// dres: the gradient reaching residual_out from its other uses (kRes), added to dx.
+template <class S, int R, bool kLlama, bool kRes>
+inline void backward_rows(const cpu::raw_t<row_t<S>>* dy, const cpu::raw_t<row_t<S>>* dres,
+                          const cpu::raw_t<row_t<S>>* xs, const float* __restrict w, const float* rstd, int64_t t,
+                          int64_t C, cpu::raw_t<row_t<S>>* dx, float* __restrict dw) {
+  using L = row_t<S>;
+  using cpu::load;
+  float r[R], k[R];
+  for (int j = 0; j < R; ++j) {
+    const cpu::raw_t<L>* __restrict sr = xs + (t + j) * C;
+    const cpu::raw_t<L>* __restrict dr = dy + (t + j) * C;
+    const float dot = cpu::lane_sum(C, [&](int64_t c) { return load<L>(dr[c]) * w[c] * load<L>(sr[c]); });
+    r[j] = rstd[t + j];
+    k[j] = dot * r[j] / static_cast<float>(C);
+  }
+  const cpu::raw_t<L>* __restrict sb = xs + t * C;
+  const cpu::raw_t<L>* __restrict dyb = dy + t * C;
+  const cpu::raw_t<L>* __restrict drb = kRes ? dres + t * C : nullptr;
+  cpu::raw_t<L>* __restrict dxb = dx + t * C;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const float wc = w[c];
+    float a = 0.f;
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      const float d = load<L>(dyb[j * C + c]);
+      const float n = load<L>(sb[j * C + c]) * r[j];
+      // dw sees the rounded normalized value the Llama forward multiplied; dx the exact one.
+      a += d * (kLlama ? rounded<S>(n) : n);
+      float g = r[j] * (d * wc - n * k[j]);
+      if constexpr (kRes) g += load<L>(drb[j * C + c]);
+      dxb[j * C + c] = cpu::store<L>(g);
+    }
+    dw[c] += a;
+  }
+}
+
+// partials: one row of C floats per thread, zero on entry.
+template <class S, bool kLlama, bool kRes>
+void backward(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* dres, const cpu::raw_t<S>* xs, const float* w,
+              const float* rstd, int64_t T, int64_t C, cpu::raw_t<S>* dx, float* partials, int64_t threads) {
+  at::parallel_for(0, T, grain_rows(C), [&](int64_t t0, int64_t t1) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads, "_rms_norm_backward: thread ", tid, " of ", threads);
+    float* __restrict total = partials + tid * C;
+    std::vector<float> block(C, 0.f);
+    float* __restrict dw = block.data();
+    // fp16: the rows of a step through fp32 scratch (kViaF32).
+    const int64_t n = kViaF32<S> ? kRows * C : 0;
+    std::vector<float> ss(n), ds(n), drs(kRes ? n : 0), dxs(n);
+    const auto rows = [&](auto rn, int64_t t) {
+      constexpr int R = decltype(rn)::value;
+      if constexpr (kViaF32<S>) {
+        cpu::to_f32<S>(xs + t * C, ss.data(), R * C);
+        cpu::to_f32<S>(dy + t * C, ds.data(), R * C);
+        if constexpr (kRes) cpu::to_f32<S>(dres + t * C, drs.data(), R * C);
+        backward_rows<S, R, kLlama, kRes>(ds.data(), drs.data(), ss.data(), w, rstd + t, 0, C, dxs.data(), dw);
+        cpu::from_f32<S>(dxs.data(), dx + t * C, R * C);
+      } else {
+        backward_rows<S, R, kLlama, kRes>(dy, dres, xs, w, rstd, t, C, dx, dw);
+      }
+    };
+    for (int64_t t = t0; t < t1;) {
+      const int64_t end = std::min(t1, t + kSumRows);
+      for (; t + kRows <= end; t += kRows) rows(std::integral_constant<int, kRows>{}, t);
+      for (; t < end; ++t) rows(std::integral_constant<int, 1>{}, t);
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        total[c] += dw[c];
+        dw[c] = 0.f;
+      }
+    }
+  });
+}
+
+// Calls f(std::bool_constant<llama>, std::bool_constant<residual>) for the run-time flags.
+template <class F>
+void with_flags(bool llama, bool residual, F&& f) {
+  if (llama) {
+    residual ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
+  } else {
+    residual ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
+  }
+}
+
+// The weight as the kernels use it, in fp32 host memory: w (Llama) or 1 + w (Gemma). A host loop over
+// C values, not tensor ops: at C = 512 the .to(float) and + 1 ops were a visible share of a call.
+template <class S>
+std::vector<float> scale_of(const at::Tensor& weight, Convention conv) {
+  const at::Tensor wc = weight.contiguous();
+  const cpu::raw_t<S>* p = cpu::ptr<S>(wc);
+  const int64_t C = wc.numel();
+  std::vector<float> w(C);
+  const float add = conv == Convention::kGemma ? 1.f : 0.f;
+  for (int64_t c = 0; c < C; ++c) w[c] = cpu::load<S>(p[c]) + add;
+  return w;
 }
 
 }  // namespace
@@ -170,15 +273,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x,
   }
   const at::Tensor xc = x.contiguous();
   const at::Tensor rc = residual.has_value() ? residual->contiguous() : at::Tensor();
-  const at::Tensor w = scale_of(weight, conv);
   at::Tensor y = at::empty({T, C}, x.options());
   at::Tensor res_out = at::empty({residual.has_value() ? T : 0, residual.has_value() ? C : 0}, x.options());
   at::Tensor rstd = at::empty({T}, x.options().dtype(at::kFloat));
   cpu::with_float_type(x.scalar_type(), "rms_norm_cpu", [&](auto tag) {
     using S = decltype(tag);
-    forward<S>(cpu::ptr<S>(xc), rc.defined() ? cpu::ptr<S>(rc) : nullptr, w.data_ptr<float>(), T, C,
-               static_cast<float>(eps), conv, cpu::ptr<S>(y), rc.defined() ? cpu::ptr<S>(res_out) : nullptr,
-               rstd.data_ptr<float>());
+    const std::vector<float> w = scale_of<S>(weight, conv);
+    with_flags(conv == Convention::kLlama, rc.defined(), [&](auto llama, auto res) {
+      forward<S, llama, res>(cpu::ptr<S>(xc), res ? cpu::ptr<S>(rc) : nullptr, w.data(), T, C, static_cast<float>(eps),
+                             cpu::ptr<S>(y), res ? cpu::ptr<S>(res_out) : nullptr, rstd.data_ptr<float>());
+    });
   });
   return {y, res_out, rstd};
 }
@@ -209,17 +313,27 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
   check_same_device(xs, "xs", rstd, "rstd");
   const at::Tensor dyc = grad_y.contiguous(), xsc = xs.contiguous(), rc = rstd.contiguous();
   const at::Tensor drc = grad_residual_out.has_value() ? grad_residual_out->contiguous() : at::Tensor();
-  const at::Tensor w = scale_of(weight, conv);
   at::Tensor dx = at::empty({T, C}, xs.options());
-  const int64_t threads = T * C < (int64_t{1} << 16) ? 1 : at::get_num_threads();
-  at::Tensor partials = at::zeros({threads, C}, xs.options().dtype(at::kFloat));
+  at::Tensor dw = at::empty({C}, xs.options());
+  const int64_t threads = at::get_num_threads();
+  // Per-thread dw rows, summed in thread order below: plain host memory, no tensor ops per call.
+  std::vector<float> partials(threads * C, 0.f);
   cpu::with_float_type(xs.scalar_type(), "rms_norm_backward_cpu", [&](auto tag) {
     using S = decltype(tag);
-    backward<S>(cpu::ptr<S>(dyc), drc.defined() ? cpu::ptr<S>(drc) : nullptr, cpu::ptr<S>(xsc),
-                w.data_ptr<float>(), rc.data_ptr<float>(), T, C, conv, cpu::ptr<S>(dx), partials.data_ptr<float>());
+    const std::vector<float> w = scale_of<S>(weight, conv);
+    with_flags(conv == Convention::kLlama, drc.defined(), [&](auto llama, auto res) {
+      backward<S, llama, res>(cpu::ptr<S>(dyc), res ? cpu::ptr<S>(drc) : nullptr, cpu::ptr<S>(xsc), w.data(),
+                              rc.data_ptr<float>(), T, C, cpu::ptr<S>(dx), partials.data(), threads);
+    });
+    for (int64_t k = 1; k < threads; ++k) {
+      const float* p = partials.data() + k * C;
+      float* __restrict acc = partials.data();
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) acc[c] += p[c];
+    }
+    cpu::from_f32<S>(partials.data(), cpu::ptr<S>(dw), C);
   });
-  at::Tensor dw = threads == 1 ? partials[0] : partials.sum(0);
-  return {dx, dw.to(xs.scalar_type(), /*non_blocking=*/false, /*copy=*/true)};
+  return {dx, dw};
 }
 
 LLMKERN_CPU_IMPL(m) {
