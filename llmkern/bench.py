@@ -96,8 +96,15 @@ def default_bench_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "bench"
 
 
-def declarations(script: Path) -> tuple[tuple[int, ...] | None, bool]:
-    """(TORCHRUN_NPROC or None, whether the script takes --quick), read from the source."""
+def _declares_true(tree: ast.Module, name: str) -> bool:
+    """Whether the module assigns ``name = True`` at its top level."""
+    return any(isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
+               and isinstance(node.value, ast.Constant) and node.value.value is True for node in tree.body)
+
+
+def declarations(script: Path) -> tuple[tuple[int, ...] | None, bool, bool]:
+    """(TORCHRUN_NPROC or None, whether the script takes --quick, whether it takes --device), read from
+    the source."""
     tree = ast.parse(script.read_text(), filename=str(script))
     nproc = None
     for node in tree.body:
@@ -115,28 +122,20 @@ def declarations(script: Path) -> tuple[tuple[int, ...] | None, bool]:
     # A script takes --quick when it defines the option itself, or declares TAKES_QUICK = True because
     # a shared module defines it (bench/ops/_fused.py): the fused-op benches ran at their full shapes
     # under `--quick` (the linear cross-entropy at V = 128256 for minutes) before they declared it.
-    takes_quick = any(isinstance(n, ast.Constant) and n.value == "--quick" for n in ast.walk(tree)) or any(
-        isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TAKES_QUICK" for t in node.targets)
-        and isinstance(node.value, ast.Constant) and node.value.value is True for node in tree.body)
-    return nproc, takes_quick
-
-
-def takes_device(script: Path) -> bool:
-    """Whether the script declares ``TAKES_DEVICE = True`` (a shared module defines its --device option)."""
-    tree = ast.parse(script.read_text(), filename=str(script))
-    return any(isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TAKES_DEVICE"
-                                                    for t in node.targets)
-               and isinstance(node.value, ast.Constant) and node.value.value is True for node in tree.body)
+    takes_quick = (any(isinstance(n, ast.Constant) and n.value == "--quick" for n in ast.walk(tree))
+                   or _declares_true(tree, "TAKES_QUICK"))
+    # --device is only ever defined by the shared module, so only the declaration counts.
+    return nproc, takes_quick, _declares_true(tree, "TAKES_DEVICE")
 
 
 def discover(bench_dir: Path, suites) -> list[Job]:
     jobs = []
     for suite in suites:
         for script in sorted((bench_dir / suite).glob("bench_*.py")):
-            nproc, takes_quick = declarations(script)
-            device = takes_device(script)
+            nproc, takes_quick, takes_device = declarations(script)
             for n in nproc or (None,):
-                jobs.append(Job(script=script, suite=suite, nproc=n, takes_quick=takes_quick, takes_device=device))
+                jobs.append(Job(script=script, suite=suite, nproc=n, takes_quick=takes_quick,
+                                takes_device=takes_device))
     return jobs
 
 

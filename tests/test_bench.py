@@ -50,11 +50,11 @@ def make_bench_dir(tmp_path: Path, scripts: dict[str, str]) -> Path:
 
 def test_declarations_are_read_without_importing(tmp_path):
     ok = tmp_path / "bench_ok.py"
-    ok.write_text("raise SystemExit('imported!')\nTORCHRUN_NPROC = (2, 4)\nX = '--quick'\n")
-    assert bench.declarations(ok) == ((2, 4), True)
+    ok.write_text("raise SystemExit('imported!')\nTORCHRUN_NPROC = (2, 4)\nX = '--quick'\nTAKES_DEVICE = True\n")
+    assert bench.declarations(ok) == ((2, 4), True, True)
     plain = tmp_path / "bench_plain.py"
     plain.write_text("import sys\n")
-    assert bench.declarations(plain) == (None, False)
+    assert bench.declarations(plain) == (None, False, False)
     for bad in ("[2, 4]", "(0,)", "()", "(2.0,)", "N"):
         f = tmp_path / "bench_bad.py"
         f.write_text(f"N = 2\nTORCHRUN_NPROC = {bad}\n")
@@ -66,7 +66,7 @@ def test_every_real_bench_script_is_discovered():
     jobs = bench.discover(ROOT / "bench", bench.SUITES)
     names = {j.name for j in jobs}
     for script in (ROOT / "bench").glob("*/bench_*.py"):
-        nproc, _ = bench.declarations(script)
+        nproc, _, _ = bench.declarations(script)
         expected = [f"{script.parent.name}/{script.stem}" + (f" x{n}" if n else "") for n in (nproc or (None,))]
         assert set(expected) <= names
     # the distributed benches run under torchrun at 2 and 4 ranks
