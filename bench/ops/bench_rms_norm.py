@@ -4,9 +4,10 @@ GPU, Liger-Kernel's liger_rms_norm (Llama casting, offset 0).
 The eager candidate is the HF module itself; ``llmkern`` is llmkern.nn.RMSNorm (backend "cpu" on CPU,
 "triton" with --device cuda) with the same weight; ``liger`` (--device cuda) is liger_rms_norm with a
 copy of the weight, in_place=True as LigerRMSNorm (bench/ops/_liger.py). fwd runs under no_grad;
-fwd+bwd has x requiring grad and the weight training, with a fixed grad output. Bytes: each candidate's dispatcher ops, inputs read and outputs written once
-(bench/ops/_fused.py:dispatch_bytes): the unfused sequence's traffic for eager, the fused kernels'
-minimum for llmkern (x, w in; y, rstd out; then dy, x in; dx out).
+fwd+bwd has x requiring grad and the weight training, with a fixed grad output. Bytes: each
+candidate's dispatcher ops, inputs read and outputs written once (bench/ops/_fused.py:dispatch_bytes):
+the unfused sequence's traffic for eager, the fused kernels' minimum for llmkern (x, w in; y, rstd
+out; then dy, x in; dx out).
 
     python bench/ops/bench_rms_norm.py            # T=4096, C=4096, fp32 and bf16 (minutes: torch.compile)
     python bench/ops/bench_rms_norm.py --quick    # T=256, C=512, no torch.compile: seconds

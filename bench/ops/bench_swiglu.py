@@ -1,5 +1,5 @@
-"""SwiGLU: llmkern's fused swiglu vs LlamaMLP's ``act_fn(gate) * up`` (eager), torch.compile of it and, on a
-GPU, Liger-Kernel's liger_swiglu (backend "cpu" on CPU, "triton" with --device cuda).
+"""SwiGLU: llmkern's fused swiglu (backend "cpu" on CPU, "triton" with --device cuda) vs LlamaMLP's
+``act_fn(gate) * up`` (eager), torch.compile of it and, on a GPU, Liger-Kernel's liger_swiglu.
 
 The activation and product between the projections of a Llama MLP (the projections themselves are
 GEMMs that no candidate changes): gate and up are (T, F). fwd under no_grad; fwd+bwd with gate and
