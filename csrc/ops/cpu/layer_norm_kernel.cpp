@@ -15,9 +15,8 @@
 //             into L2), then one pass over the columns of the kRows rows that recomputes x̂ and
 //             writes dx and adds the rows' dy·x̂ and dy to dw and db: the dw/db accumulators are
 //             read and written once per kRows rows, not once per row.
-// dw and db are summed per thread into its own fp32 rows, added in order afterwards, and within a
-// thread over blocks of kSumRows rows first (as in rms_norm_kernel.cpp: a plain running sum over a
-// thread's rows is several times less accurate than PyTorch's cascaded reductions).
+// dw and db are summed per thread in blocks of kSumRows rows, the threads' rows added in order
+// afterwards (llmkern/cpu_reduce.h: row_blocks, sum_thread_rows, and why).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -37,10 +36,7 @@ namespace {
 // Rows per task: below ~64K elements a pass costs less than waking the OpenMP pool (rms_norm_kernel.cpp).
 int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(C, 1)); }
 
-constexpr int64_t kSumRows = 32;
-// Rows per backward step (kSumRows is a multiple): 4 rows of x and dy at C = 4096 fp32 are 128 KB, in L2.
-constexpr int kRows = 4;
-static_assert(kSumRows % kRows == 0);
+using cpu::kRows;
 
 void check_vec(const at::Tensor& x, const std::optional<at::Tensor>& v, const char* name) {
   if (!v.has_value()) return;
@@ -188,17 +184,7 @@ void backward(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* x, const float* w, c
         backward_rows<S, R>(dy, x, w, mean, rstd, t, C, dx, dw, db);
       }
     };
-    for (int64_t t = t0; t < t1;) {
-      const int64_t end = std::min(t1, t + kSumRows);
-      for (; t + kRows <= end; t += kRows) rows(std::integral_constant<int, kRows>{}, t);
-      for (; t < end; ++t) rows(std::integral_constant<int, 1>{}, t);
-      float* __restrict bl = block.data();
-#pragma omp simd
-      for (int64_t c = 0; c < 2 * C; ++c) {
-        total[c] += bl[c];
-        bl[c] = 0.f;
-      }
-    }
+    cpu::row_blocks(t0, t1, rows, [&] { cpu::flush_block(total, block.data(), 2 * C); });
   });
 }
 
@@ -257,12 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(const at:
     const auto* w = param<S>(weight, wk, wo, C, 1.f);
     backward<S>(cpu::ptr<S>(dyc), cpu::ptr<S>(xc), w, mc.data_ptr<float>(), rc.data_ptr<float>(), T, C,
                 cpu::ptr<S>(dx), partials.data(), threads);
-    for (int64_t k = 1; k < threads; ++k) {
-      const float* p = partials.data() + k * 2 * C;
-      float* __restrict acc = partials.data();
-#pragma omp simd
-      for (int64_t c = 0; c < 2 * C; ++c) acc[c] += p[c];
-    }
+    cpu::sum_thread_rows(partials.data(), threads, 2 * C);
     if (gw.numel()) cpu::from_f32<S>(partials.data(), cpu::ptr<S>(gw), C);
     if (gb.numel()) cpu::from_f32<S>(partials.data() + C, cpu::ptr<S>(gb), C);
   });

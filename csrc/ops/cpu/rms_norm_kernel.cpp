@@ -9,10 +9,8 @@
 //             residual_out gradient), dw += dy·n (Llama: dy·round(n), the value the forward scaled);
 //             kRows rows at a time: one pass per row for Σ(g·n), then one pass over the columns of the
 //             kRows rows (in L2) writing dx and adding to dw, read and written once per kRows rows
-// dw is summed per thread into its own fp32 row; the rows are added in order after the pass: no
-// atomics, and a result that depends only on the thread count. Within a thread, rows are summed in
-// blocks of kSumRows first: a plain running sum over the 1025 rows of one thread had 4.6x PyTorch's
-// error in fp32 (its reductions are cascaded), the blocked sum stays under 2x.
+// dw is summed per thread in blocks of kSumRows rows, the threads' rows added in order after the pass
+// (llmkern/cpu_reduce.h: row_blocks, sum_thread_rows, and why).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -43,11 +41,7 @@ Convention parse_convention(c10::string_view c) {
 // (for_each_span in llmkern/cpu_float.h measured 2.2 ms per wake on the shared 2-core machines).
 int64_t grain_rows(int64_t C) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(C, 1)); }
 
-// Rows summed into a block sum before it is added to the thread's total (see the file comment).
-constexpr int64_t kSumRows = 32;
-// Rows per backward step (kSumRows is a multiple): 4 rows of s and dy at C = 4096 fp32 are 128 KB, in L2.
-constexpr int kRows = 4;
-static_assert(kSumRows % kRows == 0);
+using cpu::kRows;
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* op) {
   using namespace llmkern::detail;
@@ -218,16 +212,7 @@ void backward(const cpu::raw_t<S>* dy, const cpu::raw_t<S>* dres, const cpu::raw
         backward_rows<S, R, kLlama, kRes>(dy, dres, xs, w, rstd, t, C, dx, dw);
       }
     };
-    for (int64_t t = t0; t < t1;) {
-      const int64_t end = std::min(t1, t + kSumRows);
-      for (; t + kRows <= end; t += kRows) rows(std::integral_constant<int, kRows>{}, t);
-      for (; t < end; ++t) rows(std::integral_constant<int, 1>{}, t);
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        total[c] += dw[c];
-        dw[c] = 0.f;
-      }
-    }
+    cpu::row_blocks(t0, t1, rows, [&] { cpu::flush_block(total, dw, C); });
   });
 }
 
@@ -325,12 +310,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
       backward<S, llama, res>(cpu::ptr<S>(dyc), res ? cpu::ptr<S>(drc) : nullptr, cpu::ptr<S>(xsc), w.data(),
                               rc.data_ptr<float>(), T, C, cpu::ptr<S>(dx), partials.data(), threads);
     });
-    for (int64_t k = 1; k < threads; ++k) {
-      const float* p = partials.data() + k * C;
-      float* __restrict acc = partials.data();
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) acc[c] += p[c];
-    }
+    cpu::sum_thread_rows(partials.data(), threads, C);
     cpu::from_f32<S>(partials.data(), cpu::ptr<S>(dw), C);
   });
   return {dx, dw};
