@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <string_view>
 
-#include "llmkern/rng.h"  // LLMKERN_HD
+#include "llmkern/host_device.h"
 
 namespace llmkern {
 

@@ -23,14 +23,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define LLMKERN_HD __host__ __device__ __forceinline__
-#else
-// Forced inline on the host as on the device: g++ -O3 kept adam_element a call per element inside
-// the CPU kernel's `omp simd` loop (29 % of a 16 Mi-parameter step in perf, the loop scalar), and the
-// fp32 step took 45 ms on one Xeon thread against torch's fused AdamW's 22 ms.
-#define LLMKERN_HD inline __attribute__((always_inline))
-#endif
+#include "llmkern/host_device.h"
 
 namespace llmkern {
 
